@@ -1,0 +1,20 @@
+"""Entrypoint for `ray job submit`: runs a TS-KD experiment on the cluster it is submitted to.
+
+    ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+        python jobs/run.py jobs/demo.yaml [--set key=value ...]
+
+Everything after the script name is `tskd run`'s arguments. Inside a Ray job, `ray.init()`
+connects to the job's cluster (RAY_ADDRESS is set by Ray), so nothing here names an address.
+"""
+
+import sys
+from pathlib import Path
+
+# The job's working directory is a copy of the repository; make `tskd` importable from it when
+# it is not installed on the cluster's image.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+from tskd.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))

@@ -1,0 +1,510 @@
+"""Typed experiment configuration: the one place where defaults live.
+
+An experiment is an :class:`ExperimentConfig`, a tree of dataclasses. YAML files hold values only;
+they are merged onto the defaults, then ``--set a.b=c`` overrides are applied, and the result is
+validated on the driver before Ray starts. Every error is a :class:`ConfigError` naming the dotted
+field, the bad value and what is allowed::
+
+    >>> cfg = load_config(None, ["distill.w_logits=0.5"])
+    >>> cfg.distill.w_logits
+    0.5
+
+This module imports nothing heavy (no torch, no Ray): the CLI validates before anything else loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+SAM_ARCHS = ("vit_b", "vit_l", "vit_h", "sam_demo", "sam_tiny")
+"""Teacher architectures; must equal the keys of ``tskd.models.sam.SAM_ARCHS`` (tested)."""
+OFFICIAL_SAM_ARCHS = ("vit_b", "vit_l", "vit_h")
+STUDENT_ARMS = ("ts_kd", "ta_kd", "scratch")
+"""Students the pipeline can train: task-specific KD, task-agnostic KD, random init."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or invalid; the message names the dotted field."""
+
+
+def _check(cond: bool, path: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: invalid value {value!r}; allowed: {allowed}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoDataConfig:
+    """The built-in procedural ultrasound-like dataset (used when ``data.root`` is null)."""
+
+    n_images: int = 360
+    size: int = 128
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _check(self.n_images >= 20, f"{path}.n_images", self.n_images, "an integer >= 20")
+        _check(32 <= self.size <= 1024, f"{path}.size", self.size, "an integer in [32, 1024]")
+
+
+@dataclass
+class DataConfig:
+    """Dataset, splits and label budget."""
+
+    root: str | None = None
+    """Dataset directory in the tskd format (``dataset.json``, ``images/``, ``masks/``);
+    null runs the built-in demo dataset, written under ``runs/<experiment>/data``."""
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    image_size: int = 128
+    """Working resolution of labelled images; each model resizes to its own input size."""
+    n_labels: int = 40
+    """Label budget: size of the labelled training subset (deterministic from the seed)."""
+    n_val: int = 10
+    """Validation images, carved from the training split (never from the test split)."""
+    test_fraction: float = 0.2
+    """Test share when dataset.json declares no splits."""
+    augment: bool = True
+
+    def validate(self, path: str) -> None:
+        self.demo.validate(f"{path}.demo")
+        _check(16 <= self.image_size <= 2048, f"{path}.image_size", self.image_size,
+               "an integer in [16, 2048]")
+        _check(self.n_labels >= 1, f"{path}.n_labels", self.n_labels, "an integer >= 1")
+        _check(self.n_val >= 1, f"{path}.n_val", self.n_val, "an integer >= 1")
+        _check(0.0 < self.test_fraction < 1.0, f"{path}.test_fraction", self.test_fraction,
+               "a number in (0, 1)")
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-training of a small SAM on the broad procedural corpus (demo teachers only)."""
+
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 40
+    cache_dir: str = "~/.cache/tskd"
+    """Pre-trained teachers are cached here, keyed by a fingerprint of this section."""
+
+    def validate(self, path: str) -> None:
+        _check(self.steps >= 1, f"{path}.steps", self.steps, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        _check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps,
+               "an integer >= 0")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the q and v projections of the encoder blocks and the mask decoder."""
+
+    rank: int = 4
+    alpha: float | None = None
+    """Scaling numerator (delta = alpha/rank · BA); null means alpha = rank."""
+    dropout: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _check(self.rank >= 1, f"{path}.rank", self.rank, "an integer >= 1")
+        _check(self.alpha is None or self.alpha > 0, f"{path}.alpha", self.alpha,
+               "null or a number > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class TeacherFinetuneConfig:
+    """LoRA fine-tuning of the teacher on the labelled subset (0.2·CE + 0.8·Dice, as SAMed)."""
+
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float = 0.005
+    weight_decay: float = 0.1
+    warmup_iters: int = 250
+    """Linear warm-up iterations, then linear decay to zero."""
+
+    def validate(self, path: str) -> None:
+        _check(self.epochs >= 1, f"{path}.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        _check(self.warmup_iters >= 0, f"{path}.warmup_iters", self.warmup_iters,
+               "an integer >= 0")
+
+
+@dataclass
+class TeacherConfig:
+    """The SAM teacher: architecture, foundation weights, LoRA and its fine-tuning."""
+
+    arch: str = "sam_demo"
+    checkpoint: str | None = None
+    """Official SAM ``.pth`` (``sam_vit_b_01ec64.pth`` ...). Null: pre-train a small SAM on the
+    procedural corpus first (demo architectures only)."""
+    img_size: int = 128
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    finetune: TeacherFinetuneConfig = field(default_factory=TeacherFinetuneConfig)
+
+    def validate(self, path: str) -> None:
+        _check(self.arch in SAM_ARCHS, f"{path}.arch", self.arch, f"one of {list(SAM_ARCHS)}")
+        if self.arch in OFFICIAL_SAM_ARCHS and self.checkpoint is None:
+            raise ConfigError(
+                f"{path}.checkpoint: invalid value None for arch {self.arch!r}; allowed: the path "
+                f"of an official SAM checkpoint (e.g. sam_{self.arch}_*.pth). Only the demo "
+                f"architectures {[a for a in SAM_ARCHS if a not in OFFICIAL_SAM_ARCHS]} can be "
+                "pre-trained from scratch by tskd")
+        _check(self.img_size % 16 == 0 and self.img_size >= 32, f"{path}.img_size",
+               self.img_size, "a multiple of 16, >= 32")
+        self.pretrain.validate(f"{path}.pretrain")
+        self.lora.validate(f"{path}.lora")
+        self.finetune.validate(f"{path}.finetune")
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusers UNet2DModel + DDPMScheduler trained on augmented labelled images."""
+
+    image_size: int = 64
+    """Resolution the diffusion model works at; samples are resized to ``data.image_size``."""
+    n_augmented: int = 1000
+    """Augmented copies of the labelled images to train on (the paper uses 1,000)."""
+    train_steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-4
+    num_train_timesteps: int = 1000
+    num_inference_steps: int = 25
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+
+    def validate(self, path: str) -> None:
+        _check(self.image_size % 8 == 0 and self.image_size >= 16, f"{path}.image_size",
+               self.image_size, "a multiple of 8, >= 16")
+        _check(self.n_augmented >= 1, f"{path}.n_augmented", self.n_augmented, "an integer >= 1")
+        _check(self.train_steps >= 1, f"{path}.train_steps", self.train_steps, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        _check(1 <= self.num_inference_steps <= self.num_train_timesteps,
+               f"{path}.num_inference_steps", self.num_inference_steps,
+               f"an integer in [1, num_train_timesteps={self.num_train_timesteps}]")
+        _check(len(self.block_out_channels) >= 1 and all(c > 0 and c % 8 == 0
+                                                         for c in self.block_out_channels),
+               f"{path}.block_out_channels", self.block_out_channels,
+               "a non-empty list of positive multiples of 8")
+
+
+@dataclass
+class TransferConfig:
+    """The synthetic transfer set: sampling with Ray Data, quality and near-copy guard."""
+
+    n_images: int = 300
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    num_actors: int = 1
+    """Sampler actors (one model load each)."""
+    actor_cpus: float = 1.0
+    sample_batch_size: int = 16
+    near_copy_psnr: float = 30.0
+    """A synthetic image whose PSNR (dB) against its nearest training image is at or above this
+    is a near-copy of a training image (privacy risk)."""
+    drop_near_copies: bool = True
+
+    def validate(self, path: str) -> None:
+        _check(self.n_images >= 1, f"{path}.n_images", self.n_images, "an integer >= 1")
+        self.diffusion.validate(f"{path}.diffusion")
+        _check(self.num_actors >= 1, f"{path}.num_actors", self.num_actors, "an integer >= 1")
+        _check(self.actor_cpus > 0, f"{path}.actor_cpus", self.actor_cpus, "a number > 0")
+        _check(self.sample_batch_size >= 1, f"{path}.sample_batch_size", self.sample_batch_size,
+               "an integer >= 1")
+
+
+@dataclass
+class StudentConfig:
+    """The student: a timm ViT (random init) with an FPN-style head."""
+
+    model_name: str = "vit_tiny_patch16_224"
+    img_size: int = 128
+    patch_size: int = 16
+    decoder_dim: int = 128
+
+    def validate(self, path: str) -> None:
+        _check(self.model_name.startswith("vit_"), f"{path}.model_name", self.model_name,
+               "a timm ViT name such as 'vit_tiny_patch16_224'")
+        _check(self.patch_size in (8, 16), f"{path}.patch_size", self.patch_size, "8 or 16")
+        _check(self.img_size % self.patch_size == 0 and self.img_size >= 4 * self.patch_size,
+               f"{path}.img_size", self.img_size,
+               f"a multiple of patch_size={self.patch_size}, >= {4 * self.patch_size}")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation on the transfer set (TS-KD; task-agnostic KD keeps only the hidden term)."""
+
+    w_logits: float = 0.2
+    w_hidden: float = 0.1
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 1.5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    """Linear warm-up (in epochs, may be fractional), then cosine decay."""
+
+    def validate(self, path: str) -> None:
+        _check(self.w_logits >= 0, f"{path}.w_logits", self.w_logits, "a number >= 0")
+        _check(self.w_hidden >= 0, f"{path}.w_hidden", self.w_hidden, "a number >= 0")
+        _check(self.w_logits + self.w_hidden > 0, f"{path}.w_logits", self.w_logits,
+               "w_logits and w_hidden not both 0")
+        _check(self.epochs >= 1, f"{path}.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        _check(self.warmup_epochs >= 0, f"{path}.warmup_epochs", self.warmup_epochs,
+               "a number >= 0")
+
+
+@dataclass
+class StudentFinetuneConfig:
+    """Fine-tuning of a student on the labelled subset (0.2·CE + 0.8·Dice)."""
+
+    epochs: int = 50
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+
+    def validate(self, path: str) -> None:
+        _check(self.epochs >= 1, f"{path}.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        _check(self.warmup_epochs >= 0, f"{path}.warmup_epochs", self.warmup_epochs,
+               "a number >= 0")
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation on the test split."""
+
+    batch_size: int = 16
+
+    def validate(self, path: str) -> None:
+        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+
+
+@dataclass
+class RayConfig:
+    """Where and how the stages run."""
+
+    address: str | None = None
+    """Ray cluster address; null uses RAY_ADDRESS or starts a local Ray."""
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 0
+    """Intra-op threads per worker; 0 = the node's CPUs divided by the workers (CPU runs)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; auto = nccl with GPUs, gloo on CPU."""
+
+    def validate(self, path: str) -> None:
+        _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", self.cpus_per_worker,
+               "a number > 0")
+        _check(self.torch_threads >= 0, f"{path}.torch_threads", self.torch_threads,
+               "an integer >= 0")
+        _check(not (self.backend == "nccl" and not self.use_gpu), f"{path}.backend",
+               self.backend, "'gloo' or 'auto' when use_gpu is false")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole TS-KD experiment. ``tskd run`` with no config runs these defaults: the demo."""
+
+    experiment: str = "demo"
+    output_dir: str = "runs"
+    seed: int = 0
+    students: list[str] = field(default_factory=lambda: list(STUDENT_ARMS))
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    student_finetune: StudentFinetuneConfig = field(default_factory=StudentFinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self, path: str = "") -> None:
+        _check(bool(self.experiment) and all(c.isalnum() or c in "-_." for c in self.experiment),
+               "experiment", self.experiment, "a non-empty name of letters, digits, '-', '_', '.'")
+        _check(len(self.students) > 0 and all(s in STUDENT_ARMS for s in self.students)
+               and len(set(self.students)) == len(self.students),
+               "students", self.students, f"a non-empty list of distinct names from {list(STUDENT_ARMS)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.experiment
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: dict/YAML -> dataclasses, with dotted errors
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: invalid value {value!r}; allowed: a mapping of "
+                              f"{[f.name for f in dataclasses.fields(tp)]}")
+        return _from_dict(tp, value, path)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{path}: invalid value {value!r}; allowed: {_type_name(tp)}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the types above are used in the configs
+        raise TypeError(f"unsupported config annotation {tp!r} at {path}")
+    raise ConfigError(f"{path}: invalid value {value!r}; allowed: {_type_name(tp)}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{path}." if path else ""
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys"
+                          f"{' of ' + path if path else ''}: {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"a.b=3"`` -> ``{"a": {"b": 3}}``; the value is parsed as YAML (``null``, lists...)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. distill.w_logits=0.2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected a dotted key such as teacher.lora.rank")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    node: dict[str, Any] = {}
+    cursor = node
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return node
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from a (possibly partial) nested dict of values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    cfg = _from_dict(ExperimentConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None,
+                overrides: typing.Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults ← YAML file (values only) ← ``--set`` overrides; validated.
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value, naming the dotted field
+            (and the file when it comes from one).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for manifests and Ray worker configs)."""
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able values (config slices, upstream fingerprints)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,48 @@
+"""Scoring a segmentation model on a labelled split (core: plain PyTorch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tskd.metrics import SegmentationMetrics
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Label map of a model whose output has ``.logits``.
+
+    Args:
+        images: float32 (B, 3, H, W) in 0..255.
+
+    Returns:
+        int64 (B, H, W): argmax of the logits upsampled (bilinear) to the input size.
+    """
+    logits = model(images).logits
+    if logits.shape[-2:] != images.shape[-2:]:
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+    return logits.argmax(dim=1)
+
+
+@torch.no_grad()
+def score_model(model: nn.Module, dataset: Dataset, *, num_classes: int,
+                class_names: list[str] | None = None,
+                spacing: tuple[float, float] | None = None, batch_size: int = 16,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Dice / HD95 / mIoU of ``model`` on ``dataset`` (items with ``image``, ``mask``[, ``fov``]).
+
+    Spacing is per pixel of the dataset's images *at the resolution they are scored at*.
+    """
+    was_training = model.training
+    model.eval()
+    metrics = SegmentationMetrics(num_classes, class_names=class_names, spacing=spacing)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        pred = predict_labels(model, batch["image"].to(device)).cpu()
+        metrics.update(pred, batch["mask"], batch.get("fov"))
+    model.train(was_training)
+    return metrics.aggregate()

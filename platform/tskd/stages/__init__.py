@@ -1,0 +1,1 @@
+"""tskd.stages."""

@@ -1,0 +1,57 @@
+"""Stage ``data``: validate the dataset (or write the built-in demo) and fix the splits.
+
+Output: ``splits.json`` (dataset root, labelled / val / test / unlabelled case ids). Every later
+stage reads the data through :func:`load_data`, so all of them see the same budget and splits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tskd.artifacts import StageContext, write_json
+from tskd.data.demo import write_demo_dataset
+from tskd.data.format import DatasetInfo, Splits, load_dataset_info, make_splits, validate_dataset
+
+log = logging.getLogger(__name__)
+
+SPLITS_FILE = "splits.json"
+
+
+def dataset_root(ctx: StageContext) -> Path:
+    """The configured dataset, or the demo dataset written into this stage's directory."""
+    data = ctx.cfg.data
+    if data.root is not None:
+        return Path(data.root).expanduser().resolve()
+    demo = data.demo
+    log.info("writing the built-in demo dataset (%d images, %d px)", demo.n_images, demo.size)
+    return write_demo_dataset(ctx.dir / "dataset", n_images=demo.n_images, size=demo.size,
+                              seed=demo.seed)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    data = ctx.cfg.data
+    root = dataset_root(ctx)
+    info = validate_dataset(root, n_labels=data.n_labels, n_val=data.n_val)
+    splits = make_splits(info, n_labels=data.n_labels, n_val=data.n_val, seed=ctx.cfg.seed,
+                         test_fraction=data.test_fraction)
+    write_json(ctx.dir / SPLITS_FILE, {
+        "root": str(root), "name": info.name, "labels": info.labels,
+        "labelled": list(splits.labelled), "val": list(splits.val),
+        "test": list(splits.test), "unlabelled": list(splits.unlabelled)})
+    log.info("dataset %s: %d classes, %d labelled, %d val, %d test", info.name,
+             info.num_classes, len(splits.labelled), len(splits.val), len(splits.test))
+    return {"data/num_classes": info.num_classes, "data/n_labelled": len(splits.labelled),
+            "data/n_val": len(splits.val), "data/n_test": len(splits.test),
+            "data/n_unlabelled": len(splits.unlabelled)}
+
+
+def load_data(stage_dir: Path) -> tuple[DatasetInfo, Splits]:
+    """The dataset and splits fixed by a completed ``data`` stage."""
+    saved = json.loads((Path(stage_dir) / SPLITS_FILE).read_text())
+    info = load_dataset_info(saved["root"])
+    splits = Splits(labelled=tuple(saved["labelled"]), val=tuple(saved["val"]),
+                    test=tuple(saved["test"]), unlabelled=tuple(saved["unlabelled"]))
+    return info, splits

@@ -1,0 +1,147 @@
+"""Stages ``distill_ts_kd`` / ``distill_ta_kd``: the student learns from SAM on the transfer set.
+
+Setup: Ray Data streams the synthetic transfer set to Ray Train workers; each worker holds the
+frozen teacher (TS-KD: the LoRA-tuned SAM; task-agnostic KD: the un-tuned SAM) and the student
+(timm ViT-Tiny + FPN head, random init). Loop: per batch, the teacher's low-res mask logits and
+final encoder hidden states under ``no_grad``; loss
+``w_logits · MSE(student logits, up(teacher logits)) + w_hidden · MSE(P(student hidden), teacher
+hidden)`` (task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine. Report: KD losses per
+epoch; the student of the last epoch is the stage's output ``student.pt``.
+
+The teacher is placed by :func:`place_teacher` — a seam where later issues add a ZeRO-3 sharded
+teacher and a precomputed teacher-target cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tskd.artifacts import StageContext
+from tskd.config import to_dict
+from tskd.stages.data_stage import load_data
+from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
+from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.teacher_pretrain import base_checkpoint
+
+log = logging.getLogger(__name__)
+
+STUDENT_FILE = "student.pt"
+
+
+def place_teacher(config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The frozen teacher on this worker (replicated: every worker holds a full copy)."""
+    from tskd.stages.teacher_finetune import load_base_teacher, load_finetuned_teacher
+
+    t = config["teacher"]
+    if t["tuned"]:
+        teacher = load_finetuned_teacher(Path(t["stage_dir"]))
+    else:
+        teacher = load_base_teacher(Path(t["checkpoint"]), arch=t["arch"],
+                                    num_classes=t["num_classes"], img_size=t["img_size"])
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def build_student(student_cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    from tskd.models.student import Student
+
+    return Student(num_classes, student_cfg["img_size"], model_name=student_cfg["model_name"],
+                   patch_size=student_cfg["patch_size"], decoder_dim=student_cfg["decoder_dim"])
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: stream the transfer shard, distil teacher → student."""
+    import ray.train
+    import ray.train.torch
+    import torch.nn.functional as F
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from tskd.losses import KDLoss
+
+    d = config["distill"]
+    device = worker_setup(config["ray"], config["seed"])
+    world = ray.train.get_context().get_world_size()
+    teacher = place_teacher(config, device)
+    student = build_student(config["student"], config["num_classes"]).to(device)
+    kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
+                w_hidden=d["w_hidden"]).to(device)
+    # Student and projection P train together; DDP wraps them as one module.
+    bundle = ray.train.torch.prepare_model(torch.nn.ModuleDict({"student": student, "kd": kd}))
+    optim = torch.optim.AdamW(bundle.parameters(), lr=d["lr"], weight_decay=d["weight_decay"])
+    steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (d["batch_size"] * world)))
+    total = d["epochs"] * steps_per_epoch
+    sched = get_cosine_schedule_with_warmup(optim, int(d["warmup_epochs"] * steps_per_epoch),
+                                            total)
+    shard = ray.train.get_dataset_shard("transfer")
+    size = config["student"]["img_size"]
+    start = time.time()
+    for epoch in range(1, d["epochs"] + 1):
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in shard.iter_torch_batches(batch_size=d["batch_size"],
+                                              dtypes={"image": torch.float32}, device=device,
+                                              local_shuffle_buffer_size=4 * d["batch_size"],
+                                              local_shuffle_seed=config["seed"] + epoch):
+            images = batch["image"].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+            if images.shape[-1] != size:
+                images = F.interpolate(images, size=(size, size), mode="bilinear",
+                                       align_corners=False)
+            if torch.rand(()) < 0.5:  # horizontal flip, same for teacher and student
+                images = images.flip(-1)
+            with torch.no_grad():
+                target = teacher(images)
+            module = unwrap(bundle)
+            loss, parts = module["kd"](module["student"](images), target)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            n += 1
+            sums["distill/loss"] = sums.get("distill/loss", 0.0) + loss.item()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        metrics = {k: v / max(n, 1) for k, v in sums.items()} | {"epoch": epoch}
+        if is_rank_zero():
+            log.info("distill epoch %d/%d loss %.5f (%.0f s)", epoch, d["epochs"],
+                     metrics.get("distill/loss", float("nan")), time.time() - start)
+        last = epoch == d["epochs"]
+        report(metrics, {"student": unwrap(bundle)["student"].state_dict()} if last else None)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from tskd.stages.transfer_set import read_transfer_set
+
+    cfg, arm = ctx.cfg, ctx.params["arm"]
+    info, _ = load_data(ctx.inputs["data"])
+    transfer_dir = ctx.inputs["transfer"]
+    n_transfer = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
+    distill = to_dict(cfg.distill)
+    if arm == "ta_kd":
+        distill["w_logits"] = 0.0
+        teacher = {"tuned": False, "checkpoint": str(base_checkpoint(ctx)),
+                   "arch": cfg.teacher.arch, "img_size": cfg.teacher.img_size}
+    else:
+        teacher = {"tuned": True, "stage_dir": str(ctx.inputs["teacher"])}
+    num_classes = teacher["num_classes"] = info.num_classes
+    config = {"teacher": teacher, "student": to_dict(cfg.student), "distill": distill,
+              "num_classes": num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
+              "ray": to_dict(cfg.ray)}
+    dataset = read_transfer_set(transfer_dir).select_columns(["image"])
+    log.info("distilling (%s) on %d transfer images for %d epochs", arm, n_transfer,
+             cfg.distill.epochs)
+    result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
+                               name=ctx.name, storage=ctx.dir / "ray",
+                               datasets={"transfer": dataset})
+    state = load_result_state(result)
+    torch.save(state["student"], ctx.dir / STUDENT_FILE)
+    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    return {k: v for k, v in result.metrics.items() if k.startswith(("distill/", "kd/"))}
+

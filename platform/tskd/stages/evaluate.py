@@ -1,0 +1,80 @@
+"""Stage ``evaluate``: Dice, HD95 and mIoU of the teacher and every student on the test split.
+
+Models see test images at the working resolution (``data.image_size``); their logits are
+upsampled to each image's original size and scored against the original mask (and field of view)
+with the dataset's pixel spacing, so HD95 is in mm when the spacing is known. The empty-mask
+policy is :mod:`tskd.metrics`'.
+
+Output: ``runs/<experiment>/results.json`` (and a copy in this stage's directory).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from tskd.artifacts import StageContext, write_json
+from tskd.config import to_dict
+from tskd.stages.data_stage import load_data
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+@torch.no_grad()
+def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], size: int,
+                       batch_size: int) -> dict[str, Any]:
+    """Score ``model`` on ``case_ids`` at each image's original resolution."""
+    from tskd.data.dataset import SegmentationDataset
+    from tskd.data.format import read_case, read_fov
+    from tskd.metrics import SegmentationMetrics
+
+    model.eval()
+    metrics = SegmentationMetrics(info.num_classes, class_names=list(info.class_names),
+                                  spacing=info.spacing)
+    dataset = SegmentationDataset(info, case_ids, size)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        logits = model(batch["image"]).logits
+        for i, case_id in enumerate(batch["id"]):
+            _, mask = read_case(info, case_id)
+            up = F.interpolate(logits[i:i + 1], size=mask.shape, mode="bilinear",
+                               align_corners=False)
+            fov = read_fov(info, case_id)
+            metrics.update(up.argmax(1), torch.from_numpy(mask)[None],
+                           None if fov is None else torch.from_numpy(fov)[None])
+    return metrics.aggregate()
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from tskd.stages.student_finetune import load_student
+    from tskd.stages.teacher_finetune import load_finetuned_teacher
+
+    cfg = ctx.cfg
+    info, splits = load_data(ctx.inputs["data"])
+    test = list(splits.test)
+    size, bs = cfg.data.image_size, cfg.evaluate.batch_size
+    log.info("evaluating the teacher and %d students on %d test images", len(cfg.students),
+             len(test))
+    teacher = score_on_originals(load_finetuned_teacher(ctx.inputs["teacher"]), info, test, size,
+                                 bs)
+    students = {}
+    for arm in cfg.students:
+        model = load_student(ctx.inputs[f"student_{arm}"], to_dict(cfg.student),
+                             info.num_classes)
+        students[arm] = score_on_originals(model, info, test, size, bs)
+    results = {"experiment": cfg.experiment, "dataset": info.name,
+               "classes": {str(k): v for k, v in info.labels.items()},
+               "n_test": len(test), "n_labelled": len(splits.labelled),
+               "hd95_unit": "mm" if info.spacing else "pixels",
+               "teacher": teacher, "students": students}
+    write_json(ctx.dir / RESULTS_FILE, results)
+    write_json(cfg.run_dir / RESULTS_FILE, results)
+    summary: dict[str, Any] = {f"teacher/{k}": teacher[k] for k in ("dice", "hd95", "miou")}
+    for arm, scores in students.items():
+        summary |= {f"{arm}/{k}": scores[k] for k in ("dice", "hd95", "miou")}
+    return summary

@@ -1,0 +1,142 @@
+"""The one place that launches Ray Train jobs, and the worker-side helpers every stage shares.
+
+Driver side: :func:`fit_torch_trainer` builds a ``TorchTrainer`` (Train V2) from a ``RayConfig``;
+the same code runs CPU workers with gloo here and GPU workers with NCCL on a cluster.
+Worker side: :func:`worker_setup` (threads, seeds, device), :func:`report` (metrics every rank,
+checkpoint on rank 0), :func:`is_rank_zero`. Driver again: :func:`load_result_state`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tskd.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+def resolve_backend(ray_cfg: RayConfig) -> str:
+    """``auto`` → NCCL with GPUs, gloo on CPU."""
+    if ray_cfg.backend != "auto":
+        return ray_cfg.backend
+    return "nccl" if ray_cfg.use_gpu else "gloo"
+
+
+def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_config: dict[str, Any],
+                      ray_cfg: RayConfig, name: str, storage: Path,
+                      datasets: dict[str, Any] | None = None,
+                      num_workers: int | None = None) -> Any:
+    """Run ``train_fn`` on Ray Train workers and return the ``ray.train.Result``.
+
+    Args:
+        train_fn: the ``train_loop_per_worker``; it receives ``train_config`` (which must carry
+            everything it needs, including ``train_config["ray"]`` for :func:`worker_setup`).
+        ray_cfg: workers, GPUs, CPUs per worker and backend.
+        name: the run name (a folder under ``storage``).
+        storage: absolute directory for Ray's run state and checkpoints.
+        datasets: Ray Data datasets, sharded across workers (``get_dataset_shard``).
+        num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
+
+    Raises:
+        RuntimeError: the training run failed; the worker's error is chained.
+    """
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    workers = num_workers or ray_cfg.num_workers
+    resources = {"CPU": ray_cfg.cpus_per_worker}
+    if ray_cfg.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_fn,
+        train_loop_config=train_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend=resolve_backend(ray_cfg)),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors in TrainingFailedError
+        raise RuntimeError(f"Ray Train run {name!r} failed: {exc}") from exc
+    if getattr(result, "error", None) is not None:
+        raise RuntimeError(f"Ray Train run {name!r} failed: {result.error}") from result.error
+    return result
+
+
+def load_result_state(result: Any) -> dict[str, Any]:
+    """The ``state`` dict saved by the last :func:`report` that carried one."""
+    if result.checkpoint is None:
+        raise RuntimeError("the Ray Train run reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def worker_setup(ray_cfg: dict[str, Any], seed: int) -> torch.device:
+    """Seed every RNG (offset by rank), set intra-op threads, return the worker's device."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    _configure_worker_logging(rank)
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+    if ray_cfg.get("use_gpu"):
+        return ray.train.torch.get_device()
+    threads = int(ray_cfg.get("torch_threads") or 0)
+    if threads == 0:
+        local = max(1, ctx.get_local_world_size())
+        threads = max(1, (os.cpu_count() or 1) // local)
+    torch.set_num_threads(threads)
+    return torch.device("cpu")
+
+
+def _configure_worker_logging(rank: int) -> None:
+    """Rank 0 logs tskd progress at INFO (forwarded to the driver by Ray); others warn only."""
+    logger = logging.getLogger("tskd")
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def is_rank_zero() -> bool:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank() == 0
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    """``ray.train.report`` on every rank; rank 0 attaches ``state`` as a checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if state is not None and is_rank_zero():
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,105 @@
+"""Stages ``student_<arm>``: fine-tune a student on the labelled subset (TS-KD step 4).
+
+Setup: the student distilled by ``distill_<arm>`` (or, for ``scratch``, a random init — the
+baseline). Loop: 0.2·CE + 0.8·Dice on the augmented labelled subset, AdamW, warm-up then cosine.
+Report: validation Dice every epoch; the student of the best validation epoch is the output
+``student.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tskd.artifacts import StageContext
+from tskd.config import to_dict
+from tskd.stages.data_stage import load_data
+from tskd.stages.distill import STUDENT_FILE, build_student
+from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
+from tskd.stages.ray_train import unwrap, worker_setup
+
+log = logging.getLogger(__name__)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: supervised fine-tuning with per-epoch validation."""
+    import ray.train.torch
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from torch.utils.data import DataLoader
+
+    from tskd.data.dataset import SegmentationDataset
+    from tskd.evaluation import score_model
+    from tskd.losses import SegLoss
+
+    f = config["finetune"]
+    device = worker_setup(config["ray"], config["seed"])
+    info = config["info"]
+    student = build_student(config["student"], info.num_classes)
+    if config["init"] is not None:
+        student.load_state_dict(torch.load(config["init"], map_location="cpu", weights_only=True))
+    size = config["image_size"]
+    train_set = SegmentationDataset(info, config["labelled"], size, augment=config["augment"],
+                                    seed=config["seed"])
+    val_set = SegmentationDataset(info, config["val"], size)
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(train_set, batch_size=f["batch_size"], shuffle=True, drop_last=False))
+    model = ray.train.torch.prepare_model(student.to(device))
+    criterion = SegLoss()
+    optim = torch.optim.AdamW(model.parameters(), lr=f["lr"], weight_decay=f["weight_decay"])
+    total = f["epochs"] * len(loader)
+    sched = get_cosine_schedule_with_warmup(optim, int(f["warmup_epochs"] * len(loader)), total)
+    best, start = -1.0, time.time()
+    for epoch in range(1, f["epochs"] + 1):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        losses = []
+        for batch in loader:
+            loss = criterion(model(batch["image"].to(device)).logits, batch["mask"].to(device))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            losses.append(loss.item())
+        scores = score_model(unwrap(model), val_set, num_classes=info.num_classes,
+                             class_names=list(info.class_names), device=device)
+        improved = scores["dice"] > best
+        best = max(best, scores["dice"])
+        metrics = {"train/loss": sum(losses) / len(losses), "val/dice": scores["dice"],
+                   "val/best_dice": best, "epoch": epoch}
+        if is_rank_zero() and (epoch % max(1, f["epochs"] // 10) == 0 or epoch == f["epochs"]):
+            log.info("student epoch %d/%d loss %.4f val dice %.4f (%.0f s)", epoch,
+                     f["epochs"], metrics["train/loss"], scores["dice"], time.time() - start)
+        report(metrics, {"student": unwrap(model).state_dict(), "epoch": epoch,
+                         "val/dice": scores["dice"]} if improved else None)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, arm = ctx.cfg, ctx.params["arm"]
+    info, splits = load_data(ctx.inputs["data"])
+    init = None if arm == "scratch" else str(ctx.inputs[f"distill_{arm}"] / STUDENT_FILE)
+    config = {"student": to_dict(cfg.student), "finetune": to_dict(cfg.student_finetune),
+              "init": init, "info": info, "labelled": list(splits.labelled),
+              "val": list(splits.val), "image_size": cfg.data.image_size,
+              "augment": cfg.data.augment, "seed": cfg.seed, "ray": to_dict(cfg.ray)}
+    log.info("fine-tuning the %s student on %d labelled images", arm, len(splits.labelled))
+    result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
+                               name=ctx.name, storage=ctx.dir / "ray")
+    state = load_result_state(result)
+    torch.save(state["student"], ctx.dir / STUDENT_FILE)
+    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    return {"val/dice": state["val/dice"], "student/best_epoch": state["epoch"],
+            "train/loss": result.metrics.get("train/loss")}
+
+
+def load_student(stage_dir: Path, student_cfg: dict[str, Any],
+                 num_classes: int) -> torch.nn.Module:
+    """The fine-tuned student of a completed ``student_<arm>`` stage, in eval mode."""
+    student = build_student(student_cfg, num_classes)
+    student.load_state_dict(torch.load(Path(stage_dir) / STUDENT_FILE, map_location="cpu",
+                                       weights_only=True))
+    return student.eval()

@@ -1,0 +1,151 @@
+"""Stage ``teacher``: adapt the foundation SAM to the task with LoRA (TS-KD step 1).
+
+Setup: the base SAM (official checkpoint or the pre-trained demo SAM) with a mask decoder of C
+outputs, LoRA on the q/v slices of every encoder block and the decoder's q/v projections, every
+other weight frozen. Loop: 0.2·CE + 0.8·Dice on the augmented labelled subset, AdamW, linear
+warm-up then polynomial decay (as SAMed). Report: validation Dice per epoch; the adapter of the
+best epoch is kept.
+
+Output: ``lora.pt`` (the adapter alone, small) and ``teacher.json`` (base checkpoint, arch,
+classes, input size, LoRA spec); :func:`load_finetuned_teacher` rebuilds the merged teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tskd.artifacts import StageContext, write_json
+from tskd.config import to_dict
+from tskd.stages.data_stage import load_data
+from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
+from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.teacher_pretrain import base_checkpoint
+
+log = logging.getLogger(__name__)
+
+TEACHER_FILE = "teacher.json"
+LORA_FILE = "lora.pt"
+
+
+def build_teacher(spec: dict[str, Any], *, lora: bool) -> torch.nn.Module:
+    """A :class:`SamSegmenter` from a ``teacher.json``-shaped spec, optionally with LoRA."""
+    from tskd.lora import LoraSpec, apply_lora
+    from tskd.models.sam import SamSegmenter, build_sam
+
+    model = SamSegmenter(build_sam(spec["arch"], num_classes=spec["num_classes"],
+                                   img_size=spec["img_size"], checkpoint=spec["base_checkpoint"]))
+    if lora:
+        model = apply_lora(model, LoraSpec(**spec["lora"]))
+    return model
+
+
+def warmup_steps(requested: int, total: int) -> int:
+    """Warm-up iterations, capped at a fifth of a run shorter than the requested warm-up."""
+    if requested > total // 5:
+        capped = total // 5
+        log.warning("warm-up of %d iterations exceeds a fifth of the %d training iterations; "
+                    "using %d", requested, total, capped)
+        return capped
+    return requested
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: LoRA fine-tuning on the labelled subset, validation every epoch."""
+    import ray.train.torch
+    from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
+    from torch.utils.data import DataLoader
+
+    from tskd.data.dataset import SegmentationDataset
+    from tskd.evaluation import score_model
+    from tskd.lora import count_trainable, lora_state_dict
+    from tskd.losses import SegLoss
+
+    f = config["finetune"]
+    device = worker_setup(config["ray"], config["seed"])
+    model = build_teacher(config["teacher"], lora=True).to(device)
+    if is_rank_zero():
+        log.info("teacher LoRA: %d trainable parameters", count_trainable(model))
+    info, size = config["info"], config["image_size"]
+    train_set = SegmentationDataset(info, config["labelled"], size, augment=config["augment"],
+                                    seed=config["seed"])
+    val_set = SegmentationDataset(info, config["val"], size)
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(train_set, batch_size=f["batch_size"], shuffle=True, drop_last=False))
+    model = ray.train.torch.prepare_model(model)
+    criterion = SegLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=f["lr"], weight_decay=f["weight_decay"])
+    total = f["epochs"] * len(loader)
+    sched = get_polynomial_decay_schedule_with_warmup(
+        optim, warmup_steps(f["warmup_iters"], total), total, lr_end=0.0, power=0.9)
+    best, start = -1.0, time.time()
+    for epoch in range(1, f["epochs"] + 1):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        losses = []
+        for batch in loader:
+            loss = criterion(model(batch["image"].to(device)).logits, batch["mask"].to(device))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            losses.append(loss.item())
+        scores = score_model(unwrap(model), val_set, num_classes=info.num_classes,
+                             class_names=list(info.class_names), device=device)
+        metrics = {"train/loss": sum(losses) / len(losses), "val/dice": scores["dice"],
+                   "epoch": epoch}
+        improved = scores["dice"] > best
+        best = max(best, scores["dice"])
+        if is_rank_zero():
+            log.info("teacher epoch %d/%d loss %.4f val dice %.4f (%.0f s)", epoch, f["epochs"],
+                     metrics["train/loss"], scores["dice"], time.time() - start)
+        report(metrics | {"val/best_dice": best},
+               {"lora": lora_state_dict(unwrap(model)), "epoch": epoch,
+                "val/dice": scores["dice"]} if improved else None)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg
+    info, splits = load_data(ctx.inputs["data"])
+    spec = {"arch": cfg.teacher.arch, "num_classes": info.num_classes,
+            "img_size": cfg.teacher.img_size, "base_checkpoint": str(base_checkpoint(ctx)),
+            "lora": to_dict(cfg.teacher.lora)}
+    config = {"teacher": spec, "finetune": to_dict(cfg.teacher.finetune), "info": info,
+              "labelled": list(splits.labelled), "val": list(splits.val),
+              "image_size": cfg.data.image_size, "augment": cfg.data.augment,
+              "seed": cfg.seed, "ray": to_dict(cfg.ray)}
+    result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
+                               name="teacher", storage=ctx.dir / "ray")
+    state = load_result_state(result)
+    torch.save(state["lora"], ctx.dir / LORA_FILE)
+    write_json(ctx.dir / TEACHER_FILE, {**spec, "best_epoch": state["epoch"]})
+    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    return {"val/dice": state["val/dice"], "teacher/best_epoch": state["epoch"],
+            "train/loss": result.metrics.get("train/loss")}
+
+
+def load_finetuned_teacher(stage_dir: Path) -> torch.nn.Module:
+    """The LoRA-tuned teacher of a completed ``teacher`` stage, adapters merged, in eval mode."""
+    from tskd.lora import merge_lora
+
+    stage_dir = Path(stage_dir)
+    spec = json.loads((stage_dir / TEACHER_FILE).read_text())
+    model = build_teacher(spec, lora=True)
+    model.load_state_dict(torch.load(stage_dir / LORA_FILE, map_location="cpu",
+                                     weights_only=True), strict=False)
+    return merge_lora(model).eval()
+
+
+def load_base_teacher(checkpoint: Path, *, arch: str, num_classes: int,
+                      img_size: int) -> torch.nn.Module:
+    """The un-tuned foundation SAM (task-agnostic KD's teacher), in eval mode."""
+    spec = {"arch": arch, "num_classes": num_classes, "img_size": img_size,
+            "base_checkpoint": str(checkpoint)}
+    return build_teacher(spec, lora=False).eval()

@@ -1,0 +1,131 @@
+"""Stage ``teacher_pretrain``: a small SAM learns to segment on a broad procedural corpus.
+
+LoRA only makes sense on a pre-trained foundation model, and no SAM weights can be downloaded in
+the demo. So a demo teacher (``sam_demo``) is first pre-trained here on
+:class:`~tskd.data.corpus.ProceduralCorpus` — many shapes, textures and structures, *not* the
+demo task — and saved in the official SAM checkpoint format. Real use gives
+``teacher.checkpoint`` instead and this stage does not run.
+
+The result is cached under ``teacher.pretrain.cache_dir`` keyed by a fingerprint of the
+architecture, input size, pre-training settings and seed, so it is trained once per machine.
+Output: ``base.json`` naming the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tskd.artifacts import StageContext, write_json
+from tskd.config import fingerprint, to_dict
+from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
+from tskd.stages.ray_train import unwrap, worker_setup
+
+log = logging.getLogger(__name__)
+
+BASE_FILE = "base.json"
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: full pre-training of a SAM built from scratch."""
+    import ray.train.torch
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from torch.utils.data import DataLoader
+
+    from tskd.data.corpus import CORPUS_LABELS, ProceduralCorpus
+    from tskd.losses import SegLoss
+    from tskd.models.sam import SamSegmenter, build_sam
+
+    p = config["pretrain"]
+    device = worker_setup(config["ray"], config["seed"])
+    world = ray.train.get_context().get_world_size()
+    model = SamSegmenter(build_sam(config["arch"], num_classes=len(CORPUS_LABELS),
+                                   img_size=config["img_size"]))
+    model = ray.train.torch.prepare_model(model)
+    corpus = ProceduralCorpus(size=config["img_size"], length=p["steps"] * p["batch_size"] * world,
+                              seed=config["seed"])
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(corpus, batch_size=p["batch_size"], shuffle=False, num_workers=0,
+                   drop_last=True))
+    criterion = SegLoss()
+    optim = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+    sched = get_cosine_schedule_with_warmup(optim, p["warmup_steps"], p["steps"])
+    log_every = max(1, p["steps"] // 10)
+    start, running = time.time(), 0.0
+    for step, batch in enumerate(loader, 1):
+        images, masks = batch["image"].to(device), batch["mask"].to(device)
+        loss = criterion(model(images).logits, masks)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        sched.step()
+        running += loss.item()
+        if step % log_every == 0 or step == p["steps"]:
+            metrics = {"pretrain/loss": running / log_every, "step": step}
+            if is_rank_zero():
+                log.info("teacher pre-training step %d/%d loss %.4f (%.0f s)", step, p["steps"],
+                         metrics["pretrain/loss"], time.time() - start)
+            last = step == p["steps"]
+            report(metrics, {"model": unwrap(model).sam.state_dict()} if last else None)
+            running = 0.0
+
+
+def cache_path(ctx: StageContext) -> Path:
+    t = ctx.cfg.teacher
+    pretrain = to_dict(t.pretrain)
+    pretrain.pop("cache_dir")
+    key = fingerprint(t.arch, t.img_size, pretrain, ctx.cfg.seed)
+    return Path(t.pretrain.cache_dir).expanduser() / "teachers" / f"{t.arch}-{t.img_size}px-{key}"
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    t = ctx.cfg.teacher
+    cache = cache_path(ctx)
+    if (cache / "meta.json").is_file() and (cache / "sam.pth").is_file():
+        log.info("using the cached pre-trained teacher %s", cache)
+        meta = json.loads((cache / "meta.json").read_text())
+    else:
+        log.info("pre-training %s (%d px) on the procedural corpus for %d steps; cached at %s",
+                 t.arch, t.img_size, t.pretrain.steps, cache)
+        started = time.time()
+        config = {"arch": t.arch, "img_size": t.img_size, "pretrain": to_dict(t.pretrain),
+                  "seed": ctx.cfg.seed, "ray": to_dict(ctx.cfg.ray)}
+        result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=ctx.cfg.ray,
+                                   name="teacher_pretrain", storage=ctx.dir / "ray")
+        state = load_result_state(result)
+        meta = {"pretrain/loss": result.metrics.get("pretrain/loss"),
+                "pretrain/wall_time_s": round(time.time() - started, 1), "arch": t.arch,
+                "img_size": t.img_size}
+        _write_cache(cache, state["model"], meta)
+        shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    write_json(ctx.dir / BASE_FILE, {"checkpoint": str(cache / "sam.pth"), **meta})
+    return {k: v for k, v in meta.items() if k.startswith("pretrain/")}
+
+
+def _write_cache(cache: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write checkpoint + meta into a temp dir, then move it into place atomically."""
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state_dict, tmp / "sam.pth")
+    write_json(tmp / "meta.json", meta)
+    if cache.exists():
+        shutil.rmtree(cache)
+    os.replace(tmp, cache)
+
+
+def base_checkpoint(ctx: StageContext) -> Path:
+    """The un-tuned foundation checkpoint: the official file, or the pre-trained demo SAM."""
+    if ctx.cfg.teacher.checkpoint is not None:
+        path = Path(ctx.cfg.teacher.checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher.checkpoint: {path} does not exist")
+        return path
+    return Path(json.loads((ctx.inputs["teacher_pretrain"] / BASE_FILE).read_text())["checkpoint"])

@@ -1,0 +1,109 @@
+"""Student: shapes, parameter count, hidden = timm's final normed tokens, gradients, loading."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from tskd.models import student as student_mod
+from tskd.models.student import Student, StudentOutput
+
+# SAM's pixel mean/std (= ImageNet's, scaled to 0..255), written out independently of the code
+SAM_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+SAM_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("img_size,patch", [(128, 16), (256, 16), (128, 8), (256, 8)])
+def test_output_shapes(img_size: int, patch: int) -> None:
+    m = Student(4, img_size, patch_size=patch).eval()
+    x = torch.rand(1, 3, img_size, img_size) * 255
+    with torch.no_grad():
+        out = m(x)
+    assert isinstance(out, StudentOutput)
+    g = img_size // patch
+    assert out.logits.shape == (1, 4, img_size, img_size)
+    assert out.hidden.shape == (1, 192, g, g)
+    assert m.hidden_dim == 192 and m.grid_size == (g, g)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_param_count_at_256() -> None:
+    m = Student(4, 256)
+    n = sum(p.numel() for p in m.parameters())
+    assert 5_000_000 <= n <= 7_000_000, n
+
+
+def test_logits_at_input_resolution_when_resized() -> None:
+    m = Student(3, 128).eval()
+    with torch.no_grad():
+        out = m(torch.rand(2, 3, 100, 120) * 255)
+    assert out.logits.shape == (2, 3, 100, 120)
+    assert out.hidden.shape == (2, 192, 8, 8)
+
+
+def test_hidden_is_final_normed_tokens() -> None:
+    m = Student(3, 128).eval()
+    x = torch.rand(2, 3, 128, 128) * 255
+    with torch.no_grad():
+        out = m(x)
+        tokens = m.backbone.forward_features((x - SAM_MEAN) / SAM_STD)  # (B, prefix + N, D)
+    npre = m.backbone.num_prefix_tokens
+    assert npre == 1
+    ref = tokens[:, npre:].reshape(2, 8, 8, 192).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out.hidden, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_flows_to_all_parameters() -> None:
+    m = Student(3, 64)
+    out = m(torch.rand(2, 3, 64, 64) * 255)
+    (out.logits.square().mean() + out.hidden.square().mean()).backward()
+    # the cls token is dropped from the outputs but reaches the spatial tokens through attention
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    assert m.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert m.decoder.head[-1].weight.grad.abs().sum() > 0
+
+
+def test_load_backbone_state_dict_roundtrip_and_errors() -> None:
+    src, dst = Student(3, 64).eval(), Student(3, 64).eval()
+    sd = src.backbone.state_dict()
+    dst.load_backbone_state_dict(sd)
+    x = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(dst(x).hidden, src(x).hidden)
+    broken = dict(sd)
+    del broken["pos_embed"]
+    with pytest.raises(ValueError, match="pos_embed"):
+        dst.load_backbone_state_dict(broken)
+    with pytest.raises(ValueError, match="extra.weight"):
+        dst.load_backbone_state_dict({**sd, "extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="cls_token"):
+        dst.load_backbone_state_dict({**sd, "cls_token": torch.zeros(1, 1, 7)})
+
+
+def test_pretrained_goes_through_timm(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+    real = timm.create_model
+
+    def spy(name: str, **kwargs):
+        calls.append({"name": name, **kwargs})
+        return real(name, **{**kwargs, "pretrained": False})  # nothing can be downloaded here
+
+    monkeypatch.setattr(student_mod.timm, "create_model", spy)
+    Student(3, 64, pretrained=True)
+    assert calls == [{"name": "vit_tiny_patch16_224", "pretrained": True, "img_size": 64, "patch_size": 16,
+                      "num_classes": 0}]
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError):
+        Student(1, 64)
+    with pytest.raises(ValueError):
+        Student(3, 60, patch_size=16)

@@ -1,0 +1,105 @@
+"""Config loading: defaults, YAML values, --set overrides, errors naming field/value/allowed."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tskd.config import (SAM_ARCHS, ConfigError, ExperimentConfig, fingerprint, load_config,
+                         parse_override, to_dict)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_demo():
+    cfg = load_config()
+    assert cfg == ExperimentConfig()
+    assert cfg.students == ["ts_kd", "ta_kd", "scratch"]
+    assert (cfg.distill.w_logits, cfg.distill.w_hidden) == (0.2, 0.1)
+    assert cfg.data.root is None and cfg.teacher.checkpoint is None
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("experiment: x\ndistill: {w_logits: 0.5, epochs: 3}\n")
+    cfg = load_config(path, ["distill.epochs=7", "teacher.lora.alpha=8", "data.root=null"])
+    assert cfg.experiment == "x"
+    assert cfg.distill.w_logits == 0.5 and cfg.distill.epochs == 7
+    assert cfg.teacher.lora.alpha == 8.0 and isinstance(cfg.teacher.lora.alpha, float)
+    assert cfg.distill.w_hidden == 0.1  # untouched defaults survive a partial section
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("a.b=3") == {"a": {"b": 3}}
+    assert parse_override("students=[ts_kd, scratch]") == {"students": ["ts_kd", "scratch"]}
+    assert parse_override("x=null") == {"x": None}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("distill.epochs")
+
+
+@pytest.mark.parametrize("override, field, fragment", [
+    ("distill.foo=1", "distill.foo", "unknown key"),
+    ("nonsense=1", "nonsense", "unknown key"),
+    ("distill.w_logits=abc", "distill.w_logits", "a number"),
+    ("distill.epochs=1.5", "distill.epochs", "an integer"),
+    ("distill.w_logits=-1", "distill.w_logits", ">= 0"),
+    ("teacher.arch=vit_q", "teacher.arch", "sam_demo"),
+    ("teacher.arch=vit_b", "teacher.checkpoint", "official SAM checkpoint"),
+    ("teacher.img_size=100", "teacher.img_size", "multiple of 16"),
+    ("students=[ts_kd, nope]", "students", "ta_kd"),
+    ("ray.backend=nccl", "ray.backend", "use_gpu"),
+    ("ray.backend=mpi", "ray.backend", "'nccl'"),
+    ("data=3", "data", "mapping"),
+    ("student.img_size=120", "student.img_size", "multiple of patch_size"),
+    ("transfer.diffusion.num_inference_steps=5000", "transfer.diffusion.num_inference_steps",
+     "[1, num_train_timesteps"),
+])
+def test_errors_name_field_value_and_allowed(override, field, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(field + ":"), message
+    assert fragment in message
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("distill:\n  w_hidden: lots\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: distill\.w_hidden: invalid value 'lots'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_shipped_job_configs_are_valid():
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.experiment
+    demo = load_config(REPO / "jobs" / "demo.yaml")
+    assert to_dict(demo) == to_dict(ExperimentConfig())  # the demo YAML spells out the defaults
+    paper = load_config(REPO / "jobs" / "kidneyus_vit_b.yaml")
+    assert paper.teacher.arch == "vit_b" and paper.teacher.img_size == 1024
+    assert paper.distill.epochs == 1600
+
+
+def test_arch_names_match_the_model_registry():
+    from tskd.models.sam import SAM_ARCHS as MODEL_ARCHS
+
+    assert set(SAM_ARCHS) == set(MODEL_ARCHS)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["distill.epochs=2", "teacher.lora.rank=8"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(path) == cfg
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a = fingerprint({"x": 1, "y": [1, 2]}, "s")
+    assert a == fingerprint({"y": [1, 2], "x": 1}, "s")
+    assert a != fingerprint({"x": 2, "y": [1, 2]}, "s")
+    assert len(a) == 16
