@@ -62,7 +62,7 @@ def test_hd95_vs_medpy_and_scipy() -> None:
     rel = np.array(rel_to_medpy)
     # max of directed percentiles >= percentile of the union (up to float32 rounding)
     assert rel.min() > -1e-3
-    # measured (seed 0): median +8%, max +27% above medpy; several pairs differ by > 5%
+    # measured (seed 0): median +6%, max +32% above medpy; several pairs differ by > 5%
     assert (rel > 0.05).sum() >= 5
     assert rel.max() < 0.5
 
@@ -140,7 +140,7 @@ def test_empty_mask_policy_and_nan_exclusion() -> None:
     c1, c2, c3 = (r["per_class"][f"class_{c}"] for c in (1, 2, 3))
     assert c1["dice"] == pytest.approx(0.5) and c1["miou"] == pytest.approx(0.5)
     assert c1["hd95"] == pytest.approx(diag / 2)  # mean of diag (GT only) and 0 (perfect)
-    assert c3 == pytest.approx({"dice": 0.0, "miou": 0.0, "hd95": diag})  # counted once only
+    assert c3 == pytest.approx({"dice": 0.0, "miou": 0.0, "hd95": diag}, rel=1e-12)  # counted once
     assert all(math.isnan(v) for v in c2.values())  # never present: NaN, excluded from means
     assert r["dice"] == pytest.approx(0.25)
     assert r["miou"] == pytest.approx(0.25)

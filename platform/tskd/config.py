@@ -185,10 +185,21 @@ class DiffusionConfig:
     num_inference_steps: int = 25
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    """Sampling scheduler built from the training schedule's betas: ``ddim`` (eta = 0) or
+    ``ddpm`` (ancestral) on ``num_inference_steps`` strided timesteps. At 10–50 steps DDPM
+    leaves visible residual noise; DDIM does not (see ``tskd.diffusion.sample_images``)."""
+    ema_decay: float = 0.0
+    """> 0 keeps an EMA of the UNet weights (diffusers ``EMAModel`` with warm-up, capped at this
+    decay) and samples from it; 0 disables."""
 
     def validate(self, path: str) -> None:
         _check(self.image_size % 8 == 0 and self.image_size >= 16, f"{path}.image_size",
                self.image_size, "a multiple of 8, >= 16")
+        _check(self.layers_per_block >= 1, f"{path}.layers_per_block", self.layers_per_block,
+               "an integer >= 1")
+        _check(0.0 <= self.ema_decay < 1.0, f"{path}.ema_decay", self.ema_decay,
+               "a number in [0, 1) (0 disables the EMA)")
         _check(self.n_augmented >= 1, f"{path}.n_augmented", self.n_augmented, "an integer >= 1")
         _check(self.train_steps >= 1, f"{path}.train_steps", self.train_steps, "an integer >= 1")
         _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
@@ -200,6 +211,10 @@ class DiffusionConfig:
                                                          for c in self.block_out_channels),
                f"{path}.block_out_channels", self.block_out_channels,
                "a non-empty list of positive multiples of 8")
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        _check(self.image_size % factor == 0, f"{path}.image_size", self.image_size,
+               f"a multiple of 2**(len(block_out_channels)-1) = {factor} (one downsampling per "
+               "extra UNet level)")
 
 
 @dataclass

@@ -187,11 +187,16 @@ def _inference_scheduler(scheduler: DDPMScheduler, sampler: str):
 @torch.no_grad()
 def sample_with_seeds(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequence[int], *,
                       num_inference_steps: int, batch_size: int = 16,
-                      device: str | torch.device = "cpu", sampler: str = "ddim") -> np.ndarray:
+                      device: str | torch.device = "cpu", sampler: str = "ddim",
+                      pad_batches: bool = False) -> np.ndarray:
     """One image per seed: ``uint8 (len(seeds), H, W, 3)`` at ``unet.config.sample_size``.
 
     Image ``k`` depends only on ``seeds[k]`` (its own ``torch.Generator`` draws its initial noise
-    and, for DDPM, its per-step noise), not on its batch. Sampling runs
+    and, for DDPM, its per-step noise), not on its batch companions. CPU convolutions may round
+    differently at different batch *sizes* (±1 grey level after 8-bit quantisation, measured);
+    ``pad_batches=True`` pads the last batch to ``batch_size`` (repeating its first seed) so the
+    UNet always runs at one batch size and every image is bit-identical however the seeds are
+    split into calls. Sampling runs
     ``num_inference_steps`` steps of ``sampler``: ``"ddim"`` (η = 0, the default; see
     :func:`sample_images`) or ``"ddpm"`` (ancestral sampling on the strided timesteps).
     """
@@ -202,7 +207,11 @@ def sample_with_seeds(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequen
     size = int(unet.config.sample_size)
     out = []
     for start in range(0, len(seeds), batch_size):
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch_size]]
+        chunk = [int(s) for s in seeds[start:start + batch_size]]
+        real = len(chunk)
+        if pad_batches:
+            chunk += [chunk[0]] * (batch_size - real)
+        gens = [torch.Generator().manual_seed(s) for s in chunk]
         x = torch.cat([torch.randn((1, 3, size, size), generator=g) for g in gens]).to(device)
         for t in sched.timesteps:
             eps = unet(x, t).sample
@@ -210,7 +219,7 @@ def sample_with_seeds(unet: UNet2DModel, scheduler: DDPMScheduler, seeds: Sequen
                 x = sched.step(eps, t, x, generator=gens).prev_sample
             else:
                 x = sched.step(eps, t, x).prev_sample
-        out.append(tensor_to_images(x))
+        out.append(tensor_to_images(x[:real]))
     if not out:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     return np.concatenate(out)

@@ -69,6 +69,8 @@ class LoraSpec:
     def validate(self) -> None:
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be None or > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not (self.encoder or self.decoder):
@@ -136,6 +138,13 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, (QVLoRALinear, BaseTunerLayer)) for m in model.modules())
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The wrapped model of DDP / DataParallel / a DeepSpeed engine (anything with ``.module``)."""
+    while not isinstance(model, SamSegmenter) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def _spec_of(model: nn.Module) -> LoraSpec | None:
     spec = getattr(model, "lora_spec", None)
     return spec if isinstance(spec, LoraSpec) else None
@@ -179,14 +188,23 @@ def apply_lora(model: SamSegmenter, spec: LoraSpec | None = None) -> SamSegmente
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter weights only (names as in ``model.state_dict()``), detached CPU tensors."""
+    """Adapter weights only (names as in the unwrapped model's ``state_dict()``), detached CPU tensors.
+
+    A DDP/DeepSpeed wrapper is unwrapped first, so the keys never carry a ``module.`` prefix.
+    """
+    model = _unwrap(model)
     return {
         k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_lora_param(k)
     }
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "<state dict>") -> None:
-    """Copy adapter weights into a model that has adapters applied; exact key and shape match."""
+    """Copy adapter weights into a model that has adapters applied; exact key and shape match.
+
+    Unlike ``load_state_dict(strict=False)`` this raises ``ValueError`` (naming ``source``) when any
+    adapter key is missing, unexpected or of another shape.
+    """
+    model = _unwrap(model)
     own = {k: v for k, v in model.state_dict().items() if is_lora_param(k)}
     if not own:
         raise ValueError(f"cannot load LoRA weights from {source}: the model has no adapters (apply_lora first)")
@@ -209,6 +227,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, 
 
 def save_lora(model: SamSegmenter, path: str | Path) -> Path:
     """Write the adapter weights and the spec (a small file) to ``path``."""
+    model = _unwrap(model)
     spec = _spec_of(model)
     if spec is None or not has_lora(model):
         raise ValueError("model has no LoRA adapters to save")
@@ -256,6 +275,7 @@ def merge_lora(model: SamSegmenter) -> SamSegmenter:
     The result has plain ``nn.Linear`` layers and the official state-dict keys; outputs are the same
     as with the adapters (up to float rounding). Parameters stay frozen.
     """
+    model = _unwrap(model)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, QVLoRALinear):

@@ -8,9 +8,10 @@ HD95 definition (MONAI's): surfaces are the mask pixels removed by a binary eros
 4-connected cross (pixels on the image border count as surface); for each direction the 95th
 percentile (linear interpolation) of the Euclidean distances from one surface's pixels to the
 other surface is taken, and HD95 is the **max of the two directed percentiles**. medpy's ``hd95``
-instead takes the 95th percentile of the union of both distance sets, which is ≤ MONAI's value
-(equal or up to ~a pixel or so lower on blob-like masks; see tests/test_metrics.py). Distances are in
-mm when ``spacing`` is given (``(row, column)`` spacing, i.e. along H then W), in pixels otherwise.
+instead takes the 95th percentile of the union of both distance sets, which is never larger:
+on 200 random blob pairs of 32-64 px MONAI's value was a median 7.6% (~1 px) higher, 90th
+percentile 20%, max 86% (see tests/test_metrics.py). Distances are in mm when ``spacing`` is given
+(``(row, column)`` spacing, i.e. along H then W), in pixels otherwise.
 
 Empty-mask policy (applied explicitly per image and class; MONAI's NaN/inf defaults are not used):
 
@@ -127,8 +128,7 @@ class SegmentationMetrics:
         p_any = p1.flatten(2).any(-1)  # (B, K)
         t_any = t1.flatten(2).any(-1)
         both = p_any & t_any
-        one = p_any ^ t_any
-        skip = ~(p_any | t_any)
+        one = p_any ^ t_any  # neither: the pair is skipped (NaN)
 
         dice = self._dice(p1, t1).double()
         iou = self._iou(p1, t1).double()
@@ -140,11 +140,12 @@ class SegmentationMetrics:
         for m in (self._dice, self._iou, self._hd):
             m.reset()
 
-        diag = self._diagonal(h, w)
-        dice = torch.where(both, dice, torch.where(one, 0.0, math.nan))
-        iou = torch.where(both, iou, torch.where(one, 0.0, math.nan))
-        hd = torch.where(both, hd, torch.where(one, diag, math.nan))
-        assert not skip[~torch.isnan(dice)].any()
+        nan = torch.full(both.shape, math.nan, dtype=torch.float64)
+        zero = torch.zeros(both.shape, dtype=torch.float64)
+        diag = torch.full(both.shape, self._diagonal(h, w), dtype=torch.float64)
+        dice = torch.where(both, dice, torch.where(one, zero, nan))
+        iou = torch.where(both, iou, torch.where(one, zero, nan))
+        hd = torch.where(both, hd, torch.where(one, diag, nan))
         self._values["dice"].append(dice.numpy())
         self._values["miou"].append(iou.numpy())
         self._values["hd95"].append(hd.numpy())

@@ -223,7 +223,10 @@ def _paint(rng: _Rng, img: np.ndarray, region: np.ndarray, thin: bool, grey: boo
 
 
 def make_corpus_item(seed: int, index: int, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Item ``index`` of the corpus with ``seed``: image ``uint8 (H, W, 3)``, mask ``int64 (H, W)``."""
+    """Item ``index`` of the corpus with ``seed``.
+
+    Returns the image ``uint8 (size, size, 3)`` and the mask ``int64 (size, size)``.
+    """
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), 0xC02])
     n = size
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)

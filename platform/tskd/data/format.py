@@ -84,6 +84,12 @@ class DatasetInfo:
     def __hash__(self) -> int:
         return hash((self.root, self.name, self.case_ids))
 
+    def __repr__(self) -> str:
+        splits = None if self.splits is None else {k: len(v) for k, v in self.splits.items()}
+        return (f"DatasetInfo(root={str(self.root)!r}, name={self.name!r}, "
+                f"modality={self.modality!r}, labels={self.labels}, spacing={self.spacing}, "
+                f"splits={splits} (sizes), {len(self.case_ids)} cases, fov={self.has_fov})")
+
 
 @dataclass(frozen=True)
 class Splits:
@@ -97,6 +103,11 @@ class Splits:
     val: tuple[str, ...]
     test: tuple[str, ...]
     unlabelled: tuple[str, ...]
+
+    @property
+    def train(self) -> tuple[str, ...]:
+        """Alias of ``labelled`` (the labelled training ids)."""
+        return self.labelled
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,25 +449,29 @@ def _train_pool(info: DatasetInfo, seed: int, test_fraction: float
             held = set(test)
             train = tuple(i for i in ids if i not in held)
         return train, test
+    pool = tuple(sorted(splits.get("train", ids)))
+    if "train" in splits:
+        rest = tuple(i for i in ids if i not in set(pool))
+        if rest:  # declared train split only: the other ids are the test split
+            return pool, rest
     if not 0.0 <= test_fraction < 1.0:
         raise DatasetError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    n_test = _n_test(len(ids), test_fraction) if test_fraction > 0 else 0
-    perm = np.random.default_rng([seed, 0x7E57]).permutation(len(ids))
-    test_set = {ids[j] for j in perm[:n_test]}
-    pool = splits.get("train", ids)
-    train = tuple(sorted(i for i in pool if i not in test_set))
-    return train, tuple(sorted(test_set))
+    n_test = _n_test(len(pool), test_fraction) if test_fraction > 0 else 0
+    perm = np.random.default_rng([seed, 0x7E57]).permutation(len(pool))
+    test_set = {pool[j] for j in perm[:n_test]}
+    return tuple(i for i in pool if i not in test_set), tuple(sorted(test_set))
 
 
 def validate_dataset(root: str | os.PathLike[str], *, n_labels: int | None = None,
-                     n_val: int = 0, test_fraction: float = 0.2, seed: int = 0) -> DatasetInfo:
+                     n_val: int = 0, test_fraction: float = 0.2) -> DatasetInfo:
     """Fully validate a dataset before any training; return its :class:`DatasetInfo`.
 
     Besides :func:`load_dataset_info`'s checks: every image, mask and fov file is readable, each
     mask (and fov) has its image's size, mask values are declared labels, no split listed in
     ``dataset.json`` is empty, and (when ``n_labels`` is given) the train split holds at least
-    ``n_labels + n_val`` images (``test_fraction``/``seed`` as in :func:`make_splits` when there
-    is no test split). All pixel problems are collected into one :class:`DatasetError`.
+    ``n_labels + n_val`` images (after holding out ``test_fraction`` as :func:`make_splits` does
+    when ``dataset.json`` declares no test split). All pixel problems are collected into one
+    :class:`DatasetError`.
     """
     info = load_dataset_info(root)
     json_path = info.root / DATASET_JSON
@@ -468,8 +483,8 @@ def validate_dataset(root: str | os.PathLike[str], *, n_labels: int | None = Non
         try:
             image, _ = read_case(info, case_id)
             fov = read_fov(info, case_id)
-            if fov is not None and fov.shape != image.shape[:2]:
-                raise DatasetError(f"{info.fov[case_id]}: field-of-view size {_wh(fov)} "  # type: ignore[index]
+            if info.fov is not None and fov is not None and fov.shape != image.shape[:2]:
+                raise DatasetError(f"{info.fov[case_id]}: field-of-view size {_wh(fov)} "
                                    f"differs from image size {_wh(image)} of "
                                    f"{info.images[case_id]}")
         except DatasetError as e:
@@ -480,7 +495,7 @@ def validate_dataset(root: str | os.PathLike[str], *, n_labels: int | None = Non
         raise DatasetError(f"{info.root}: {len(problems)} invalid case(s):\n  "
                            + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
     if n_labels is not None:
-        train, test = _train_pool(info, seed, test_fraction)
+        train, test = _train_pool(info, 0, test_fraction)  # the counts do not depend on seed
         needed = n_labels + n_val
         if len(train) < needed:
             raise DatasetError(f"{info.root}: too few training images: the train split has "
@@ -496,7 +511,8 @@ def make_splits(info: DatasetInfo, *, n_labels: int, n_val: int, seed: int,
                 test_fraction: float = 0.2) -> Splits:
     """Fix the test split, the validation images and the label budget.
 
-    ``test`` is ``dataset.json``'s test split if any, else a seeded ``test_fraction`` of all ids.
+    ``test`` is ``dataset.json``'s test split if any (train = its train split, or all other ids);
+    with only a train split declared, the other ids; else a seeded ``test_fraction`` of the ids.
     ``val`` and ``labelled`` come from the train split only: one seeded permutation of it gives
     ``val`` = its first ``n_val`` ids and ``labelled`` = the next ``n_labels``, so a larger budget
     with the same seed (and ``n_val``) is a superset of a smaller one. ``unlabelled`` is the rest.

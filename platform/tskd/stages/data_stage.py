@@ -34,7 +34,8 @@ def dataset_root(ctx: StageContext) -> Path:
 def run(ctx: StageContext) -> dict[str, Any]:
     data = ctx.cfg.data
     root = dataset_root(ctx)
-    info = validate_dataset(root, n_labels=data.n_labels, n_val=data.n_val)
+    info = validate_dataset(root, n_labels=data.n_labels, n_val=data.n_val,
+                            test_fraction=data.test_fraction)
     splits = make_splits(info, n_labels=data.n_labels, n_val=data.n_val, seed=ctx.cfg.seed,
                          test_fraction=data.test_fraction)
     write_json(ctx.dir / SPLITS_FILE, {

@@ -57,6 +57,18 @@ def build_student(student_cfg: dict[str, Any], num_classes: int) -> torch.nn.Mod
                    patch_size=student_cfg["patch_size"], decoder_dim=student_cfg["decoder_dim"])
 
 
+class Distillation(torch.nn.Module):
+    """Student + KD loss (with its learned projection P) as one module, so DDP wraps both and
+    its forward is the training objective: ``forward(images, teacher_out) -> (loss, parts)``."""
+
+    def __init__(self, student: torch.nn.Module, kd: torch.nn.Module) -> None:
+        super().__init__()
+        self.student, self.kd = student, kd
+
+    def forward(self, images: torch.Tensor, teacher_out: Any) -> tuple[torch.Tensor, dict]:
+        return self.kd(self.student(images), teacher_out)
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: stream the transfer shard, distil teacher → student."""
     import ray.train
@@ -73,8 +85,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     student = build_student(config["student"], config["num_classes"]).to(device)
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
                 w_hidden=d["w_hidden"]).to(device)
-    # Student and projection P train together; DDP wraps them as one module.
-    bundle = ray.train.torch.prepare_model(torch.nn.ModuleDict({"student": student, "kd": kd}))
+    # A zero-weighted term leaves parameters without gradients (task-agnostic KD never trains
+    # the student's head), hence find_unused_parameters.
+    bundle = ray.train.torch.prepare_model(
+        Distillation(student, kd), parallel_strategy_kwargs={"find_unused_parameters": True})
     optim = torch.optim.AdamW(bundle.parameters(), lr=d["lr"], weight_decay=d["weight_decay"])
     steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (d["batch_size"] * world)))
     total = d["epochs"] * steps_per_epoch
@@ -98,8 +112,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 images = images.flip(-1)
             with torch.no_grad():
                 target = teacher(images)
-            module = unwrap(bundle)
-            loss, parts = module["kd"](module["student"](images), target)
+            loss, parts = bundle(images, target)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -113,7 +126,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             log.info("distill epoch %d/%d loss %.5f (%.0f s)", epoch, d["epochs"],
                      metrics.get("distill/loss", float("nan")), time.time() - start)
         last = epoch == d["epochs"]
-        report(metrics, {"student": unwrap(bundle)["student"].state_dict()} if last else None)
+        report(metrics, {"student": unwrap(bundle).student.state_dict()} if last else None)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

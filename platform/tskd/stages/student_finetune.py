@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,8 @@ from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
 from tskd.stages.distill import STUDENT_FILE, build_student
-from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.ray_train import fit_torch_trainer, load_result_state, worker_setup
+from tskd.stages.supervised import fit_supervised
 
 log = logging.getLogger(__name__)
 
@@ -33,49 +32,24 @@ def _train_loop(config: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader
 
     from tskd.data.dataset import SegmentationDataset
-    from tskd.evaluation import score_model
-    from tskd.losses import SegLoss
 
     f = config["finetune"]
     device = worker_setup(config["ray"], config["seed"])
-    info = config["info"]
+    info, size = config["info"], config["image_size"]
     student = build_student(config["student"], info.num_classes)
     if config["init"] is not None:
         student.load_state_dict(torch.load(config["init"], map_location="cpu", weights_only=True))
-    size = config["image_size"]
     train_set = SegmentationDataset(info, config["labelled"], size, augment=config["augment"],
                                     seed=config["seed"])
-    val_set = SegmentationDataset(info, config["val"], size)
     loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train_set, batch_size=f["batch_size"], shuffle=True, drop_last=False))
+        DataLoader(train_set, batch_size=f["batch_size"], shuffle=True))
     model = ray.train.torch.prepare_model(student.to(device))
-    criterion = SegLoss()
     optim = torch.optim.AdamW(model.parameters(), lr=f["lr"], weight_decay=f["weight_decay"])
-    total = f["epochs"] * len(loader)
-    sched = get_cosine_schedule_with_warmup(optim, int(f["warmup_epochs"] * len(loader)), total)
-    best, start = -1.0, time.time()
-    for epoch in range(1, f["epochs"] + 1):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        losses = []
-        for batch in loader:
-            loss = criterion(model(batch["image"].to(device)).logits, batch["mask"].to(device))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
-            losses.append(loss.item())
-        scores = score_model(unwrap(model), val_set, num_classes=info.num_classes,
-                             class_names=list(info.class_names), device=device)
-        improved = scores["dice"] > best
-        best = max(best, scores["dice"])
-        metrics = {"train/loss": sum(losses) / len(losses), "val/dice": scores["dice"],
-                   "val/best_dice": best, "epoch": epoch}
-        if is_rank_zero() and (epoch % max(1, f["epochs"] // 10) == 0 or epoch == f["epochs"]):
-            log.info("student epoch %d/%d loss %.4f val dice %.4f (%.0f s)", epoch,
-                     f["epochs"], metrics["train/loss"], scores["dice"], time.time() - start)
-        report(metrics, {"student": unwrap(model).state_dict(), "epoch": epoch,
-                         "val/dice": scores["dice"]} if improved else None)
+    sched = get_cosine_schedule_with_warmup(optim, int(f["warmup_epochs"] * len(loader)),
+                                            f["epochs"] * len(loader))
+    fit_supervised(model, loader, SegmentationDataset(info, config["val"], size), info=info,
+                   optimizer=optim, scheduler=sched, epochs=f["epochs"], device=device,
+                   state_fn=lambda m: {"student": m.state_dict()}, tag="student")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ import torch
 from tskd.artifacts import StageContext, write_json
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
-from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.ray_train import (fit_torch_trainer, is_rank_zero, load_result_state,
+                                   worker_setup)
+from tskd.stages.supervised import fit_supervised
 from tskd.stages.teacher_pretrain import base_checkpoint
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader
 
     from tskd.data.dataset import SegmentationDataset
-    from tskd.evaluation import score_model
     from tskd.lora import count_trainable, lora_state_dict
-    from tskd.losses import SegLoss
 
     f = config["finetune"]
     device = worker_setup(config["ray"], config["seed"])
@@ -75,40 +73,17 @@ def _train_loop(config: dict[str, Any]) -> None:
     info, size = config["info"], config["image_size"]
     train_set = SegmentationDataset(info, config["labelled"], size, augment=config["augment"],
                                     seed=config["seed"])
-    val_set = SegmentationDataset(info, config["val"], size)
     loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train_set, batch_size=f["batch_size"], shuffle=True, drop_last=False))
+        DataLoader(train_set, batch_size=f["batch_size"], shuffle=True))
     model = ray.train.torch.prepare_model(model)
-    criterion = SegLoss()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=f["lr"], weight_decay=f["weight_decay"])
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=f["lr"],
+                              weight_decay=f["weight_decay"])
     total = f["epochs"] * len(loader)
     sched = get_polynomial_decay_schedule_with_warmup(
         optim, warmup_steps(f["warmup_iters"], total), total, lr_end=0.0, power=0.9)
-    best, start = -1.0, time.time()
-    for epoch in range(1, f["epochs"] + 1):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        losses = []
-        for batch in loader:
-            loss = criterion(model(batch["image"].to(device)).logits, batch["mask"].to(device))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
-            losses.append(loss.item())
-        scores = score_model(unwrap(model), val_set, num_classes=info.num_classes,
-                             class_names=list(info.class_names), device=device)
-        metrics = {"train/loss": sum(losses) / len(losses), "val/dice": scores["dice"],
-                   "epoch": epoch}
-        improved = scores["dice"] > best
-        best = max(best, scores["dice"])
-        if is_rank_zero():
-            log.info("teacher epoch %d/%d loss %.4f val dice %.4f (%.0f s)", epoch, f["epochs"],
-                     metrics["train/loss"], scores["dice"], time.time() - start)
-        report(metrics | {"val/best_dice": best},
-               {"lora": lora_state_dict(unwrap(model)), "epoch": epoch,
-                "val/dice": scores["dice"]} if improved else None)
+    fit_supervised(model, loader, SegmentationDataset(info, config["val"], size), info=info,
+                   optimizer=optim, scheduler=sched, epochs=f["epochs"], device=device,
+                   state_fn=lambda m: {"lora": lora_state_dict(m)}, tag="teacher")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -133,13 +108,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def load_finetuned_teacher(stage_dir: Path) -> torch.nn.Module:
     """The LoRA-tuned teacher of a completed ``teacher`` stage, adapters merged, in eval mode."""
-    from tskd.lora import merge_lora
+    from tskd.lora import load_lora_state_dict, merge_lora
 
     stage_dir = Path(stage_dir)
     spec = json.loads((stage_dir / TEACHER_FILE).read_text())
     model = build_teacher(spec, lora=True)
-    model.load_state_dict(torch.load(stage_dir / LORA_FILE, map_location="cpu",
-                                     weights_only=True), strict=False)
+    path = stage_dir / LORA_FILE
+    load_lora_state_dict(model, torch.load(path, map_location="cpu", weights_only=True),
+                         source=str(path))
     return merge_lora(model).eval()
 
 

@@ -47,7 +47,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
     model = SamSegmenter(build_sam(config["arch"], num_classes=len(CORPUS_LABELS),
-                                   img_size=config["img_size"]))
+                                   img_size=config["img_size"])).train()
     model = ray.train.torch.prepare_model(model)
     corpus = ProceduralCorpus(size=config["img_size"], length=p["steps"] * p["batch_size"] * world,
                               seed=config["seed"])

@@ -1,0 +1,350 @@
+"""Stage ``transfer``: the synthetic transfer set (TS-KD step 2).
+
+Setup: the labelled training images (``data`` stage), augmented to
+``transfer.diffusion.n_augmented`` copies. Then:
+
+1. a DDPM (``tskd.diffusion``) trains as a one-worker Ray Train job; the driver saves it with
+   diffusers' ``save_pretrained`` under ``model/``;
+2. a Ray Data pipeline samples ``transfer.n_images`` images: ``range(n)`` →
+   ``map_batches(_Sampler, ActorPoolStrategy)``, one model load per actor. Image ``id`` is
+   sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always runs at batch
+   ``sample_batch_size`` (the last batch is padded), so the images are bit-identical whatever the
+   number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
+   ``data.image_size`` and attaches the nearest labelled training image (``nn_index``,
+   ``nn_mse``, ``nn_psnr``);
+3. near-copies (``nn_psnr >= transfer.near_copy_psnr``) are dropped when
+   ``transfer.drop_near_copies``; the rest is written with ``write_parquet``.
+
+Output directory::
+
+    model/            unet/ + scheduler/ (diffusers save_pretrained)
+    images/           parquet shards: id int64, image uint8 (H, W, 3) tensor, nn_index int64,
+                      nn_mse float64, nn_psnr float64 (inf for an exact copy)
+    quality.json      nearest-neighbour report over all samples and over the kept ones
+    transfer.json     the artifact manifest (counts, size, columns, shards, dropped ids)
+
+Readers: :func:`read_transfer_set` (Ray Dataset) and :func:`load_transfer_images` (numpy).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tskd.config import DiffusionConfig, ExperimentConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+IMAGES_DIR = "images"
+QUALITY_FILE = "quality.json"
+MANIFEST_FILE = "transfer.json"
+COLUMNS = ["id", "image", "nn_index", "nn_mse", "nn_psnr"]
+
+
+class TransferSetError(RuntimeError):
+    """The transfer set cannot be built as configured (e.g. every sample is a near-copy)."""
+
+
+# ---------------------------------------------------------------------------- DDPM training
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: train the DDPM on the augmented images, checkpoint it on rank 0."""
+    import ray
+
+    from tskd.diffusion import build_scheduler, build_unet, train_ddpm
+    from tskd.stages.ray_train import is_rank_zero, report, worker_setup
+
+    seed = int(config["seed"])
+    device = worker_setup(config["ray"], seed)
+    dcfg = DiffusionConfig(**config["diffusion"])
+    images = ray.get(config["images"])
+    unet, scheduler = build_unet(dcfg, seed=seed), build_scheduler(dcfg)
+    steps = dcfg.train_steps
+    every = max(1, steps // 10)
+    window: list[float] = []
+    start = time.time()
+    rank0 = is_rank_zero()
+
+    def on_step(step: int, loss: float) -> None:
+        window.append(loss)
+        if step % every == 0 and step < steps:
+            mean = float(np.mean(window))
+            window.clear()
+            if rank0:
+                log.info("ddpm step %d/%d loss %.4f (%.0f s)", step, steps, mean,
+                         time.time() - start)
+            report({"diffusion/loss": mean, "step": step})
+
+    losses = train_ddpm(unet, scheduler, images, steps=steps, batch_size=dcfg.batch_size,
+                        lr=dcfg.lr, seed=seed, on_step=on_step, device=device,
+                        ema_decay=dcfg.ema_decay)
+    tail = losses[-every:]
+    if rank0:
+        log.info("ddpm trained: %d steps in %.0f s, loss %.4f (last %d steps)", steps,
+                 time.time() - start, float(np.mean(tail)), len(tail))
+    report({"diffusion/loss": float(np.mean(tail)), "diffusion/final_loss": float(np.mean(tail)),
+            "step": steps},
+           {"unet": {k: v.cpu() for k, v in unet.state_dict().items()}, "losses": losses})
+
+
+def train_diffusion(images: np.ndarray, cfg: ExperimentConfig, out_dir: Path, storage: Path
+                    ) -> dict[str, Any]:
+    """Train the DDPM as a 1-worker Ray Train job and save it to ``out_dir``; return metrics."""
+    import ray
+
+    from tskd.diffusion import build_scheduler, build_unet, save_diffusion
+    from tskd.stages.ray_train import fit_torch_trainer, load_result_state
+
+    dcfg = cfg.transfer.diffusion
+    images_ref = ray.put(np.ascontiguousarray(images))
+    config = {"diffusion": to_dict(dcfg), "seed": cfg.seed, "ray": to_dict(cfg.ray),
+              "images": images_ref}
+    log.info("training the DDPM (%d px, channels %s) on %d augmented images for %d steps",
+             dcfg.image_size, dcfg.block_out_channels, len(images), dcfg.train_steps)
+    try:
+        result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
+                                   name="ddpm", storage=storage, num_workers=1)
+        state = load_result_state(result)
+    finally:
+        del images_ref
+        shutil.rmtree(storage, ignore_errors=True)
+    unet = build_unet(dcfg)
+    unet.load_state_dict(state["unet"])
+    save_diffusion(unet, out_dir, build_scheduler(dcfg))
+    losses = state["losses"]
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"diffusion/final_loss": float(np.mean(tail)),
+            "diffusion/first_loss": float(losses[0])}
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+class _Sampler:
+    """Ray Data actor: loads the model once; per batch of ids samples, resizes, scores."""
+
+    def __init__(self, model_dir: str, seed: int, num_inference_steps: int, batch_size: int,
+                 sampler: str, out_size: int, train_images: Any, threads: int) -> None:
+        import ray
+        import torch
+
+        from tskd.diffusion import load_diffusion
+
+        torch.set_num_threads(max(1, threads))
+        logger = logging.getLogger("tskd")
+        if not logger.handlers:  # Ray forwards worker stderr to the driver
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s",
+                                                   "%H:%M:%S"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+        self.unet, self.scheduler = load_diffusion(model_dir)
+        self.seed, self.steps, self.batch_size = seed, num_inference_steps, batch_size
+        self.sampler, self.out_size = sampler, out_size
+        self.train = ray.get(train_images) if isinstance(train_images, ray.ObjectRef) \
+            else train_images
+        self.done = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tskd.diffusion import image_seed, sample_with_seeds
+        from tskd.transfer_quality import nearest_neighbours, resize_uint8
+
+        start = time.time()
+        ids = np.asarray(batch["id"], dtype=np.int64)
+        seeds = [image_seed(self.seed, int(i)) for i in ids]
+        images = sample_with_seeds(self.unet, self.scheduler, seeds,
+                                   num_inference_steps=self.steps, batch_size=self.batch_size,
+                                   sampler=self.sampler, pad_batches=True)
+        images = resize_uint8(images, self.out_size)
+        idx, mse, psnr = nearest_neighbours(images, self.train)
+        self.done += len(ids)
+        log.info("sampled %d images (ids %d..%d) in %.1f s; %d by this actor", len(ids),
+                 ids.min(initial=0), ids.max(initial=0), time.time() - start, self.done)
+        return {"id": ids, "image": images, "nn_index": idx, "nn_mse": mse, "nn_psnr": psnr}
+
+
+def _keep_below(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+    keep = batch["nn_psnr"] < threshold
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: ExperimentConfig):
+    """The Ray Data pipeline: ``range(n)`` → sampler actors → a materialized dataset of
+    :data:`COLUMNS` (all samples, before near-copy filtering)."""
+    import ray
+
+    t = cfg.transfer
+    total_cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    if t.num_actors * t.actor_cpus > total_cpus - 1.0 + 1e-9:
+        raise TransferSetError(
+            f"transfer.num_actors={t.num_actors} x transfer.actor_cpus={t.actor_cpus} leaves less "
+            f"than 1 of the cluster's {total_cpus:g} CPUs for Ray Data's read tasks, which would "
+            "deadlock; lower transfer.num_actors or transfer.actor_cpus (fractions are fine)")
+    train_ref = ray.put(np.ascontiguousarray(train_images))
+    ds = ray.data.range(t.n_images).map_batches(
+        _Sampler,
+        fn_constructor_kwargs={
+            "model_dir": str(model_dir), "seed": cfg.seed,
+            "num_inference_steps": t.diffusion.num_inference_steps,
+            "batch_size": t.sample_batch_size, "sampler": t.diffusion.sampler,
+            "out_size": cfg.data.image_size, "train_images": train_ref,
+            "threads": max(1, int(t.actor_cpus))},
+        batch_size=t.sample_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus)
+    return ds.materialize()
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    """Build the transfer set; see the module docstring. Returns ``transfer/*`` and
+    ``diffusion/final_loss`` metrics.
+
+    Raises:
+        TransferSetError: every sample is a near-copy (nothing left to distil on), or the
+            sampler actors would take every CPU.
+    """
+    from tskd.artifacts import write_json
+    from tskd.data.augment import augment_copies
+    from tskd.data.dataset import load_arrays
+    from tskd.stages.data_stage import load_data
+    from tskd.transfer_quality import json_safe, quality_report
+
+    cfg: ExperimentConfig = ctx.cfg
+    t = cfg.transfer
+    out = Path(ctx.dir)
+    info, splits = load_data(ctx.inputs["data"])
+    train_images, _ = load_arrays(info, splits.labelled, cfg.data.image_size)
+    log.info("augmenting %d labelled images to %d", len(train_images), t.diffusion.n_augmented)
+    augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed)
+
+    metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, out / "ray")
+
+    log.info("sampling %d images (%d inference steps, %s) on %d actor(s) x %g CPU",
+             t.n_images, t.diffusion.num_inference_steps, t.diffusion.sampler, t.num_actors,
+             t.actor_cpus)
+    start = time.time()
+    samples = sample_transfer_set(out / MODEL_DIR, train_images, cfg)
+    meta = samples.select_columns(["id", "nn_index", "nn_mse", "nn_psnr"]).to_pandas()
+    meta = meta.sort_values("id").reset_index(drop=True)
+    elapsed = time.time() - start
+    log.info("sampled %d images in %.0f s (%.2f images/s)", len(meta), elapsed,
+             len(meta) / max(elapsed, 1e-9))
+    ids = meta["id"].to_numpy(np.int64)
+    idx, mse, psnr = (meta["nn_index"].to_numpy(np.int64), meta["nn_mse"].to_numpy(np.float64),
+                      meta["nn_psnr"].to_numpy(np.float64))
+    report_all = quality_report(idx, mse, psnr, near_copy_psnr=t.near_copy_psnr)
+    # ids are 0..n-1 and meta is sorted by id, so report positions ("index") are sample ids
+    near = psnr >= t.near_copy_psnr
+    drop = near if t.drop_near_copies else np.zeros_like(near)
+    keep = ~drop
+    report_kept = quality_report(idx[keep], mse[keep], psnr[keep],
+                                 near_copy_psnr=t.near_copy_psnr)
+    report_kept.pop("near_copies")
+    quality = {"all": report_all, "kept": report_kept, "n_sampled": int(len(ids)),
+               "n_kept": int(keep.sum()), "n_dropped": int(drop.sum()),
+               "drop_near_copies": t.drop_near_copies,
+               "compared_against": f"{len(train_images)} labelled training images at "
+                                   f"{cfg.data.image_size} px",
+               "train_case_ids": list(splits.labelled)}  # nearest_train / nn_index -> case id
+    write_json(out / QUALITY_FILE, json_safe(quality))
+    log.info("transfer quality: PSNR mean %s dB, MSE mean %.1f; %d near-copies (>= %g dB)%s",
+             _fmt(report_all["psnr"]["mean"]), report_all["mse"]["mean"],
+             report_all["n_near_copies"], t.near_copy_psnr,
+             ", dropped" if t.drop_near_copies else ", kept (drop_near_copies is false)")
+    if not keep.any():
+        raise TransferSetError(
+            f"every one of the {len(ids)} synthetic images is a near-copy of a training image "
+            f"(nearest-neighbour PSNR >= transfer.near_copy_psnr={t.near_copy_psnr} dB; max PSNR "
+            f"{_fmt(float(np.max(psnr)))} dB, min {_fmt(float(np.min(psnr)))} dB), so the "
+            "transfer set would be empty. Raise transfer.near_copy_psnr above the PSNRs in "
+            f"{out / QUALITY_FILE}, or set transfer.drop_near_copies=false to keep them")
+
+    kept = samples.map_batches(_keep_below, fn_kwargs={"threshold": t.near_copy_psnr},
+                               batch_format="numpy") if drop.any() else samples
+    kept.write_parquet(str(out / IMAGES_DIR))
+    shards = sorted(p.relative_to(out).as_posix() for p in (out / IMAGES_DIR).glob("*.parquet"))
+    write_json(out / MANIFEST_FILE, {
+        "n_images": t.n_images, "n_sampled": int(len(ids)), "n_kept": int(keep.sum()),
+        "n_dropped": int(drop.sum()), "image_size": cfg.data.image_size,
+        "diffusion_image_size": t.diffusion.image_size, "columns": COLUMNS,
+        "images_dir": IMAGES_DIR, "shards": shards, "model_dir": MODEL_DIR,
+        "near_copy_psnr": t.near_copy_psnr, "drop_near_copies": t.drop_near_copies,
+        "dropped_ids": [int(i) for i in ids[drop]],
+        "near_copy_ids": [int(i) for i in ids[near]],
+        "seed": cfg.seed, "sampler": t.diffusion.sampler,
+        "num_inference_steps": t.diffusion.num_inference_steps})
+    kept_psnr = report_kept["psnr"]["mean"]
+    metrics.update({
+        "transfer/n_images": int(keep.sum()), "transfer/n_dropped": int(drop.sum()),
+        "transfer/psnr_mean": float("inf") if kept_psnr is None else kept_psnr,
+        "transfer/mse_mean": report_kept["mse"]["mean"],
+        "transfer/sample_images_per_s": len(ids) / max(elapsed, 1e-9)})
+    return metrics
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else ("inf" if math.isinf(x) else f"{x:.2f}")
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def read_transfer_set(stage_dir: Path):
+    """The kept transfer images as a ``ray.data.Dataset`` of :data:`COLUMNS` (``image`` is a
+    ``uint8 (H, W, 3)`` tensor column). Row order is not guaranteed; sort by ``id`` if needed."""
+    import ray.data
+
+    images = Path(stage_dir) / IMAGES_DIR
+    if not images.is_dir():
+        raise FileNotFoundError(f"{stage_dir}: no transfer set (missing {IMAGES_DIR}/)")
+    return ray.data.read_parquet(str(images))
+
+
+def load_transfer_images(stage_dir: Path, *, with_ids: bool = False):
+    """All kept transfer images as ``uint8 (N, H, W, 3)``, sorted by ``id`` (no Ray cluster
+    needed: reads the parquet shards with pyarrow). ``with_ids=True`` returns ``(images, ids)``."""
+    import pyarrow.parquet as pq
+    import ray.data.extensions  # noqa: F401  registers the tensor extension type
+
+    stage_dir = Path(stage_dir)
+    manifest_path = stage_dir / MANIFEST_FILE
+    images_dir = stage_dir / IMAGES_DIR
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{stage_dir}: no transfer set (missing {IMAGES_DIR}/)")
+    files = sorted(images_dir.glob("*.parquet"))
+    size = None
+    if manifest_path.is_file():
+        import json
+        size = json.loads(manifest_path.read_text())["image_size"]
+    ids_parts, image_parts = [], []
+    for f in files:
+        table = pq.read_table(f, columns=["id", "image"])
+        if table.num_rows == 0:
+            continue
+        ids_parts.append(table.column("id").to_numpy())
+        col = table.column("image").combine_chunks()
+        image_parts.append(np.asarray(col.to_numpy_ndarray()) if hasattr(col, "to_numpy_ndarray")
+                           else np.stack(col.to_pylist()))
+    if not ids_parts:
+        s = size or 0
+        empty = np.zeros((0, s, s, 3), np.uint8)
+        return (empty, np.zeros(0, np.int64)) if with_ids else empty
+    ids = np.concatenate(ids_parts).astype(np.int64)
+    images = np.concatenate(image_parts).astype(np.uint8, copy=False)
+    order = np.argsort(ids, kind="stable")
+    return (images[order], ids[order]) if with_ids else images[order]
+
+
+__all__ = ["run", "read_transfer_set", "load_transfer_images", "train_diffusion",
+           "sample_transfer_set", "TransferSetError", "COLUMNS"]

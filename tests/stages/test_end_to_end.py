@@ -1,0 +1,52 @@
+"""The whole pipeline on a tiny config under a real local Ray, with 2 training workers (gloo)."""
+
+import json
+
+import pytest
+
+from tskd.config import load_config
+from tskd.pipeline import run_pipeline
+
+TINY = [
+    "experiment=tiny",
+    "data.demo.n_images=40", "data.demo.size=32", "data.image_size=32",
+    "data.n_labels=6", "data.n_val=2",
+    "teacher.arch=sam_tiny", "teacher.img_size=32",
+    "teacher.pretrain.steps=2", "teacher.pretrain.batch_size=2",
+    "teacher.finetune.epochs=1", "teacher.finetune.batch_size=4",
+    "transfer.n_images=8", "transfer.diffusion.image_size=16", "transfer.diffusion.n_augmented=8",
+    "transfer.diffusion.train_steps=2", "transfer.diffusion.batch_size=4",
+    "transfer.diffusion.num_inference_steps=2", "transfer.diffusion.block_out_channels=[32,32]",
+    "transfer.sample_batch_size=4", "transfer.actor_cpus=0.5", "transfer.near_copy_psnr=99",
+    "student.img_size=32", "student.patch_size=8", "student.decoder_dim=16",
+    "distill.epochs=1", "distill.batch_size=4",
+    "student_finetune.epochs=1", "student_finetune.batch_size=4",
+    "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
+]
+
+
+def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
+    cfg = load_config(None, TINY + [f"output_dir={tmp_path}",
+                                    f"teacher.pretrain.cache_dir={tmp_path / 'cache'}"])
+    metrics = run_pipeline(cfg)
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    assert results["experiment"] == "tiny"
+    assert results["dataset"] == "tskd-demo-ultrasound"
+    assert set(results["students"]) == {"ts_kd", "ta_kd", "scratch"}
+    for scores in [results["teacher"], *results["students"].values()]:
+        assert set(scores) >= {"dice", "hd95", "miou", "per_class"}
+        assert 0.0 <= scores["dice"] <= 1.0 and 0.0 <= scores["miou"] <= 1.0
+        assert set(scores["per_class"]) == {"organ", "lesion"}
+    # artifacts of every stage
+    for stage in ["data", "teacher_pretrain", "teacher", "transfer", "distill_ts_kd",
+                  "distill_ta_kd", "student_ts_kd", "student_ta_kd", "student_scratch",
+                  "evaluate"]:
+        manifest = json.loads((cfg.run_dir / stage / "manifest.json").read_text())
+        assert manifest["status"] == "complete", stage
+    assert (cfg.run_dir / "teacher" / "lora.pt").stat().st_size < 1_000_000
+    assert metrics["transfer"]["transfer/n_images"] == 8
+    assert list((tmp_path / "cache" / "teachers").glob("*/sam.pth"))
+
+    # a second run skips everything and gives the same results
+    again = run_pipeline(cfg)
+    assert again["evaluate"] == metrics["evaluate"]
