@@ -185,10 +185,12 @@ class DiffusionConfig:
     num_inference_steps: int = 25
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    """Sampling scheduler built from the training schedule's betas: ``ddim`` (eta = 0) or
-    ``ddpm`` (ancestral) on ``num_inference_steps`` strided timesteps. At 10–50 steps DDPM
-    leaves visible residual noise; DDIM does not (see ``tskd.diffusion.sample_images``)."""
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    """Sampling scheduler built from the training schedule's betas: ``ddpm`` (ancestral) or
+    ``ddim`` (eta = 0) on ``num_inference_steps`` strided timesteps. With CPU-budget (under-
+    trained) models DDPM at 25 steps matches DDPM at 250 and keeps the data's structure and
+    contrast, while DDIM samples stay noise-like even at 100 steps (measured; see
+    ``tskd.diffusion.sample_images``)."""
     ema_decay: float = 0.0
     """> 0 keeps an EMA of the UNet weights (diffusers ``EMAModel`` with warm-up, capped at this
     decay) and samples from it; 0 disables."""
@@ -227,6 +229,9 @@ class TransferConfig:
     """Sampler actors (one model load each)."""
     actor_cpus: float = 1.0
     sample_batch_size: int = 16
+    grayscale: Literal["auto", "always", "never"] = "auto"
+    """Average the sampled images' channels (R = G = B). ``auto``: when every labelled training
+    image is grayscale (e.g. ultrasound); an RGB DDPM otherwise adds colour casts."""
     near_copy_psnr: float = 30.0
     """A synthetic image whose PSNR (dB) against its nearest training image is at or above this
     is a near-copy of a training image (privacy risk)."""

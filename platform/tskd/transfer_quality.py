@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resize_uint8", "nearest_neighbours", "quality_report", "psnr_from_mse"]
+__all__ = ["resize_uint8", "is_grayscale", "to_grayscale", "nearest_neighbours", "quality_report",
+           "psnr_from_mse", "json_safe"]
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
@@ -37,6 +38,19 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
                           antialias=True)
         out[start:start + 256] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
+
+
+def is_grayscale(images: np.ndarray) -> bool:
+    """True when every pixel of the ``(N, H, W, 3)`` images has R = G = B."""
+    return bool(np.all(images[..., 0] == images[..., 1]) and
+                np.all(images[..., 0] == images[..., 2]))
+
+
+def to_grayscale(images: np.ndarray) -> np.ndarray:
+    """``uint8 (N, H, W, 3)`` → the same shape with each pixel's channel mean (rounded) in all
+    three channels."""
+    gray = np.rint(images.astype(np.float32).mean(-1)).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
 
 
 def psnr_from_mse(mse: np.ndarray) -> np.ndarray:

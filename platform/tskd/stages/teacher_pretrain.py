@@ -48,7 +48,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     world = ray.train.get_context().get_world_size()
     model = SamSegmenter(build_sam(config["arch"], num_classes=len(CORPUS_LABELS),
                                    img_size=config["img_size"])).train()
-    model = ray.train.torch.prepare_model(model)
+    # Prompt-less SAM never uses its point/mask prompt embeddings nor its IoU head.
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True})
     corpus = ProceduralCorpus(size=config["img_size"], length=p["steps"] * p["batch_size"] * world,
                               seed=config["seed"])
     loader = ray.train.torch.prepare_data_loader(

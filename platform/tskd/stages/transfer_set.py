@@ -10,8 +10,9 @@ Setup: the labelled training images (``data`` stage), augmented to
    sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always runs at batch
    ``sample_batch_size`` (the last batch is padded), so the images are bit-identical whatever the
    number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
-   ``data.image_size`` and attaches the nearest labelled training image (``nn_index``,
-   ``nn_mse``, ``nn_psnr``);
+   ``data.image_size`` (and averages their channels when ``transfer.grayscale`` says so:
+   ``auto`` = the labelled images are grayscale) and attaches the nearest labelled training
+   image (``nn_index``, ``nn_mse``, ``nn_psnr``);
 3. near-copies (``nn_psnr >= transfer.near_copy_psnr``) are dropped when
    ``transfer.drop_near_copies``; the rest is written with ``write_parquet``.
 
@@ -28,6 +29,7 @@ Readers: :func:`read_transfer_set` (Ray Dataset) and :func:`load_transfer_images
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -114,7 +116,6 @@ def train_diffusion(images: np.ndarray, cfg: ExperimentConfig, out_dir: Path, st
                                    name="ddpm", storage=storage, num_workers=1)
         state = load_result_state(result)
     finally:
-        del images_ref
         shutil.rmtree(storage, ignore_errors=True)
     unet = build_unet(dcfg)
     unet.load_state_dict(state["unet"])
@@ -132,7 +133,8 @@ class _Sampler:
     """Ray Data actor: loads the model once; per batch of ids samples, resizes, scores."""
 
     def __init__(self, model_dir: str, seed: int, num_inference_steps: int, batch_size: int,
-                 sampler: str, out_size: int, train_images: Any, threads: int) -> None:
+                 sampler: str, out_size: int, grayscale: bool, train_images: Any,
+                 threads: int) -> None:
         import ray
         import torch
 
@@ -149,14 +151,14 @@ class _Sampler:
             logger.propagate = False
         self.unet, self.scheduler = load_diffusion(model_dir)
         self.seed, self.steps, self.batch_size = seed, num_inference_steps, batch_size
-        self.sampler, self.out_size = sampler, out_size
+        self.sampler, self.out_size, self.grayscale = sampler, out_size, grayscale
         self.train = ray.get(train_images) if isinstance(train_images, ray.ObjectRef) \
             else train_images
         self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from tskd.diffusion import image_seed, sample_with_seeds
-        from tskd.transfer_quality import nearest_neighbours, resize_uint8
+        from tskd.transfer_quality import nearest_neighbours, resize_uint8, to_grayscale
 
         start = time.time()
         ids = np.asarray(batch["id"], dtype=np.int64)
@@ -165,6 +167,8 @@ class _Sampler:
                                    num_inference_steps=self.steps, batch_size=self.batch_size,
                                    sampler=self.sampler, pad_batches=True)
         images = resize_uint8(images, self.out_size)
+        if self.grayscale:
+            images = to_grayscale(images)
         idx, mse, psnr = nearest_neighbours(images, self.train)
         self.done += len(ids)
         log.info("sampled %d images (ids %d..%d) in %.1f s; %d by this actor", len(ids),
@@ -177,9 +181,18 @@ def _keep_below(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.
     return {k: v[keep] for k, v in batch.items()}
 
 
+def use_grayscale(train_images: np.ndarray, cfg: ExperimentConfig) -> bool:
+    """``transfer.grayscale``: ``always``/``never``, or ``auto`` = the labelled images are."""
+    from tskd.transfer_quality import is_grayscale
+
+    mode = cfg.transfer.grayscale
+    return mode == "always" or (mode == "auto" and is_grayscale(train_images))
+
+
 def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: ExperimentConfig):
     """The Ray Data pipeline: ``range(n)`` → sampler actors → a materialized dataset of
-    :data:`COLUMNS` (all samples, before near-copy filtering)."""
+    :data:`COLUMNS` (all samples, before near-copy filtering), images at ``data.image_size``
+    (grayscale per :func:`use_grayscale`) scored against ``train_images`` at that size."""
     import ray
 
     t = cfg.transfer
@@ -197,6 +210,7 @@ def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: Experime
             "num_inference_steps": t.diffusion.num_inference_steps,
             "batch_size": t.sample_batch_size, "sampler": t.diffusion.sampler,
             "out_size": cfg.data.image_size, "train_images": train_ref,
+            "grayscale": use_grayscale(train_images, cfg),
             "threads": max(1, int(t.actor_cpus))},
         batch_size=t.sample_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus)
@@ -230,8 +244,9 @@ def run(ctx: Any) -> dict[str, Any]:
 
     metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, out / "ray")
 
-    log.info("sampling %d images (%d inference steps, %s) on %d actor(s) x %g CPU",
-             t.n_images, t.diffusion.num_inference_steps, t.diffusion.sampler, t.num_actors,
+    log.info("sampling %d images (%d inference steps, %s%s) on %d actor(s) x %g CPU",
+             t.n_images, t.diffusion.num_inference_steps, t.diffusion.sampler,
+             ", grayscale" if use_grayscale(train_images, cfg) else "", t.num_actors,
              t.actor_cpus)
     start = time.time()
     samples = sample_transfer_set(out / MODEL_DIR, train_images, cfg)
@@ -261,7 +276,8 @@ def run(ctx: Any) -> dict[str, Any]:
     log.info("transfer quality: PSNR mean %s dB, MSE mean %.1f; %d near-copies (>= %g dB)%s",
              _fmt(report_all["psnr"]["mean"]), report_all["mse"]["mean"],
              report_all["n_near_copies"], t.near_copy_psnr,
-             ", dropped" if t.drop_near_copies else ", kept (drop_near_copies is false)")
+             "" if not near.any() else ", dropped" if t.drop_near_copies
+             else ", kept (drop_near_copies is false)")
     if not keep.any():
         raise TransferSetError(
             f"every one of the {len(ids)} synthetic images is a near-copy of a training image "
@@ -283,6 +299,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "dropped_ids": [int(i) for i in ids[drop]],
         "near_copy_ids": [int(i) for i in ids[near]],
         "seed": cfg.seed, "sampler": t.diffusion.sampler,
+        "grayscale": use_grayscale(train_images, cfg),
         "num_inference_steps": t.diffusion.num_inference_steps})
     kept_psnr = report_kept["psnr"]["mean"]
     metrics.update({
@@ -323,10 +340,7 @@ def load_transfer_images(stage_dir: Path, *, with_ids: bool = False):
     if not images_dir.is_dir():
         raise FileNotFoundError(f"{stage_dir}: no transfer set (missing {IMAGES_DIR}/)")
     files = sorted(images_dir.glob("*.parquet"))
-    size = None
-    if manifest_path.is_file():
-        import json
-        size = json.loads(manifest_path.read_text())["image_size"]
+    size = json.loads(manifest_path.read_text())["image_size"] if manifest_path.is_file() else 0
     ids_parts, image_parts = [], []
     for f in files:
         table = pq.read_table(f, columns=["id", "image"])
@@ -334,11 +348,9 @@ def load_transfer_images(stage_dir: Path, *, with_ids: bool = False):
             continue
         ids_parts.append(table.column("id").to_numpy())
         col = table.column("image").combine_chunks()
-        image_parts.append(np.asarray(col.to_numpy_ndarray()) if hasattr(col, "to_numpy_ndarray")
-                           else np.stack(col.to_pylist()))
+        image_parts.append(np.asarray(col.to_numpy_ndarray()))  # Ray's tensor extension array
     if not ids_parts:
-        s = size or 0
-        empty = np.zeros((0, s, s, 3), np.uint8)
+        empty = np.zeros((0, size, size, 3), np.uint8)
         return (empty, np.zeros(0, np.int64)) if with_ids else empty
     ids = np.concatenate(ids_parts).astype(np.int64)
     images = np.concatenate(image_parts).astype(np.uint8, copy=False)

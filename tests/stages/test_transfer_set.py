@@ -1,0 +1,147 @@
+"""Stage ``transfer`` end to end on a tiny config under a real local Ray (``ray_local``)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tskd.artifacts import StageContext
+from tskd.config import load_config
+from tskd.data.dataset import load_arrays
+from tskd.stages import data_stage, transfer_set
+from tskd.stages.transfer_set import (TransferSetError, load_transfer_images, read_transfer_set,
+                                      sample_transfer_set)
+from tskd.transfer_quality import nearest_neighbours
+
+TINY = [
+    "data.demo.n_images=20", "data.demo.size=32", "data.image_size=32",
+    "data.n_labels=6", "data.n_val=2",
+    "transfer.n_images=10", "transfer.diffusion.image_size=16",
+    "transfer.diffusion.n_augmented=16", "transfer.diffusion.train_steps=5",
+    "transfer.diffusion.batch_size=4", "transfer.diffusion.num_inference_steps=2",
+    "transfer.diffusion.block_out_channels=[16,32]", "transfer.sample_batch_size=4",
+    "transfer.num_actors=2", "transfer.actor_cpus=0.5", "transfer.near_copy_psnr=99",
+    "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
+]
+
+
+def _cfg(tmp, *extra):
+    return load_config(None, TINY + [f"output_dir={tmp}", *extra])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_local):
+    """The data stage (6 labelled demo images at 32 px), then the transfer stage."""
+    tmp = tmp_path_factory.mktemp("transfer")
+    cfg = _cfg(tmp)
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    data_stage.run(StageContext("data", data_dir, {}, cfg))
+    out = tmp / "transfer"
+    out.mkdir()
+    metrics = transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+    info, splits = data_stage.load_data(data_dir)
+    train, _ = load_arrays(info, splits.labelled, 32)
+    return cfg, data_dir, out, metrics, train
+
+
+def test_artifact_is_readable_and_consistent(built):
+    cfg, _, out, metrics, train = built
+    assert len(train) == 6
+    manifest = json.loads((out / "transfer.json").read_text())
+    quality = json.loads((out / "quality.json").read_text())
+    assert manifest["n_images"] == 10 and manifest["n_kept"] == 10 and manifest["n_dropped"] == 0
+    assert manifest["image_size"] == 32 and manifest["dropped_ids"] == []
+    assert manifest["grayscale"] is True  # the demo ultrasound is grayscale
+    assert manifest["shards"] and all((out / s).is_file() for s in manifest["shards"])
+    assert not (out / "ray").exists()  # Ray Train's storage is cleaned up
+    assert (out / "model" / "unet").is_dir() and (out / "model" / "scheduler").is_dir()
+
+    ds = read_transfer_set(out)
+    assert set(ds.columns()) == {"id", "image", "nn_index", "nn_mse", "nn_psnr"}
+    rows = sorted(ds.take_all(), key=lambda r: r["id"])
+    assert len(rows) == manifest["n_kept"] == metrics["transfer/n_images"]
+    assert [r["id"] for r in rows] == list(range(10))
+    assert rows[0]["image"].shape == (32, 32, 3) and rows[0]["image"].dtype == np.uint8
+
+    images, ids = load_transfer_images(out, with_ids=True)
+    assert images.shape == (10, 32, 32, 3) and ids.tolist() == list(range(10))
+    np.testing.assert_array_equal(images, np.stack([r["image"] for r in rows]))
+    assert (images == images[..., :1]).all()  # R = G = B
+    # the stored quality columns are the nearest neighbours among the labelled images
+    idx, mse, psnr = nearest_neighbours(images, train)
+    np.testing.assert_array_equal([r["nn_index"] for r in rows], idx)
+    np.testing.assert_allclose([r["nn_mse"] for r in rows], mse)
+    np.testing.assert_allclose([r["nn_psnr"] for r in rows], psnr)
+    assert quality["all"]["n"] == 10 and quality["n_kept"] == 10
+    assert quality["all"]["mse"]["mean"] == pytest.approx(mse.mean())
+    assert metrics["transfer/psnr_mean"] == pytest.approx(psnr.mean())
+    assert metrics["transfer/mse_mean"] == pytest.approx(mse.mean())
+    assert metrics["transfer/n_dropped"] == 0 and np.isfinite(metrics["diffusion/final_loss"])
+
+
+def _rerun(built, tmp, monkeypatch, *overrides, resample=False):
+    """Run the stage again with the trained model of ``built`` (DDPM training skipped); unless
+    ``resample``, its samples are reused too (only filtering and writing run)."""
+    cfg0, data_dir, out0, metrics0, _ = built
+
+    def reuse_model(images, cfg, out_dir, storage):
+        shutil.copytree(out0 / "model", out_dir)
+        return {"diffusion/final_loss": metrics0["diffusion/final_loss"]}
+
+    monkeypatch.setattr(transfer_set, "train_diffusion", reuse_model)
+    if not resample:
+        monkeypatch.setattr(transfer_set, "sample_transfer_set",
+                            lambda *a: read_transfer_set(out0).materialize())
+    out = tmp / "transfer"
+    out.mkdir()
+    cfg = _cfg(tmp, *overrides)
+    return out, transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+
+
+def test_one_actor_gives_the_same_images_and_near_copies_are_dropped(built, tmp_path,
+                                                                     monkeypatch):
+    _, _, out0, _, _ = built
+    reference = {r["id"]: r for r in read_transfer_set(out0).take_all()}
+    psnr = np.array([reference[i]["nn_psnr"] for i in range(10)])
+    threshold = float(np.sort(psnr)[6])  # the 4 highest PSNRs (ties aside) are near-copies
+    out, metrics = _rerun(built, tmp_path, monkeypatch, "transfer.num_actors=1",
+                          f"transfer.near_copy_psnr={threshold}", resample=True)
+    dropped = np.flatnonzero(psnr >= threshold).tolist()
+    assert 0 < len(dropped) < 10
+    manifest = json.loads((out / "transfer.json").read_text())
+    assert manifest["dropped_ids"] == dropped and manifest["n_kept"] == 10 - len(dropped)
+    assert metrics["transfer/n_images"] == 10 - len(dropped)
+    assert metrics["transfer/n_dropped"] == len(dropped)
+    assert metrics["transfer/psnr_mean"] == pytest.approx(psnr[psnr < threshold].mean())
+    images, ids = load_transfer_images(out, with_ids=True)
+    assert ids.tolist() == sorted(set(range(10)) - set(dropped))
+    # 1 actor here, 2 in the fixture: bit-identical images
+    np.testing.assert_array_equal(images, np.stack([reference[i]["image"] for i in ids]))
+    quality = json.loads((out / "quality.json").read_text())
+    assert [c["index"] for c in quality["all"]["near_copies"]] == dropped
+
+
+def test_every_sample_a_near_copy_is_a_clear_error(built, tmp_path, monkeypatch):
+    # PSNR of 8-bit images is >= 0 dB, so a 0 dB threshold flags every sample
+    with pytest.raises(TransferSetError, match=r"every one of the 10 .*near_copy_psnr=0.0"):
+        _rerun(built, tmp_path, monkeypatch, "transfer.near_copy_psnr=0")
+    quality = json.loads((tmp_path / "transfer" / "quality.json").read_text())
+    assert quality["n_kept"] == 0 and quality["all"]["n_near_copies"] == 10
+    assert not (tmp_path / "transfer" / "transfer.json").exists()
+
+
+def test_keeping_near_copies_when_asked(built, tmp_path, monkeypatch):
+    out, metrics = _rerun(built, tmp_path, monkeypatch, "transfer.near_copy_psnr=0",
+                          "transfer.drop_near_copies=false")
+    manifest = json.loads((out / "transfer.json").read_text())
+    assert manifest["n_kept"] == 10 and len(manifest["near_copy_ids"]) == 10
+    assert metrics["transfer/n_images"] == 10 and metrics["transfer/n_dropped"] == 0
+
+
+def test_actors_taking_every_cpu_is_refused(built):
+    cfg, _, out, _, train = built
+    greedy = _cfg(out.parent, "transfer.num_actors=4", "transfer.actor_cpus=1")
+    with pytest.raises(TransferSetError, match="deadlock"):
+        sample_transfer_set(out / "model", train, greedy)
