@@ -3,6 +3,7 @@
     tskd run [CONFIG] [--set key=value ...] [--address ADDR] [--force] [--only STAGE]
     tskd config [CONFIG] [--set key=value ...]      # print the resolved config as YAML
     tskd demo-data DIR [--n-images N] [--size PX] [--seed S]
+    tskd convert FORMAT SRC DST [--sequence SEQ] [--size N]   # e.g. drive, chaos, nnunet-export
 
 Every config error is reported before Ray starts, naming the field, the value and what is
 allowed; the exit status is 2 for bad input, 1 for a failed run.
@@ -20,6 +21,9 @@ from typing import Any, Sequence
 from tskd.config import ConfigError, ExperimentConfig, load_config, to_dict
 
 log = logging.getLogger("tskd")
+
+CONVERT_FORMATS = ("ph2", "drive", "chaos", "kidneyus", "autooral", "nnunet", "nnunet-export")
+"""Formats of ``tskd convert`` (the registry is ``tskd.convert.CONVERTERS``)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-images", type=int, default=defaults.n_images)
     demo.add_argument("--size", type=int, default=defaults.size)
     demo.add_argument("--seed", type=int, default=defaults.seed)
+
+    # names only (importing tskd.convert here would load torch for every command);
+    # tskd.convert.convert checks them against its registry
+    conv = sub.add_parser("convert", help="convert a public dataset distribution (or nnU-Net v2) "
+                          "into the tskd format, or tskd into nnU-Net v2 (nnunet-export)")
+    conv.add_argument("format", metavar="FORMAT", help="one of: " + ", ".join(CONVERT_FORMATS))
+    conv.add_argument("src", help="the dataset as distributed (see tskd.convert.<format>)")
+    conv.add_argument("dst", help="output directory (must not exist or be empty)")
+    conv.add_argument("--sequence", metavar="SEQ",
+                      help="chaos only: T2SPIR (default), T1DUAL_in or T1DUAL_out")
+    conv.add_argument("--size", type=int, metavar="N",
+                      help="resize to NxN (0 = native; default: the format's own)")
     return parser
 
 
@@ -129,12 +145,21 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tskd.convert import convert
+
+    summary = convert(args.format, args.src, args.dst, sequence=args.sequence, size=args.size)
+    print(summary.format_text())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TSKD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data}
+    commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data,
+                "convert": cmd_convert}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

@@ -1,17 +1,24 @@
-"""Segmentation metrics: Dice, HD95 and IoU per class and their means, computed with MONAI.
+"""Segmentation metrics: Dice and IoU per class (MONAI) and HD95 (medpy's definition), and their means.
 
 :class:`SegmentationMetrics` accumulates per-image, per-class values over batches of label maps
-(``int64 (B, H, W)``), one-hot encoded with ``monai.networks.utils.one_hot`` and scored with
-MONAI's ``DiceMetric``, ``MeanIoU`` and ``HausdorffDistanceMetric(percentile=95)``.
+(``int64 (B, H, W)``). Dice and IoU: one-hot encoded with ``monai.networks.utils.one_hot`` and
+scored with MONAI's ``DiceMetric`` and ``MeanIoU``. HD95: :func:`hd95`, an exact re-implementation
+of ``medpy.metric.binary.hd95`` (the value SAMed and most segmentation papers report).
 
-HD95 definition (MONAI's): surfaces are the mask pixels removed by a binary erosion with the
-4-connected cross (pixels on the image border count as surface); for each direction the 95th
-percentile (linear interpolation) of the Euclidean distances from one surface's pixels to the
-other surface is taken, and HD95 is the **max of the two directed percentiles**. medpy's ``hd95``
-instead takes the 95th percentile of the union of both distance sets, which is never larger:
-on 200 random blob pairs of 32-64 px MONAI's value was a median 7.6% (~1 px) higher, 90th
-percentile 20%, max 86% (see tests/test_metrics.py). Distances are in mm when ``spacing`` is given
-(``(row, column)`` spacing, i.e. along H then W), in pixels otherwise.
+HD95 definition (medpy's): the surface of a mask is ``mask XOR binary_erosion(mask, cross)`` with
+the 4-connected cross ``generate_binary_structure(2, 1)`` and the outside of the image counted as
+background (so mask pixels on the image border are surface pixels). For every surface pixel of
+each mask, the Euclidean distance to the nearest surface pixel of the other mask is taken; HD95 is
+the 95th percentile (numpy's linear interpolation) of the **pooled** distances of both directions.
+Distances are in mm when ``spacing`` is given (``(row, column)`` spacing, i.e. along H then W), in
+pixels otherwise. :func:`hd95` equals medpy's value to rounding (tests/test_metrics.py checks
+1e-9) at a fraction of its cost: the surfaces are computed only inside the bounding box of the two
+masks and the distances by nearest-neighbour queries (``scipy.spatial.cKDTree``) between the two
+surface point sets, instead of two distance transforms of the whole image.
+
+MONAI's ``HausdorffDistanceMetric(percentile=95)`` (not used here) measures something else: the
+**max of the two directed 95th percentiles**, which is never smaller than medpy's pooled percentile
+(same surfaces); on random blob pairs of 32-64 px it was a median ~6% (~1 px) higher, max ~30-90%.
 
 Empty-mask policy (applied explicitly per image and class; MONAI's NaN/inf defaults are not used):
 
@@ -26,27 +33,102 @@ Aggregation: per class, the mean over its counted images; then the mean over the
 (foreground classes ``1..C-1``, plus the background if ``include_background``).
 
 Field of view: with ``fov`` given, pixels outside it are set to background (0) in both the
-prediction and the ground truth before scoring.
+prediction and the ground truth before any metric is computed. Dice and IoU therefore ignore the
+outside; HD95 is computed on these FOV-restricted masks, so surfaces are those of the restricted
+masks: a mask cut by the FOV edge has a surface along that edge (as at the image border), and
+nothing outside the FOV contributes a surface pixel or a distance. The empty-mask policy applies
+to the restricted masks (a class present only outside the FOV is absent).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
+from scipy.spatial import cKDTree
 from torch import Tensor
 
-__all__ = ["SegmentationMetrics"]
+__all__ = ["SegmentationMetrics", "hd95"]
 
 logger = logging.getLogger(__name__)
 
 _METRICS = ("dice", "hd95", "miou")
+
+
+def _surface(m: np.ndarray) -> np.ndarray:
+    """``m XOR binary_erosion(m, cross, border_value=0)`` for a 2-D bool array.
+
+    A pixel survives the erosion iff it and its 4 neighbours are set; pixels on the array's edge
+    never do (the outside is background), exactly as scipy's ``binary_erosion`` with medpy's
+    ``generate_binary_structure(2, 1)`` and the default ``border_value=0``.
+    """
+    surf = m.copy()
+    inner = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    surf[1:-1, 1:-1] &= ~inner
+    return surf
+
+
+def _directed(qy: np.ndarray, qx: np.ndarray, ty: np.ndarray, tx: np.ndarray,
+              sy: float, sx: float) -> np.ndarray:
+    """Distance from each query pixel ``(qy, qx)`` to the nearest target pixel ``(ty, tx)``.
+
+    The nearest pixel comes from a k-d tree on the spacing-scaled coordinates; the distance is
+    then recomputed from the integer offsets as scipy's ``distance_transform_edt`` (which medpy
+    uses) computes it, ``sqrt((dy·s_y)² + (dx·s_x)²)``, so the values match to the last bit
+    except for ties between equidistant pixels (equal up to rounding).
+    """
+    if qy.size == 0:
+        return np.empty(0)
+    tree = cKDTree(np.column_stack((ty * sy, tx * sx)), balanced_tree=False, compact_nodes=False)
+    _, nn = tree.query(np.column_stack((qy * sy, qx * sx)), k=1)
+    dy = (ty[nn] - qy).astype(np.float64) * sy
+    dx = (tx[nn] - qx).astype(np.float64) * sx
+    return np.sqrt(dy * dy + dx * dx)
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """HD95 of two non-empty 2-D masks, exactly as ``medpy.metric.binary.hd95(pred, target, spacing)``.
+
+    Args:
+        pred, target: ``(H, W)`` masks (non-zero = inside), both non-empty.
+        spacing: ``(s_H, s_W)``; the result is then in those units, else in pixels.
+
+    Returns:
+        The 95th percentile of the pooled surface distances pred→target and target→pred (see the
+        module docstring). Symmetric in ``pred`` and ``target``.
+    """
+    a = np.asarray(pred).astype(bool, copy=False)
+    b = np.asarray(target).astype(bool, copy=False)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"pred and target must be 2-D masks of the same shape, got {a.shape} and {b.shape}")
+    sy, sx = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    rows_a, rows_b = a.any(axis=1), b.any(axis=1)
+    if not rows_a.any() or not rows_b.any():
+        raise ValueError("hd95 needs two non-empty masks (see the empty-mask policy of SegmentationMetrics)")
+    # crop to the bounding box of both masks: outside it both are background, so a mask pixel on
+    # the crop's edge is surface whether the edge is the image border or empty pixels
+    rows = np.flatnonzero(rows_a | rows_b)
+    r0, r1 = rows[0], rows[-1] + 1
+    cols = np.flatnonzero(a[r0:r1].any(axis=0) | b[r0:r1].any(axis=0))
+    c0, c1 = cols[0], cols[-1] + 1
+    sa = _surface(a[r0:r1, c0:c1]).ravel()
+    sb = _surface(b[r0:r1, c0:c1]).ravel()
+    fa, fb = np.flatnonzero(sa), np.flatnonzero(sb)  # (much faster than 2-D np.nonzero)
+    a_only, b_only = fa[~sb[fa]], fb[~sa[fb]]  # shared surface pixels: distance 0 both ways
+    n_shared = fa.size - a_only.size
+    w = c1 - c0
+    ay, ax = np.divmod(fa, w)
+    by, bx = np.divmod(fb, w)
+    qay, qax = np.divmod(a_only, w)
+    qby, qbx = np.divmod(b_only, w)
+    d_ab = _directed(qay, qax, by, bx, sy, sx)
+    d_ba = _directed(qby, qbx, ay, ax, sy, sx)
+    return float(np.percentile(np.concatenate((np.zeros(2 * n_shared), d_ab, d_ba)), 95))
 
 
 class SegmentationMetrics:
@@ -85,7 +167,6 @@ class SegmentationMetrics:
         # MONAI metrics on the scored channels only; empty cases are overridden in update()
         self._dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         self._iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
-        self._hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
         self.reset()
 
     def reset(self) -> None:
@@ -104,7 +185,8 @@ class SegmentationMetrics:
         Args:
             pred: ``int64 (B, H, W)`` predicted labels in ``0..C-1``.
             target: ``int64 (B, H, W)`` ground-truth labels in ``0..C-1``.
-            fov: optional ``bool (B, H, W)``; pixels outside are set to background in both.
+            fov: optional ``bool (B, H, W)``; pixels outside are set to background in both, and
+                every metric (HD95's surfaces included) is computed on the restricted masks.
         """
         if pred.ndim != 3 or pred.shape != target.shape:
             raise ValueError(f"pred and target must both be (B, H, W), got {tuple(pred.shape)} and "
@@ -132,13 +214,14 @@ class SegmentationMetrics:
 
         dice = self._dice(p1, t1).double()
         iou = self._iou(p1, t1).double()
-        with warnings.catch_warnings():  # MONAI warns about empty masks (handled below)
-            warnings.filterwarnings("ignore", message=".*is all 0, this may result in nan/inf distance.*")
-            # MONAI 1.6 passes its own deprecated argument internally
-            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-            hd = self._hd(p1, t1, spacing=list(self.spacing) if self.spacing is not None else None).double()
-        for m in (self._dice, self._iou, self._hd):
+        for m in (self._dice, self._iou):
             m.reset()
+        # HD95 (medpy's definition) on the (FOV-restricted) masks where both sides are non-empty
+        hd = torch.full(both.shape, math.nan, dtype=torch.float64)
+        pred_np, target_np = pred.numpy(), target.numpy()
+        for i, j in both.nonzero().tolist():
+            c = idx[j]
+            hd[i, j] = hd95(pred_np[i] == c, target_np[i] == c, self.spacing)
 
         nan = torch.full(both.shape, math.nan, dtype=torch.float64)
         zero = torch.zeros(both.shape, dtype=torch.float64)

@@ -172,7 +172,8 @@ class _Sampler:
         idx, mse, psnr = nearest_neighbours(images, self.train)
         self.done += len(ids)
         log.info("sampled %d images (ids %d..%d) in %.1f s; %d by this actor", len(ids),
-                 ids.min(initial=0), ids.max(initial=0), time.time() - start, self.done)
+                 int(ids.min()) if len(ids) else -1, int(ids.max()) if len(ids) else -1,
+                 time.time() - start, self.done)
         return {"id": ids, "image": images, "nn_index": idx, "nn_mse": mse, "nn_psnr": psnr}
 
 
@@ -240,7 +241,8 @@ def run(ctx: Any) -> dict[str, Any]:
     info, splits = load_data(ctx.inputs["data"])
     train_images, _ = load_arrays(info, splits.labelled, cfg.data.image_size)
     log.info("augmenting %d labelled images to %d", len(train_images), t.diffusion.n_augmented)
-    augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed)
+    augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed,
+                               strength=t.diffusion.augment_strength)
 
     metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, out / "ray")
 

@@ -1,0 +1,67 @@
+"""The tskd command line: validation before Ray starts, demo data, resolved config."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from tskd.cli import format_table, main
+
+
+def test_bad_override_fails_before_ray(capsys, monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init must not be called for an invalid config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    assert main(["run", "--set", "distill.w_logits=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "distill.w_logits: invalid value -1.0; allowed: a number >= 0" in err
+    assert main(["run", "--set", "teacher.lora.rnk=4"]) == 2
+    assert "teacher.lora.rnk: unknown key" in capsys.readouterr().err
+
+
+def test_missing_inputs_fail_before_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    assert main(["run", "--set", f"data.root={tmp_path}"]) == 2
+    assert "data.root" in capsys.readouterr().err
+    assert main(["run", "--set", "teacher.arch=vit_b",
+                 "--set", f"teacher.checkpoint={tmp_path / 'nope.pth'}"]) == 2
+    assert "teacher.checkpoint" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "--set", "distill.epochs=3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["distill"]["epochs"] == 3
+    assert resolved["distill"]["w_hidden"] == 0.1
+
+
+def test_demo_data_writes_a_valid_dataset(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "tskd.cli", "demo-data", str(tmp_path / "d"),
+                          "--n-images", "24", "--size", "32"], capture_output=True, text=True,
+                         check=True)
+    assert "24 images" in out.stdout
+    from tskd.data.format import validate_dataset
+
+    info = validate_dataset(tmp_path / "d")
+    assert len(info.case_ids) == 24
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["labels"]["2"] == "lesion"
+
+
+def test_format_table_lists_every_model_and_class():
+    scores = {"dice": 0.5, "hd95": 3.25, "miou": 0.4,
+              "per_class": {"organ": {"dice": 0.7}, "lesion": {"dice": 0.3}}}
+    table = format_table({"teacher": scores, "students": {"ts_kd": scores, "scratch": scores},
+                          "hd95_unit": "mm"})
+    lines = table.splitlines()
+    assert lines[0].split() == ["model", "Dice", "HD95", "(mm)", "mIoU", "Dice", "organ", "Dice",
+                                "lesion"]
+    assert [line.split()[1] for line in lines[2:]] == ["(LoRA", "ts_kd", "scratch"]
+    assert "3.25" in lines[2] and "0.3000" in lines[3]
