@@ -27,14 +27,16 @@ def trained():
 
 
 def test_default_unet_is_small_with_one_attention_block():
-    unet = build_unet(DiffusionConfig())
+    cfg = DiffusionConfig()
+    unet = build_unet(cfg)
     n = sum(p.numel() for p in unet.parameters())
     assert 0.5e6 <= n <= 2e6
     attn = [m for m in unet.modules() if type(m).__name__ == "Attention"]
     assert len(attn) == 1  # the mid block's, at the lowest resolution
-    assert unet.config.sample_size == 64 and unet.config.in_channels == 3
-    out = unet(torch.zeros(1, 3, 64, 64), 10).sample
-    assert out.shape == (1, 3, 64, 64)
+    size = cfg.image_size
+    assert unet.config.sample_size == size and unet.config.in_channels == 3
+    out = unet(torch.zeros(1, 3, size, size), 10).sample
+    assert out.shape == (1, 3, size, size)
     with pytest.raises(ValueError, match="divisible"):
         build_unet(DiffusionConfig(image_size=20, block_out_channels=[8, 8, 8, 8]))
 
