@@ -41,6 +41,26 @@ def _check(cond: bool, path: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{path}: invalid value {value!r}; allowed: {allowed}")
 
 
+_LOOP_RULES: dict[str, tuple[Any, str]] = {
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "lr": (lambda v: v > 0, "a number > 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "warmup_iters": (lambda v: v >= 0, "an integer >= 0"),
+    "warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
+}
+
+
+def _check_loop(section: Any, path: str, *names: str) -> None:
+    """The usual range checks of a training loop's fields (epochs, batch_size, lr, warm-up)."""
+    for name in names:
+        rule, allowed = _LOOP_RULES[name]
+        value = getattr(section, name)
+        _check(rule(value), f"{path}.{name}", value, allowed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------
@@ -100,11 +120,7 @@ class PretrainConfig:
     """Pre-trained teachers are cached here, keyed by a fingerprint of this section."""
 
     def validate(self, path: str) -> None:
-        _check(self.steps >= 1, f"{path}.steps", self.steps, "an integer >= 1")
-        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
-        _check(self.warmup_steps >= 0, f"{path}.warmup_steps", self.warmup_steps,
-               "an integer >= 0")
+        _check_loop(self, path, "steps", "batch_size", "lr", "warmup_steps")
 
 
 @dataclass
@@ -135,11 +151,7 @@ class TeacherFinetuneConfig:
     """Linear warm-up iterations, then linear decay to zero."""
 
     def validate(self, path: str) -> None:
-        _check(self.epochs >= 1, f"{path}.epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
-        _check(self.warmup_iters >= 0, f"{path}.warmup_iters", self.warmup_iters,
-               "an integer >= 0")
+        _check_loop(self, path, "epochs", "batch_size", "lr", "warmup_iters")
 
 
 @dataclass
@@ -207,9 +219,7 @@ class DiffusionConfig:
         _check(0.0 <= self.ema_decay < 1.0, f"{path}.ema_decay", self.ema_decay,
                "a number in [0, 1) (0 disables the EMA)")
         _check(self.n_augmented >= 1, f"{path}.n_augmented", self.n_augmented, "an integer >= 1")
-        _check(self.train_steps >= 1, f"{path}.train_steps", self.train_steps, "an integer >= 1")
-        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        _check_loop(self, path, "train_steps", "batch_size", "lr")
         _check(1 <= self.num_inference_steps <= self.num_train_timesteps,
                f"{path}.num_inference_steps", self.num_inference_steps,
                f"an integer in [1, num_train_timesteps={self.num_train_timesteps}]")
@@ -286,11 +296,7 @@ class DistillConfig:
         _check(self.w_hidden >= 0, f"{path}.w_hidden", self.w_hidden, "a number >= 0")
         _check(self.w_logits + self.w_hidden > 0, f"{path}.w_logits", self.w_logits,
                "w_logits and w_hidden not both 0")
-        _check(self.epochs >= 1, f"{path}.epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
-        _check(self.warmup_epochs >= 0, f"{path}.warmup_epochs", self.warmup_epochs,
-               "a number >= 0")
+        _check_loop(self, path, "epochs", "batch_size", "lr", "warmup_epochs")
 
 
 @dataclass
@@ -304,11 +310,7 @@ class StudentFinetuneConfig:
     warmup_epochs: float = 1.0
 
     def validate(self, path: str) -> None:
-        _check(self.epochs >= 1, f"{path}.epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
-        _check(self.warmup_epochs >= 0, f"{path}.warmup_epochs", self.warmup_epochs,
-               "a number >= 0")
+        _check_loop(self, path, "epochs", "batch_size", "lr", "warmup_epochs")
 
 
 @dataclass
@@ -318,7 +320,7 @@ class EvaluateConfig:
     batch_size: int = 16
 
     def validate(self, path: str) -> None:
-        _check(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
+        _check_loop(self, path, "batch_size")
 
 
 @dataclass
