@@ -36,11 +36,13 @@ def link_dataset(src: Path, dst: Path, name: str) -> Path:
     for split in ("train", "test"):
         ids = []
         for image in sorted((src / split / "images").iterdir()):
-            masks = list((src / split / "masks").glob(image.stem + ".*"))
+            # masks are named <id>.png, <id>_lesion.png (PH2) or <id>_mask.png (BUSI)
+            masks = [m for m in (src / split / "masks").glob(image.stem + "*")
+                     if m.stem in (image.stem, image.stem + "_lesion", image.stem + "_mask")]
             if len(masks) != 1:
                 sys.exit(f"{image}: expected one mask in {src / split / 'masks'}")
             os.symlink(image.resolve(), dst / "images" / image.name)
-            os.symlink(masks[0].resolve(), dst / "masks" / masks[0].name)
+            os.symlink(masks[0].resolve(), dst / "masks" / (image.stem + masks[0].suffix))
             ids.append(image.stem)
         splits[split] = ids
     (dst / "dataset.json").write_text(json.dumps({
