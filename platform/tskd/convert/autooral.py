@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tskd.convert.common import (ConversionSummary, DatasetWriter, image_files, natural_key,
-                                 read_binary_mask)
+                                 read_binary_mask, source_dir)
 from tskd.data.format import IMAGE_EXTENSIONS, DatasetError, read_image
 
 LABELS = {0: "background", 1: "ulcer"}
@@ -84,9 +84,7 @@ def _mask_for(image: Path, masks: dict[str, Path]) -> Path | None:
 def convert_autooral(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                      size: int | None = DEFAULT_SIZE) -> ConversionSummary:
     """Convert an Autooral release at ``src`` into a tskd dataset at ``dst``."""
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise DatasetError(f"{src}: source directory does not exist")
+    src = source_dir(src)
     parts = find_parts(src)
     splits: dict[str, list[str]] = {}
     with DatasetWriter(dst, fmt="autooral", src=src, size=size) as out:

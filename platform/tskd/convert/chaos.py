@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from tskd.convert.common import (ConversionSummary, DatasetWriter, as_size, image_files,
-                                 natural_key, scaled_spacing)
+                                 natural_key, scaled_spacing, source_dir)
 from tskd.data.format import DatasetError, read_mask
 
 LABELS = {0: "background", 1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
@@ -120,9 +120,7 @@ def convert_chaos(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     if sequence not in SEQUENCES:
         raise DatasetError(f"sequence: invalid value {sequence!r}; allowed: "
                            f"{', '.join(SEQUENCES)}")
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise DatasetError(f"{src}: source directory does not exist")
+    src = source_dir(src)
     mr = find_mr_root(src)
     patients = sorted((p for p in mr.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       key=_patient_key)

@@ -186,6 +186,14 @@ def natural_key(text: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text))
 
 
+def source_dir(src: str | os.PathLike[str]) -> Path:
+    """The conversion source as a Path; ``DatasetError`` naming it when it is not a directory."""
+    path = Path(src).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"{path}: source directory does not exist")
+    return path
+
+
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DatasetError(f"{path}: {what} directory is missing")

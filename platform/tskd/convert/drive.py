@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tskd.convert.common import ConversionSummary, DatasetWriter, read_binary_mask
+from tskd.convert.common import ConversionSummary, DatasetWriter, read_binary_mask, source_dir
 from tskd.data.format import DatasetError, read_image
 
 LABELS = {0: "background", 1: "vessel"}
@@ -46,9 +46,7 @@ def find_root(src: Path) -> Path:
 def convert_drive(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                   size: int | None = None) -> ConversionSummary:
     """Convert the DRIVE distribution at ``src`` into a tskd dataset at ``dst``."""
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise DatasetError(f"{src}: source directory does not exist")
+    src = source_dir(src)
     root = find_root(src)
     for folder, _ in _SPLITS:
         if not (root / folder / "images").is_dir():

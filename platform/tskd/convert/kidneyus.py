@@ -45,7 +45,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tskd.convert.common import ConversionSummary, DatasetWriter, image_files, natural_key
+from tskd.convert.common import (ConversionSummary, DatasetWriter, image_files, natural_key,
+                                 source_dir)
 from tskd.data.format import DatasetError, read_image, read_mask
 
 LABELS = {0: "background", 1: "capsule", 2: "central echo complex", 3: "medulla", 4: "cortex"}
@@ -144,9 +145,7 @@ def convert_kidneyus(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
     """Convert the Open Kidney Ultrasound Data Set at ``src`` into a tskd dataset at ``dst``."""
     if reviewer not in (1, 2):
         raise DatasetError(f"reviewer: invalid value {reviewer!r}; allowed: 1, 2")
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise DatasetError(f"{src}: source directory does not exist")
+    src = source_dir(src)
     labels_dir = _labels_dir(src)
     masks_dir = labels_dir / f"reviewed_masks_{reviewer}"
     csv_path = labels_dir / f"reviewed_labels_{reviewer}.csv"

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from tskd.convert.common import (ConversionSummary, DatasetWriter, atomic_directory,
-                                 check_destination, natural_key)
+                                 check_destination, natural_key, source_dir)
 from tskd.data.format import (DatasetError, read_case, read_image, read_mask,
                               validate_dataset)
 
@@ -144,9 +144,7 @@ def _read_channels(paths: list[Path]) -> np.ndarray:
 def convert_nnunet(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                    size: int | None = None) -> ConversionSummary:
     """Import an nnU-Net v2 raw 2D dataset ``src`` (DatasetXXX_Name) into tskd at ``dst``."""
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise DatasetError(f"{src}: source directory does not exist")
+    src = source_dir(src)
     json_path = src / "dataset.json"
     meta = _load_json(json_path)
     if "channel_names" not in meta:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tskd.convert.common import ConversionSummary, DatasetWriter, natural_key, read_binary_mask
+from tskd.convert.common import (ConversionSummary, DatasetWriter, natural_key, read_binary_mask,
+                                 source_dir)
 from tskd.data.format import DatasetError, read_image
 
 IMAGES_FOLDER = "PH2 Dataset images"
@@ -43,9 +44,7 @@ def find_cases_root(src: Path) -> Path:
 def convert_ph2(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                 size: int | None = None) -> ConversionSummary:
     """Convert the PH² distribution at ``src`` into a tskd dataset at ``dst``."""
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise DatasetError(f"{src}: source directory does not exist")
+    src = source_dir(src)
     root = find_cases_root(src)
     cases = sorted((p for p in root.iterdir() if p.is_dir() and p.name.upper().startswith("IMD")),
                    key=lambda p: natural_key(p.name))
