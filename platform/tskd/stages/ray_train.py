@@ -93,7 +93,7 @@ def worker_setup(ray_cfg: dict[str, Any], seed: int) -> torch.device:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    _configure_worker_logging(rank)
+    configure_worker_logging(rank)
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
@@ -107,8 +107,9 @@ def worker_setup(ray_cfg: dict[str, Any], seed: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _configure_worker_logging(rank: int) -> None:
-    """Rank 0 logs tskd progress at INFO (forwarded to the driver by Ray); others warn only."""
+def configure_worker_logging(rank: int = 0) -> None:
+    """In a Ray worker or actor process: rank 0 logs tskd progress at INFO (Ray forwards it to
+    the driver); other ranks warn only."""
     logger = logging.getLogger("tskd")
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if not logger.handlers:

@@ -140,15 +140,10 @@ class _Sampler:
 
         from tskd.diffusion import load_diffusion
 
+        from tskd.stages.ray_train import configure_worker_logging
+
         torch.set_num_threads(max(1, threads))
-        logger = logging.getLogger("tskd")
-        if not logger.handlers:  # Ray forwards worker stderr to the driver
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s",
-                                                   "%H:%M:%S"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False
+        configure_worker_logging()
         self.unet, self.scheduler = load_diffusion(model_dir)
         self.seed, self.steps, self.batch_size = seed, num_inference_steps, batch_size
         self.sampler, self.out_size, self.grayscale = sampler, out_size, grayscale
