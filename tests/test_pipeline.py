@@ -56,9 +56,9 @@ def test_plan_with_official_checkpoint_and_subset(tmp_path):
 def _fake_plan(monkeypatch, fail=False):
     def plan(cfg):
         return [
-            pipeline.Stage("a", f"{__name__}:fake_stage", (), {"x": cfg.distill.epochs}),
-            pipeline.Stage("b", f"{__name__}:fake_stage", ("a",), {"y": cfg.student.img_size}),
-            pipeline.Stage("boom", f"{__name__}:fake_stage", ("b",), {}, {"fail": fail}),
+            pipeline.Stage("a", fake_stage, (), {"x": cfg.distill.epochs}),
+            pipeline.Stage("b", fake_stage, ("a",), {"y": cfg.student.img_size}),
+            pipeline.Stage("boom", fake_stage, ("b",), {}, {"fail": fail}),
         ]
     monkeypatch.setattr(pipeline, "plan", plan)
 

@@ -7,7 +7,6 @@ skipping every stage whose manifest matches (see :mod:`tskd.artifacts`).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from typing import Any, Callable
 from tskd.artifacts import (StageContext, is_complete, prepare_stage_dir, read_manifest,
                             write_manifest)
 from tskd.config import ExperimentConfig, fingerprint, to_dict
+from tskd.stages import (data_stage, distill, evaluate, student_finetune, teacher_finetune,
+                         teacher_pretrain, transfer_set)
 
 log = logging.getLogger(__name__)
 
@@ -27,61 +28,57 @@ class Stage:
 
     Attributes:
         name: directory name under ``runs/<experiment>/``.
-        target: ``"module:function"`` taking a :class:`StageContext` and returning metrics.
+        run: the stage function: takes a :class:`StageContext`, returns metrics.
         deps: names of the stages it reads.
         config: the config values it depends on (part of its fingerprint).
         params: stage-specific parameters passed through the context.
     """
 
     name: str
-    target: str
+    run: Callable[[StageContext], dict[str, Any]]
     deps: tuple[str, ...] = ()
     config: Any = None
     params: dict[str, Any] = field(default_factory=dict)
-
-    def resolve(self) -> Callable[[StageContext], dict[str, Any]]:
-        module, func = self.target.split(":")
-        return getattr(importlib.import_module(module), func)
 
 
 def plan(cfg: ExperimentConfig) -> list[Stage]:
     """The stages of a TS-KD experiment, in execution order."""
     t = to_dict(cfg.teacher)
     teacher_base = {"arch": t["arch"], "img_size": t["img_size"], "checkpoint": t["checkpoint"]}
-    stages = [Stage("data", "tskd.stages.data_stage:run", (), {"data": to_dict(cfg.data)})]
+    stages = [Stage("data", data_stage.run, (), {"data": to_dict(cfg.data)})]
     base_deps: tuple[str, ...] = ()
     if cfg.teacher.checkpoint is None:
         pretrain = dict(t["pretrain"])
         pretrain.pop("cache_dir")
-        stages.append(Stage("teacher_pretrain", "tskd.stages.teacher_pretrain:run", (),
+        stages.append(Stage("teacher_pretrain", teacher_pretrain.run, (),
                             {**teacher_base, "pretrain": pretrain}))
         base_deps = ("teacher_pretrain",)
-    stages.append(Stage("teacher", "tskd.stages.teacher_finetune:run", ("data", *base_deps),
+    stages.append(Stage("teacher", teacher_finetune.run, ("data", *base_deps),
                         {**teacher_base, "lora": t["lora"], "finetune": t["finetune"]}))
-    kd = [s for s in cfg.students if s != "scratch"]
-    if kd:
-        stages.append(Stage("transfer", "tskd.stages.transfer_set:run", ("data",),
+    kd_arms = [s for s in cfg.students if s != "scratch"]
+    if kd_arms:
+        stages.append(Stage("transfer", transfer_set.run, ("data",),
                             {"transfer": to_dict(cfg.transfer),
                              "image_size": cfg.data.image_size}))
     student = to_dict(cfg.student)
-    distill = to_dict(cfg.distill)
+    kd = to_dict(cfg.distill)
     for arm in cfg.students:
         deps: tuple[str, ...] = ("data",)
         if arm != "scratch":
             # TS-KD reads the LoRA-tuned teacher; task-agnostic KD the un-tuned base SAM.
             teacher_deps = ("teacher",) if arm == "ts_kd" else base_deps
             # Task-agnostic KD: hidden-state term only.
-            kd_cfg = dict(distill, w_logits=0.0) if arm == "ta_kd" else distill
+            kd_cfg = dict(kd, w_logits=0.0) if arm == "ta_kd" else kd
             stages.append(Stage(
-                f"distill_{arm}", "tskd.stages.distill:run", ("data", *teacher_deps, "transfer"),
+                f"distill_{arm}", distill.run, ("data", *teacher_deps, "transfer"),
                 {"student": student, "distill": kd_cfg,
                  "teacher": teacher_base, "tuned_teacher": arm == "ts_kd"},
                 {"arm": arm}))
             deps = ("data", f"distill_{arm}")
-        stages.append(Stage(f"student_{arm}", "tskd.stages.student_finetune:run", deps,
+        stages.append(Stage(f"student_{arm}", student_finetune.run, deps,
                             {"student": student, "finetune": to_dict(cfg.student_finetune)},
                             {"arm": arm}))
-    stages.append(Stage("evaluate", "tskd.stages.evaluate:run",
+    stages.append(Stage("evaluate", evaluate.run,
                         ("data", "teacher", *[f"student_{a}" for a in cfg.students]),
                         {"evaluate": to_dict(cfg.evaluate)}))
     return stages
@@ -116,7 +113,7 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
         prepare_stage_dir(stage_dir)
         ctx = StageContext(stage.name, stage_dir, {d: run_dir / d for d in stage.deps}, cfg,
                            dict(stage.params))
-        result = stage.resolve()(ctx)
+        result = stage.run(ctx)
         write_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result, started=started,
                        upstream=upstream)
         log.info("[%d/%d] %s: done in %.1f s", i, len(stages), stage.name, time.time() - started)
