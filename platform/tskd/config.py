@@ -116,6 +116,9 @@ class PretrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup_steps: int = 40
+    seed: int = 0
+    """Seed of the pre-training run. The foundation model is one fixed asset for every experiment
+    seed (as an official checkpoint is), so it is trained and cached once, not once per seed."""
     cache_dir: str = "~/.cache/tskd"
     """Pre-trained teachers are cached here, keyed by a fingerprint of this section."""
 

@@ -7,7 +7,9 @@ demo task — and saved in the official SAM checkpoint format. Real use gives
 ``teacher.checkpoint`` instead and this stage does not run.
 
 The result is cached under ``teacher.pretrain.cache_dir`` keyed by a fingerprint of the
-architecture, input size, pre-training settings and seed, so it is trained once per machine.
+architecture, input size, pre-training settings and ``teacher.pretrain.seed`` (not the
+experiment's seed: experiments with several seeds share one foundation model), so it is trained
+once per machine.
 Output: ``base.json`` naming the checkpoint.
 """
 
@@ -83,7 +85,8 @@ def cache_path(ctx: StageContext) -> Path:
     t = ctx.cfg.teacher
     pretrain = to_dict(t.pretrain)
     pretrain.pop("cache_dir")
-    key = fingerprint(t.arch, t.img_size, pretrain, ctx.cfg.seed)
+    seed = pretrain.pop("seed")
+    key = fingerprint(t.arch, t.img_size, pretrain, seed)
     return Path(t.pretrain.cache_dir).expanduser() / "teachers" / f"{t.arch}-{t.img_size}px-{key}"
 
 
@@ -98,7 +101,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                  t.arch, t.img_size, t.pretrain.steps, cache)
         started = time.time()
         config = {"arch": t.arch, "img_size": t.img_size, "pretrain": to_dict(t.pretrain),
-                  "seed": ctx.cfg.seed, "ray": to_dict(ctx.cfg.ray)}
+                  "seed": t.pretrain.seed, "ray": to_dict(ctx.cfg.ray)}
         result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=ctx.cfg.ray,
                                    name="teacher_pretrain", storage=ctx.dir / "ray")
         state = load_result_state(result)
