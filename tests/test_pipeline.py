@@ -1,6 +1,7 @@
 """Stage planning, fingerprints and resume/skip logic (no Ray: stages are faked)."""
 
 import json
+import uuid
 
 import pytest
 
@@ -110,3 +111,54 @@ def test_only_runs_the_closure(tmp_path, monkeypatch):
     assert CALLS == ["a", "b"]
     with pytest.raises(ValueError, match="unknown stage 'zzz'"):
         pipeline.run_pipeline(cfg, only=["zzz"])
+
+
+# ---------------------------------------------------------------- stale downstream artifacts
+
+def token_stage(ctx):
+    """``a`` writes a fresh random token (a non-deterministic build); ``b`` copies a's token."""
+    CALLS.append(ctx.name)
+    if ctx.name == "a":
+        (ctx.dir / "out.txt").write_text(uuid.uuid4().hex)
+        if ctx.params.get("crash"):
+            raise RuntimeError("a crashed")
+    else:
+        (ctx.dir / "copy.txt").write_text((ctx.inputs["a"] / "out.txt").read_text())
+    return {}
+
+
+def _token_plan(monkeypatch, crash=False):
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: [
+        pipeline.Stage("a", token_stage, (), {"x": 1}, {"crash": crash}),
+        pipeline.Stage("b", token_stage, ("a",), {"y": 2})])
+
+
+def _consistent(cfg) -> bool:
+    return ((cfg.run_dir / "b" / "copy.txt").read_text()
+            == (cfg.run_dir / "a" / "out.txt").read_text())
+
+
+def test_forced_upstream_rebuild_invalidates_downstream(tmp_path, monkeypatch):
+    """``--force --only a`` re-builds a with new content: b must not be reused afterwards."""
+    _token_plan(monkeypatch)
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    pipeline.run_pipeline(cfg)
+    assert _consistent(cfg)
+    pipeline.run_pipeline(cfg, force=True, only=["a"])
+    CALLS.clear()
+    pipeline.run_pipeline(cfg)
+    assert CALLS == ["b"]
+    assert _consistent(cfg)
+
+
+def test_crashed_upstream_rerun_never_mixes_with_stale_downstream(tmp_path, monkeypatch):
+    """A forced re-run of a that crashes, then a normal run: a and b stay consistent."""
+    _token_plan(monkeypatch)
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    pipeline.run_pipeline(cfg)
+    _token_plan(monkeypatch, crash=True)
+    with pytest.raises(RuntimeError, match="a crashed"):
+        pipeline.run_pipeline(cfg, force=True)
+    _token_plan(monkeypatch)
+    pipeline.run_pipeline(cfg)
+    assert _consistent(cfg)
