@@ -30,7 +30,7 @@ class Stage:
     """One step of the experiment.
 
     Attributes:
-        name: its directory under ``<output_dir>/store/`` (and link in ``<output_dir>/<experiment>/``).
+        name: its directory under ``<output_dir>/store/`` (and its link in the run directory).
         run: the stage function: takes a :class:`StageContext`, returns metrics.
         deps: names of the stages it reads.
         config: the config values it depends on (part of its fingerprint).
