@@ -5,6 +5,7 @@
     tskd demo-data DIR [--n-images N] [--size PX] [--seed S]
     tskd convert FORMAT SRC DST [--sequence SEQ] [--size N]   # e.g. drive, chaos, nnunet-export
     tskd store ls|du|gc [--output-dir DIR] [--yes]  # the shared artifact store
+    tskd tune [CONFIG] --space SPACE.yaml [--set key=value ...] [--resume] [--address ADDR]
 
 Every config error is reported before Ray starts, naming the field, the value and what is
 allowed; the exit status is 2 for bad input, 1 for a failed run.
@@ -70,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--output-dir", default=ExperimentConfig().output_dir,
                        help="the runs' output directory holding store/ (default: %(default)s)")
     store.add_argument("--yes", action="store_true", help="gc: really delete")
+
+    tune = sub.add_parser("tune", help="search config values (Ray Tune + Optuna) over a space")
+    tune.add_argument("config", nargs="?", help="experiment YAML (values only); none = demo")
+    tune.add_argument("--space", required=True, help="search space YAML (search_spaces/*.yaml)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config value of every trial")
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    tune.add_argument("--resume", action="store_true",
+                      help="resume the interrupted search of this experiment")
     return parser
 
 
@@ -235,13 +245,39 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    cfg = load_config(args.config, overrides)
+    check_paths(cfg)
+    from tskd.pipeline import plan
+    from tskd.search_space import load_space
+
+    space = load_space(args.space, cfg, stages=[s.name for s in plan(cfg)])
+    import ray
+
+    from tskd.tune import format_trials, run_tune
+
+    _init_ray(cfg)
+    try:
+        outcome = run_tune(cfg, space, resume=args.resume)
+    finally:
+        ray.shutdown()
+    print(format_trials(outcome.table, list(space.params), space.objective.mode))
+    print(f"\nbest {space.objective.metric} = {outcome.best_value:.4f} with {outcome.best_params}")
+    print(f"best config: {outcome.best_config}   (tskd run {outcome.best_config})")
+    print(f"trials: {outcome.dir / 'trials.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TSKD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data,
-                "convert": cmd_convert, "store": cmd_store}
+                "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

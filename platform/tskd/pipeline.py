@@ -108,7 +108,9 @@ def stage_fingerprint(stage: Stage, cfg: ExperimentConfig, inputs: dict[str, Ent
 
 def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
                  only: list[str] | None = None,
-                 store: Store | None = None) -> dict[str, dict[str, Any]]:
+                 store: Store | None = None,
+                 planner: Callable[[ExperimentConfig], list[Stage]] | None = None,
+                 ) -> dict[str, dict[str, Any]]:
     """Resolve every stage of ``plan(cfg)`` to a store entry (reuse or build); return each
     stage's metrics.
 
@@ -117,11 +119,13 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
             re-built one while this one waited for it), and repoint the view.
         only: stop after these stages (and what they need) have run.
         store: the store (default: ``<output_dir>/store``).
+        planner: the stages of ``cfg`` (default: :func:`plan`; tests and ``tskd tune`` pass
+            their own).
     """
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     store = store or Store.for_output_dir(cfg.output_dir)
-    stages = plan(cfg)
+    stages = (planner or plan)(cfg)
     if only:
         stages = _closure(stages, only)
     run_started = time.time()
