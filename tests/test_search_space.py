@@ -127,3 +127,20 @@ def test_to_tune_domains_and_overrides():
     cfg = load_config(None, s.overrides({"teacher.lora.rank": 3, "distill.w_logits": 0.25,
                                          "distill.lr": 1e-4}))
     assert (cfg.teacher.lora.rank, cfg.distill.w_logits, cfg.distill.lr) == (3, 0.25, 1e-4)
+
+
+def test_cli_tune_reports_space_errors_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from tskd.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(space(params={"distill.w_logit": {"choice": [0.1]}})))
+    assert main(["tune", "--space", str(path), "--set", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: params.distill.w_logit: unknown config key; keys of distill:" in err
+    assert not ray.is_initialized()
+    path.write_text(yaml.safe_dump(space(objective={"metric": "student_ta_kd:val/dice"})))
+    assert main(["tune", "--space", str(path), "--set", f"output_dir={tmp_path}",
+                 "--set", "students=[ts_kd]"]) == 2
+    assert "a metric of one of this experiment's stages" in capsys.readouterr().err

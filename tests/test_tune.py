@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from ray import cloudpickle
 
-from tskd.config import load_config
+from tskd.config import ConfigError, load_config
 from tskd.pipeline import Stage
 from tskd.search_space import parse_space
 
@@ -74,3 +74,10 @@ def test_tiny_search_builds_each_shared_artifact_once(tmp_path, ray_local):
     assert best_cfg.distill.w_logits == best["distill.w_logits"]
     assert best_cfg.experiment == "t-best"
     assert (out.dir / "optuna.db").is_file() and (out.dir / "trials.parquet").is_file()
+
+    # a finished search resumes without re-running anything; a fresh one refuses to overwrite it
+    again = run_tune(cfg, space, resume=True, planner=fake_plan)
+    assert len(again.table) == 6 and again.best_value == pytest.approx(out.best_value)
+    assert len((tmp_path / "builds.log").read_text().splitlines()) == len(builds)
+    with pytest.raises(ConfigError, match="a search already exists"):
+        run_tune(cfg, space, planner=fake_plan)

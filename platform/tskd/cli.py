@@ -255,9 +255,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from tskd.search_space import load_space
 
     space = load_space(args.space, cfg, stages=[s.name for s in plan(cfg)])
-    import ray
+    from tskd.tune import check_fresh, format_trials, run_tune
 
-    from tskd.tune import format_trials, run_tune
+    check_fresh(cfg, args.resume)
+    import ray
 
     _init_ray(cfg)
     try:

@@ -64,6 +64,20 @@ def trial_config(base: dict[str, Any], sample: dict[str, Any], name: str) -> Exp
     return config_from_dict(data)
 
 
+def search_dir(cfg: ExperimentConfig) -> Path:
+    """Where the search of ``cfg.experiment`` lives: ``<output_dir>/<experiment>-tune``."""
+    return Path(cfg.output_dir).expanduser().resolve() / f"{cfg.experiment}-tune"
+
+
+def check_fresh(cfg: ExperimentConfig, resume: bool) -> None:
+    """A new search must not land on an old one (checked before Ray starts)."""
+    out = search_dir(cfg)
+    if not resume and ((out / "tune").exists() or (out / "optuna.db").exists()):
+        raise ConfigError(f"experiment: invalid value {cfg.experiment!r}; a search already "
+                          f"exists in {out}: pass --resume to continue it, or choose another "
+                          "experiment name")
+
+
 def _trial(sample: dict[str, Any], *, base: dict[str, Any], metric: str, mode: str,
            planner: Callable | None) -> None:
     """Tune function trainable: run the trial's pipeline, report the objective."""
@@ -111,7 +125,8 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    out = Path(cfg.output_dir).expanduser().resolve() / f"{cfg.experiment}-tune"
+    check_fresh(cfg, resume)
+    out = search_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     base = to_dict(cfg)
     # trials run in their own working directories: make every path absolute
