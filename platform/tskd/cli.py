@@ -269,6 +269,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"\nbest {space.objective.metric} = {outcome.best_value:.4f} with {outcome.best_params}")
     print(f"best config: {outcome.best_config}   (tskd run {outcome.best_config})")
     print(f"trials: {outcome.dir / 'trials.csv'}")
+    best_results = load_config(outcome.best_config).run_dir / "results.json"
+    if best_results.is_file():
+        import json
+
+        print("\nthe best config on the test split:")
+        print(format_table(json.loads(best_results.read_text())))
     return 0
 
 

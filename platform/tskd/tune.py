@@ -14,9 +14,11 @@ restorable with ``--resume``), the Optuna study (``optuna.db``, SQLite; opens in
 parameters, objective, status, wall time, stages built and reused) and ``best.yaml``, a complete
 config that ``tskd run`` accepts.
 
+Afterwards the best config runs in full as ``<experiment>-best`` (its evaluate stage scores the
+test split; the other stages are the best trial's store entries).
+
 Not yet: intermediate results inside distillation (a trial reports once, when its objective
-stage is done, so ASHA cannot stop it early), the final re-run of the best config on the test
-split, a second objective.
+stage is done, so ASHA cannot stop it early), a second objective.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +51,8 @@ class TuneOutcome:
     best_value: float
     best_config: Path
     table: list[dict[str, Any]]
+    final: dict[str, dict[str, Any]] | None = None
+    """Stage metrics of the best config's full run (evaluate: the test split), if run."""
 
 
 def trial_config(base: dict[str, Any], sample: dict[str, Any], name: str) -> ExperimentConfig:
@@ -113,10 +118,13 @@ def _built_by(cfg: ExperimentConfig, rec: dict[str, str], name: str) -> bool:
 
 
 def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
-             planner: Callable | None = None) -> TuneOutcome:
+             planner: Callable | None = None, final: bool = True) -> TuneOutcome:
     """Run the search (Ray must be initialised); see the module docstring.
 
     Args:
+        final: afterwards run the best config's whole pipeline as experiment
+            ``<experiment>-best`` (its evaluate stage scores the test split; every other stage
+            is reused from the best trial).
         planner: the stages of a config (default: :func:`tskd.pipeline.plan`); must be
             importable (or pickled by value) in Ray workers.
     """
@@ -158,7 +166,8 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=mode, search_alg=searcher,
                                         scheduler=scheduler, num_samples=space.num_samples,
                                         max_concurrent_trials=space.max_concurrent_trials),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0))
+            run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
+                                      callbacks=[_progress(mode, space.num_samples)]))
     results = tuner.fit()
     table = _table(results, list(space.params))
     _write_table(table, out)
@@ -167,7 +176,36 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
     best_cfg = trial_config(base, best_params, f"{cfg.experiment}-best")
     best_path = out / "best.yaml"
     best_path.write_text(yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-    return TuneOutcome(out, best_params, float(best.metrics[OBJECTIVE]), best_path, table)
+    outcome = TuneOutcome(out, best_params, float(best.metrics[OBJECTIVE]), best_path, table)
+    if final:
+        from tskd.pipeline import run_pipeline
+
+        log.info("running the best config %s in full as %s", best_params, best_cfg.experiment)
+        outcome.final = run_pipeline(best_cfg, planner=planner)
+    return outcome
+
+
+def _progress(mode: str, total: int) -> Any:
+    """A Tune callback logging one line per finished trial instead of Ray's status table."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self) -> None:
+            self.best: float | None = None
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
+            value = (trial.last_result or {}).get(OBJECTIVE)
+            if value is not None and not math.isinf(value) and (
+                    self.best is None or (value > self.best if mode == "max"
+                                          else value < self.best)):
+                self.best = value
+            status = Counter(t.status for t in trials)
+            log.info("trial %s: %s = %s | best %s | %d/%d done, %d running, %d errored",
+                     trial.trial_id, OBJECTIVE, "n/a" if value is None else f"{value:.4f}",
+                     "n/a" if self.best is None else f"{self.best:.4f}",
+                     status["TERMINATED"], total, status["RUNNING"], status["ERROR"])
+
+    return Progress()
 
 
 def _table(results: Any, params: list[str]) -> list[dict[str, Any]]:
