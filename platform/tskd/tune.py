@@ -192,6 +192,7 @@ def _progress(mode: str, total: int) -> Any:
     class Progress(tune.Callback):
         def __init__(self) -> None:
             self.best: float | None = None
+            self.done = 0
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
             value = (trial.last_result or {}).get(OBJECTIVE)
@@ -199,11 +200,12 @@ def _progress(mode: str, total: int) -> Any:
                     self.best is None or (value > self.best if mode == "max"
                                           else value < self.best)):
                 self.best = value
-            status = Counter(t.status for t in trials)
+            self.done += 1  # ``trial`` is not marked TERMINATED yet
+            status = Counter(t.status for t in trials if t is not trial)
             log.info("trial %s: %s = %s | best %s | %d/%d done, %d running, %d errored",
                      trial.trial_id, OBJECTIVE, "n/a" if value is None else f"{value:.4f}",
                      "n/a" if self.best is None else f"{self.best:.4f}",
-                     status["TERMINATED"], total, status["RUNNING"], status["ERROR"])
+                     self.done, total, status["RUNNING"], status["ERROR"])
 
     return Progress()
 
