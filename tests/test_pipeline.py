@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import uuid
 
 import pytest
@@ -121,16 +122,20 @@ def token_stage(ctx):
     CALLS.append(ctx.name)
     if ctx.name == "a":
         (ctx.dir / "out.txt").write_text(uuid.uuid4().hex)
-        if ctx.params.get("crash"):
+        if CRASH_A:
             raise RuntimeError("a crashed")
     else:
         (ctx.dir / "copy.txt").write_text((ctx.inputs["a"] / "out.txt").read_text())
     return {}
 
 
+CRASH_A = False  # outside the stage's config: a crash must not change its fingerprint
+
+
 def _token_plan(monkeypatch, crash=False):
+    monkeypatch.setattr(sys.modules[__name__], "CRASH_A", crash)
     monkeypatch.setattr(pipeline, "plan", lambda cfg: [
-        pipeline.Stage("a", token_stage, (), {"x": 1}, {"crash": crash}),
+        pipeline.Stage("a", token_stage, (), {"x": 1}),
         pipeline.Stage("b", token_stage, ("a",), {"y": 2})])
 
 
@@ -153,7 +158,8 @@ def test_forced_upstream_rebuild_invalidates_downstream(tmp_path, monkeypatch):
 
 
 def test_crashed_upstream_rerun_never_mixes_with_stale_downstream(tmp_path, monkeypatch):
-    """A forced re-run of a that crashes, then a normal run: a and b stay consistent."""
+    """A forced re-build of a (same fingerprint) that crashes half-way, then a normal run: a and
+    b stay consistent (the old code had wiped a, re-ran it and kept the stale b)."""
     _token_plan(monkeypatch)
     cfg = load_config(None, [f"output_dir={tmp_path}"])
     pipeline.run_pipeline(cfg)
