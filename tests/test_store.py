@@ -276,3 +276,16 @@ def test_cli_store_ls_du_gc(tmp_path, capsys):
     capsys.readouterr()
     assert not c.path.exists() and a.path.exists() and b.path.exists()
     assert store.temporaries() == []
+
+
+def test_a_stage_directory_from_before_the_store_moves_aside(tmp_path):
+    store = st.Store(tmp_path / "store")
+    legacy = tmp_path / "exp" / "s"
+    legacy.mkdir(parents=True)
+    (legacy / "old.txt").write_text("old")
+    entry, _ = store.resolve("s", FP, _build_files({"new.txt": "new"}))
+    st.record_use(tmp_path / "exp", "s", entry)
+    assert (tmp_path / "exp" / "s").is_symlink()
+    assert (tmp_path / "exp" / "s" / "new.txt").read_text() == "new"
+    moved = list((tmp_path / "exp" / ".pre-store").glob("s-*/old.txt"))
+    assert [p.read_text() for p in moved] == ["old"]

@@ -428,11 +428,12 @@ def record_use(run_dir: Path, stage: str, entry: Entry) -> None:
 
 def _link(link: Path, target: Path) -> None:
     """Atomically (re)point the symlink ``link`` at ``target`` (relative); a real directory
-    there (a run from before the store) is left alone with a warning."""
+    there (a stage of a run from before the store) moves to ``<run>/.pre-store/<stage>``."""
     if link.exists() and not link.is_symlink():
-        log.warning("%s is a directory from an older tskd; the run's entry for it is recorded "
-                    "in %s only", link, VIEW_FILE)
-        return
+        aside = link.parent / ".pre-store" / f"{link.name}-{secrets.token_hex(4)}"
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(link, aside)
+        log.warning("moved %s (a stage directory from before the store) to %s", link, aside)
     tmp = link.with_name(f".{link.name}.link-{secrets.token_hex(4)}")
     try:
         os.symlink(os.path.relpath(target, link.parent), tmp)
