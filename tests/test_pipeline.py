@@ -1,6 +1,9 @@
 """Stage planning, fingerprints and resume/skip logic (no Ray: stages are faked)."""
 
 import json
+import os
+import sys
+import uuid
 
 import pytest
 
@@ -110,3 +113,145 @@ def test_only_runs_the_closure(tmp_path, monkeypatch):
     assert CALLS == ["a", "b"]
     with pytest.raises(ValueError, match="unknown stage 'zzz'"):
         pipeline.run_pipeline(cfg, only=["zzz"])
+
+
+# ---------------------------------------------------------------- stale downstream artifacts
+
+def token_stage(ctx):
+    """``a`` writes a fresh random token (a non-deterministic build); ``b`` copies a's token."""
+    CALLS.append(ctx.name)
+    if ctx.name == "a":
+        (ctx.dir / "out.txt").write_text(uuid.uuid4().hex)
+        if CRASH_A:
+            raise RuntimeError("a crashed")
+    else:
+        (ctx.dir / "copy.txt").write_text((ctx.inputs["a"] / "out.txt").read_text())
+    return {}
+
+
+CRASH_A = False  # outside the stage's config: a crash must not change its fingerprint
+
+
+def _token_plan(monkeypatch, crash=False):
+    monkeypatch.setattr(sys.modules[__name__], "CRASH_A", crash)
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: [
+        pipeline.Stage("a", token_stage, (), {"x": 1}),
+        pipeline.Stage("b", token_stage, ("a",), {"y": 2})])
+
+
+def _consistent(cfg) -> bool:
+    return ((cfg.run_dir / "b" / "copy.txt").read_text()
+            == (cfg.run_dir / "a" / "out.txt").read_text())
+
+
+def test_forced_upstream_rebuild_invalidates_downstream(tmp_path, monkeypatch):
+    """``--force --only a`` re-builds a with new content: b must not be reused afterwards."""
+    _token_plan(monkeypatch)
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    pipeline.run_pipeline(cfg)
+    assert _consistent(cfg)
+    pipeline.run_pipeline(cfg, force=True, only=["a"])
+    CALLS.clear()
+    pipeline.run_pipeline(cfg)
+    assert CALLS == ["b"]
+    assert _consistent(cfg)
+
+
+def test_crashed_upstream_rerun_never_mixes_with_stale_downstream(tmp_path, monkeypatch):
+    """A forced re-build of a (same fingerprint) that crashes half-way, then a normal run: a and
+    b stay consistent (the old code had wiped a, re-ran it and kept the stale b)."""
+    _token_plan(monkeypatch)
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    pipeline.run_pipeline(cfg)
+    _token_plan(monkeypatch, crash=True)
+    with pytest.raises(RuntimeError, match="a crashed"):
+        pipeline.run_pipeline(cfg, force=True)
+    _token_plan(monkeypatch)
+    pipeline.run_pipeline(cfg)
+    assert _consistent(cfg)
+
+
+# ---------------------------------------------------------------- the shared store
+
+def test_runs_share_store_entries_and_keep_a_view(tmp_path, monkeypatch):
+    """A second experiment with the same stage configs builds nothing; each run's directory
+    has stages.json, links into the store and its own results.json."""
+    def stage(ctx):
+        CALLS.append(ctx.name)
+        if ctx.name == "evaluate":
+            (ctx.dir / "results.json").write_text('{"dice": 0.5}')
+            (ctx.cfg.run_dir / "results.json").write_text('{"dice": 0.5}')
+        return {"n": 1}
+
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: [
+        pipeline.Stage("a", stage, (), {"x": 1}),
+        pipeline.Stage("evaluate", stage, ("a",), {"y": 1})])
+    CALLS.clear()
+    cfg1 = load_config(None, [f"output_dir={tmp_path}", "experiment=one"])
+    cfg2 = load_config(None, [f"output_dir={tmp_path}", "experiment=two"])
+    pipeline.run_pipeline(cfg1)
+    assert CALLS == ["a", "evaluate"]
+    CALLS.clear()
+    assert pipeline.run_pipeline(cfg2) == {"a": {"n": 1}, "evaluate": {"n": 1}}
+    assert CALLS == []
+    assert json.loads((cfg2.run_dir / "results.json").read_text()) == {"dice": 0.5}
+    view = json.loads((cfg2.run_dir / "stages.json").read_text())["stages"]
+    view1 = json.loads((cfg1.run_dir / "stages.json").read_text())["stages"]
+    assert {s: r["fingerprint"] for s, r in view.items()} == \
+        {s: r["fingerprint"] for s, r in view1.items()}
+    for name in ("a", "evaluate"):
+        entry = tmp_path / "store" / name / view[name]["fingerprint"]
+        assert (entry / MANIFEST).is_file()
+        assert (cfg2.run_dir / name).resolve() == entry.resolve()
+        assert view[name]["entry"] == f"../store/{name}/{view[name]['fingerprint']}"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["a", "evaluate"]
+
+
+def test_stage_fingerprint_covers_outside_files_workers_and_input_content(tmp_path):
+    from tskd.store import Entry
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "dataset.json").write_text("{}")
+    ckpt = tmp_path / "sam.pth"
+    ckpt.write_bytes(b"weights")
+    cfg = load_config(None, [f"data.root={root}", "teacher.arch=vit_b",
+                             f"teacher.checkpoint={ckpt}", "students=[scratch]"])
+    stages = {s.name: s for s in pipeline.plan(cfg)}
+
+    def entry(fp, content):
+        return Entry("data", fp, tmp_path, {"content_hash": content})
+
+    data_in = {"data": entry("f" * 16, "c1")}
+
+    def fps(c):
+        return (pipeline.stage_fingerprint(stages["data"], c, {}),
+                pipeline.stage_fingerprint(stages["teacher"], c, data_in))
+
+    data_fp, teacher_fp = fps(cfg)
+    assert fps(cfg) == (data_fp, teacher_fp)  # stable
+    os.utime(root / "dataset.json", ns=(1, 10**18))  # the dataset changed on disk
+    assert fps(cfg)[0] != data_fp
+    data_fp = fps(cfg)[0]
+    os.utime(ckpt, ns=(1, 10**18))  # the checkpoint was replaced
+    assert fps(cfg) == (data_fp, fps(cfg)[1]) and fps(cfg)[1] != teacher_fp
+    teacher_fp = fps(cfg)[1]
+    cfg4 = load_config(None, [f"data.root={root}", "teacher.arch=vit_b",
+                              f"teacher.checkpoint={ckpt}", "students=[scratch]",
+                              "ray.num_workers=4"])
+    assert fps(cfg4)[0] == data_fp and fps(cfg4)[1] != teacher_fp  # workers: training only
+    # same upstream fingerprint, different upstream content: a different teacher
+    other = pipeline.stage_fingerprint(stages["teacher"], cfg, {"data": entry("f" * 16, "c2")})
+    assert other != teacher_fp
+
+
+def test_gc_finds_the_entries_a_changed_config_left_behind(tmp_path, monkeypatch):
+    from tskd.store import Store, garbage
+
+    _fake_plan(monkeypatch)
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    pipeline.run_pipeline(cfg)
+    before = json.loads((cfg.run_dir / "stages.json").read_text())["stages"]
+    pipeline.run_pipeline(load_config(None, [f"output_dir={tmp_path}", "student.img_size=256"]))
+    stale = {(e.stage, e.fingerprint) for e in garbage(Store(tmp_path / "store"), tmp_path)}
+    assert stale == {("b", before["b"]["fingerprint"]), ("boom", before["boom"]["fingerprint"])}

@@ -1,10 +1,15 @@
-"""Stage artifacts: run directories, ``manifest.json`` and config fingerprints.
+"""Stage artifacts: the stage context, ``manifest.json`` and what a stage fingerprint covers.
 
-Every stage writes into ``runs/<experiment>/<stage>/``. Its ``manifest.json`` is written last,
-so a directory without one is an interrupted stage. A stage is *complete* when its manifest's
-fingerprint equals the fingerprint of the current config slice plus the fingerprints of the
-stages it reads: re-running an experiment skips complete stages (resume after a crash), and a
-changed value re-runs exactly the stages that depend on it.
+A stage's output is an entry of the shared store (:mod:`tskd.store`),
+``<output_dir>/store/<stage>/<fingerprint>/``, used by every run under that output directory;
+``<output_dir>/<experiment>/`` is a run's view of the entries it used (``stages.json`` plus a
+``<stage>`` link per entry where the filesystem allows) and its ``results.json``.
+
+The fingerprint (:func:`tskd.pipeline.stage_fingerprint`) covers the stage's config slice and
+parameters, the seed, the fingerprints *and content hashes* of its inputs' entries, the identity
+of outside files its slice names (:func:`external_inputs`), the number of Ray Train workers for
+training stages, and the tskd version. The manifest is written last, by the store, so an entry
+without one is an interrupted build.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -36,8 +40,9 @@ class StageContext:
 
     Attributes:
         name: the stage name (its directory name).
-        dir: the stage's output directory, empty when ``run`` is called.
-        inputs: upstream stage name -> its (complete) directory.
+        dir: the stage's output directory, empty when ``run`` is called (a temporary store
+            entry, renamed into place afterwards: record paths inside it relative to it).
+        inputs: upstream stage name -> its (complete) store entry directory.
         cfg: the whole resolved experiment config.
         params: stage-specific parameters (e.g. ``{"arm": "ts_kd"}``).
     """
@@ -81,12 +86,6 @@ def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_complete(stage_dir: Path, fp: str) -> bool:
-    manifest = read_manifest(stage_dir)
-    return bool(manifest) and manifest.get("fingerprint") == fp and manifest.get(
-        "status") == "complete"
-
-
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename): a crash never leaves half a file."""
     path = Path(path)
@@ -105,20 +104,18 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def prepare_stage_dir(stage_dir: Path) -> None:
-    """Empty ``stage_dir`` (an interrupted or outdated stage) and create it."""
-    if stage_dir.exists():
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True)
-
-
-def write_manifest(ctx: StageContext, *, fp: str, config_slice: Any, metrics: dict[str, Any],
-                   started: float, upstream: dict[str, str]) -> dict[str, Any]:
-    manifest = {
+def stage_manifest(ctx: StageContext, *, fp: str, config_slice: Any, metrics: dict[str, Any],
+                   started: float, inputs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """The manifest of a stage just built in ``ctx.dir`` (the store adds ``status``,
+    ``content_hash`` and ``published`` and writes it last). ``inputs``: upstream stage name ->
+    ``{"fingerprint", "content_hash"}`` of the entry it read. ``config`` is the whole config of
+    the run that built the entry (other runs reusing it may differ in fields outside the slice).
+    """
+    return {
         "stage": ctx.name,
-        "status": "complete",
         "fingerprint": fp,
-        "upstream": upstream,
+        "upstream": {name: rec["fingerprint"] for name, rec in inputs.items()},
+        "inputs": inputs,
         "seed": ctx.cfg.seed,
         "params": ctx.params,
         "stage_config": config_slice,
@@ -129,5 +126,38 @@ def write_manifest(ctx: StageContext, *, fp: str, config_slice: Any, metrics: di
         "wall_time_s": round(time.time() - started, 3),
         "metrics": metrics,
     }
-    write_json(ctx.dir / MANIFEST, manifest)
-    return manifest
+
+
+def tskd_version() -> str:
+    """The installed tskd version (part of every fingerprint: a new release rebuilds)."""
+    try:
+        return metadata.version("tskd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def external_inputs(config_slice: Any, path: str = "") -> dict[str, str]:
+    """Identities of the files outside the store that a config slice names, by dotted key:
+    every non-null ``checkpoint`` value (a file: path, size and mtime; a multi-GB checkpoint is
+    never re-read) and every non-null ``root`` value (a dataset directory: every file's relative
+    path, size and mtime). See :func:`tskd.store.file_identity` and
+    :func:`tskd.store.tree_identity`.
+
+    Raises:
+        FileNotFoundError: a named file or directory does not exist (naming the key).
+    """
+    from tskd.store import file_identity, tree_identity
+
+    out: dict[str, str] = {}
+    if isinstance(config_slice, dict):
+        for key, value in config_slice.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if key in ("checkpoint", "root") and isinstance(value, str):
+                target = Path(value).expanduser()
+                if not target.exists():
+                    raise FileNotFoundError(f"{dotted}: {value} does not exist")
+                out[dotted] = file_identity(target) if key == "checkpoint" \
+                    else tree_identity(target)
+            else:
+                out.update(external_inputs(value, dotted))
+    return out

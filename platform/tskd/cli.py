@@ -4,6 +4,8 @@
     tskd config [CONFIG] [--set key=value ...]      # print the resolved config as YAML
     tskd demo-data DIR [--n-images N] [--size PX] [--seed S]
     tskd convert FORMAT SRC DST [--sequence SEQ] [--size N]   # e.g. drive, chaos, nnunet-export
+    tskd store ls|du|gc [--output-dir DIR] [--yes]  # the shared artifact store
+    tskd tune [CONFIG] --space SPACE.yaml [--set key=value ...] [--resume] [--address ADDR]
 
 Every config error is reported before Ray starts, naming the field, the value and what is
 allowed; the exit status is 2 for bad input, 1 for a failed run.
@@ -62,6 +64,22 @@ def _parser() -> argparse.ArgumentParser:
                       help="chaos only: T2SPIR (default), T1DUAL_in or T1DUAL_out")
     conv.add_argument("--size", type=int, metavar="N",
                       help="resize to NxN (0 = native; default: the format's own)")
+
+    store = sub.add_parser("store", help="the shared artifact store: list entries (ls), sizes per "
+                           "stage (du), remove entries no run uses (gc, dry run unless --yes)")
+    store.add_argument("action", choices=("ls", "du", "gc"))
+    store.add_argument("--output-dir", default=ExperimentConfig().output_dir,
+                       help="the runs' output directory holding store/ (default: %(default)s)")
+    store.add_argument("--yes", action="store_true", help="gc: really delete")
+
+    tune = sub.add_parser("tune", help="search config values (Ray Tune + Optuna) over a space")
+    tune.add_argument("config", nargs="?", help="experiment YAML (values only); none = demo")
+    tune.add_argument("--space", required=True, help="search space YAML (search_spaces/*.yaml)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config value of every trial")
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    tune.add_argument("--resume", action="store_true",
+                      help="resume the interrupted search of this experiment")
     return parser
 
 
@@ -153,13 +171,120 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from tskd.store import Store, garbage, referenced
+    from tskd.store import tree_size as store_tree_size
+
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    store = Store.for_output_dir(output_dir)
+    entries = store.entries()
+    if args.action == "ls":
+        refs = referenced(output_dir)
+        rows = [("stage", "fingerprint", "size", "last used", "runs")]
+        rows += [(e.stage, e.fingerprint, f"{_size(e.size())} ({e.size()} B)",
+                  _when(e.last_used()), ",".join(refs.get((e.stage, e.fingerprint), [])) or "-")
+                 for e in entries]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print(f"{len(entries)} entries in {store.root}")
+    elif args.action == "du":
+        per_stage: dict[str, list[int]] = {}
+        for e in entries:
+            per_stage.setdefault(e.stage, []).append(e.size())
+        print(f"{'stage':<24} {'entries':>7} {'bytes':>14}  size")
+        for stage, sizes in sorted(per_stage.items()):
+            print(f"{stage:<24} {len(sizes):>7} {sum(sizes):>14}  {_size(sum(sizes))}")
+        total = sum(sum(s) for s in per_stage.values())
+        print(f"{'total':<24} {len(entries):>7} {total:>14}  {_size(total)}")
+    else:
+        doomed = garbage(store, output_dir)
+        temporaries = store.temporaries()
+        freed = 0
+        for e in doomed:
+            size = e.size()
+            if not args.yes:
+                print(f"would remove {e.stage}/{e.fingerprint} ({_size(size)}, last used "
+                      f"{_when(e.last_used())})")
+            elif store.remove(e):
+                print(f"removed {e.stage}/{e.fingerprint} ({_size(size)})")
+            else:
+                print(f"skipped {e.stage}/{e.fingerprint}: being built")
+                continue
+            freed += size
+        for tmp in temporaries:
+            size = store_tree_size(tmp)
+            if not args.yes:
+                print(f"would remove the unfinished build {tmp.parent.name}/{tmp.name} "
+                      f"({_size(size)}) unless a builder still runs")
+            elif store.remove_temporary(tmp):
+                print(f"removed the unfinished build {tmp.parent.name}/{tmp.name}")
+            else:
+                continue
+            freed += size
+        n = len(doomed) + len(temporaries)
+        if args.yes:
+            print(f"freed {_size(freed)}")
+        else:
+            print(f"dry run: {n} unreferenced entries/builds, {_size(freed)}; "
+                  "pass --yes to delete them")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    cfg = load_config(args.config, overrides)
+    check_paths(cfg)
+    from tskd.pipeline import plan
+    from tskd.search_space import load_space
+
+    space = load_space(args.space, cfg, stages=[s.name for s in plan(cfg)])
+    from tskd.tune import check_fresh, format_trials, run_tune
+
+    check_fresh(cfg, args.resume)
+    import ray
+
+    _init_ray(cfg)
+    try:
+        outcome = run_tune(cfg, space, resume=args.resume)
+    finally:
+        ray.shutdown()
+    print(format_trials(outcome.table, list(space.params), space.objective.mode))
+    print(f"\nbest {space.objective.metric} = {outcome.best_value:.4f} with {outcome.best_params}")
+    print(f"best config: {outcome.best_config}   (tskd run {outcome.best_config})")
+    print(f"trials: {outcome.dir / 'trials.csv'}")
+    best_results = load_config(outcome.best_config).run_dir / "results.json"
+    if best_results.is_file():
+        import json
+
+        print("\nthe best config on the test split:")
+        print(format_table(json.loads(best_results.read_text())))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TSKD_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data,
-                "convert": cmd_convert}
+                "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

@@ -1,23 +1,26 @@
 """The TS-KD pipeline: which stages run, in which order, reading what.
 
 :func:`plan` turns a config into a list of :class:`Stage` (a name, the function that runs it, the
-stages it reads and the config slice it depends on); :func:`run_pipeline` runs them in order,
-skipping every stage whose manifest matches (see :mod:`tskd.artifacts`).
+stages it reads and the config slice it depends on); :func:`run_pipeline` resolves each stage to
+an entry of the shared store (:mod:`tskd.store`) by its fingerprint (:func:`stage_fingerprint`),
+building only the entries that do not exist yet, and points the run's view at them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from tskd.artifacts import (StageContext, is_complete, prepare_stage_dir, read_manifest,
-                            write_manifest)
+from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
 from tskd.config import ExperimentConfig, fingerprint, to_dict
 from tskd.stages import (data_stage, distill, evaluate, student_finetune, teacher_finetune,
                          teacher_pretrain, transfer_set)
+from tskd.store import Entry, Store, record_use
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,7 @@ class Stage:
     """One step of the experiment.
 
     Attributes:
-        name: directory name under ``runs/<experiment>/``.
+        name: its directory under ``<output_dir>/store/`` (and its link in the run directory).
         run: the stage function: takes a :class:`StageContext`, returns metrics.
         deps: names of the stages it reads.
         config: the config values it depends on (part of its fingerprint).
@@ -84,41 +87,89 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     return stages
 
 
+RUN_FILES = ("results.json",)
+"""Files at the top of an entry that the run directory gets a copy of (the evaluate stage writes
+``runs/<experiment>/results.json`` when it builds; a reused entry's copy is put there too)."""
+
+_SINGLE_PROCESS = {data_stage.run, transfer_set.run, evaluate.run}
+"""Stage functions whose result does not depend on ``ray.num_workers`` (every other stage is
+assumed to train with that many Ray Train workers: data sharding and the effective batch change)."""
+
+
+def stage_fingerprint(stage: Stage, cfg: ExperimentConfig, inputs: dict[str, Entry]) -> str:
+    """What determines a stage's output: see :mod:`tskd.artifacts`."""
+    return fingerprint(
+        stage.name, stage.config, stage.params, cfg.seed,
+        {d: [e.fingerprint, e.content_hash] for d, e in sorted(inputs.items())},
+        external_inputs(stage.config),
+        None if stage.run in _SINGLE_PROCESS else {"ray.num_workers": cfg.ray.num_workers},
+        tskd_version())
+
+
 def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
-                 only: list[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run (or skip) every stage of ``plan(cfg)``; return each stage's metrics.
+                 only: list[str] | None = None,
+                 store: Store | None = None,
+                 planner: Callable[[ExperimentConfig], list[Stage]] | None = None,
+                 ) -> dict[str, dict[str, Any]]:
+    """Resolve every stage of ``plan(cfg)`` to a store entry (reuse or build); return each
+    stage's metrics.
 
     Args:
-        force: re-run every stage even when its manifest matches.
+        force: re-build the entries this run needs even when they exist (unless another run
+            re-built one while this one waited for it), and repoint the view.
         only: stop after these stages (and what they need) have run.
+        store: the store (default: ``<output_dir>/store``).
+        planner: the stages of ``cfg`` (default: :func:`plan`; tests and ``tskd tune`` pass
+            their own).
     """
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    stages = plan(cfg)
+    store = store or Store.for_output_dir(cfg.output_dir)
+    stages = (planner or plan)(cfg)
     if only:
         stages = _closure(stages, only)
-    fps: dict[str, str] = {}
+    run_started = time.time()
+    entries: dict[str, Entry] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for i, stage in enumerate(stages, 1):
-        upstream = {d: fps[d] for d in stage.deps}
-        fp = fingerprint(stage.name, stage.config, stage.params, cfg.seed, upstream)
-        fps[stage.name] = fp
-        stage_dir = run_dir / stage.name
-        if not force and is_complete(stage_dir, fp):
-            log.info("[%d/%d] %s: up to date, skipped", i, len(stages), stage.name)
-            metrics[stage.name] = read_manifest(stage_dir)["metrics"]
-            continue
-        log.info("[%d/%d] %s: running", i, len(stages), stage.name)
+        inputs = {d: entries[d] for d in stage.deps}
+        fp = stage_fingerprint(stage, cfg, inputs)
+        entry, built = store.resolve(stage.name, fp, _builder(stage, cfg, fp, inputs),
+                                     force=force, rebuilt_after=run_started)
+        if built:
+            log.info("[%d/%d] %s: built %s in %.1f s", i, len(stages), stage.name, fp,
+                     entry.manifest["wall_time_s"])
+        else:
+            log.info("[%d/%d] %s: up to date (%s), reused", i, len(stages), stage.name, fp)
+        record_use(run_dir, stage.name, entry)
+        for name in RUN_FILES:
+            if (entry.path / name).is_file():
+                _copy_atomic(entry.path / name, run_dir / name)
+        entries[stage.name] = entry
+        metrics[stage.name] = entry.manifest["metrics"]
+    return metrics
+
+
+def _builder(stage: Stage, cfg: ExperimentConfig, fp: str, inputs: dict[str, Entry]):
+    """The store's build callback: run the stage in the temporary entry, return its manifest."""
+    def build(tmp: Path) -> dict[str, Any]:
+        log.info("%s: running (%s)", stage.name, fp)
         started = time.time()
-        prepare_stage_dir(stage_dir)
-        ctx = StageContext(stage.name, stage_dir, {d: run_dir / d for d in stage.deps}, cfg,
+        ctx = StageContext(stage.name, tmp, {d: e.path for d, e in inputs.items()}, cfg,
                            dict(stage.params))
         result = stage.run(ctx)
-        write_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result, started=started,
-                       upstream=upstream)
-        log.info("[%d/%d] %s: done in %.1f s", i, len(stages), stage.name, time.time() - started)
-        metrics[stage.name] = result
-    return metrics
+        return stage_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result,
+                              started=started,
+                              inputs={d: {"fingerprint": e.fingerprint,
+                                          "content_hash": e.content_hash}
+                                      for d, e in inputs.items()})
+    return build
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _closure(stages: list[Stage], names: list[str]) -> list[Stage]:
@@ -138,4 +189,5 @@ def _closure(stages: list[Stage], names: list[str]) -> list[Stage]:
 
 
 def stage_dir(cfg: ExperimentConfig, name: str) -> Path:
+    """The run's view of a stage's entry (a link into the store where links work)."""
     return cfg.run_dir / name

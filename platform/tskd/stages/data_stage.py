@@ -1,7 +1,8 @@
 """Stage ``data``: validate the dataset (or write the built-in demo) and fix the splits.
 
-Output: ``splits.json`` (dataset root, labelled / val / test / unlabelled case ids). Every later
-stage reads the data through :func:`load_data`, so all of them see the same budget and splits.
+Output: ``splits.json`` (dataset root — relative to the stage directory for the demo —, labelled
+/ val / test / unlabelled case ids). Every later stage reads the data through :func:`load_data`,
+so all of them see the same budget and splits.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
                             test_fraction=data.test_fraction)
     splits = make_splits(info, n_labels=data.n_labels, n_val=data.n_val, seed=ctx.cfg.seed,
                          test_fraction=data.test_fraction)
+    # the demo dataset lives in this stage's (temporary, then renamed) directory: record it
+    # relative to the directory so the path survives the move into the store
+    here = Path(ctx.dir).resolve()
+    saved_root = root.resolve().relative_to(here) if root.resolve().is_relative_to(here) else root
     write_json(ctx.dir / SPLITS_FILE, {
-        "root": str(root), "name": info.name, "labels": info.labels,
+        "root": str(saved_root), "name": info.name, "labels": info.labels,
         "labelled": list(splits.labelled), "val": list(splits.val),
         "test": list(splits.test), "unlabelled": list(splits.unlabelled)})
     log.info("dataset %s: %d classes, %d labelled, %d val, %d test", info.name,
@@ -52,7 +57,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 def load_data(stage_dir: Path) -> tuple[DatasetInfo, Splits]:
     """The dataset and splits fixed by a completed ``data`` stage."""
     saved = json.loads((Path(stage_dir) / SPLITS_FILE).read_text())
-    info = load_dataset_info(saved["root"])
+    info = load_dataset_info(Path(stage_dir) / saved["root"])  # relative: inside stage_dir
     splits = Splits(labelled=tuple(saved["labelled"]), val=tuple(saved["val"]),
                     test=tuple(saved["test"]), unlabelled=tuple(saved["unlabelled"]))
     return info, splits
