@@ -46,6 +46,7 @@ def test_parse_override_yaml_values():
     ("teacher.arch=vit_q", "teacher.arch", "sam_demo"),
     ("teacher.arch=vit_b", "teacher.checkpoint", "official SAM checkpoint"),
     ("teacher.img_size=100", "teacher.img_size", "multiple of 16"),
+    ("teacher.decoder=half", "teacher.decoder", "'full', 'lora', 'frozen'"),
     ("students=[ts_kd, nope]", "students", "ta_kd"),
     ("ray.backend=nccl", "ray.backend", "use_gpu"),
     ("ray.backend=mpi", "ray.backend", "'nccl'"),

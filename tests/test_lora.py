@@ -20,6 +20,7 @@ from tskd.lora import (
     lora_state_dict,
     merge_lora,
     save_lora,
+    state_dict_mb,
 )
 from tskd.models.sam import SamSegmenter, build_sam, save_sam_checkpoint
 
@@ -53,7 +54,7 @@ def test_only_adapter_params_trainable() -> None:
     seg = _tiny()
     attn_names = _decoder_attention_names(seg)
     depth = len(seg.sam.image_encoder.blocks)
-    apply_lora(seg, LoraSpec(rank=4))
+    apply_lora(seg, LoraSpec(rank=4, decoder="lora"))
     expected = {
         f"sam.image_encoder.blocks.{i}.attn.qkv.lora_{ab}_{qv}.weight"
         for i in range(depth)
@@ -64,6 +65,12 @@ def test_only_adapter_params_trainable() -> None:
         for a in attn_names
         for proj in ("q_proj", "v_proj")
         for ab in "AB"
+    } | {"sam.mask_decoder.mask_tokens.weight"} | {
+        # one hypernetwork MLP per class; token 0 (SAM's single-mask output) is never used
+        f"sam.mask_decoder.output_hypernetworks_mlps.{t}.layers.{i}.{w}"
+        for t in (1, 2, 3)
+        for i in range(3)
+        for w in ("weight", "bias")
     }
     trainable = {n for n, p in seg.named_parameters() if p.requires_grad}
     assert trainable == expected
@@ -78,14 +85,25 @@ def test_trainable_count_by_hand_sam_tiny() -> None:
     # Decoder (width 256): self-attn q/v 256->256; the three cross-attentions use 256->128.
     dec = 2 * (2 * r * (256 + 256) + 2 * 2 * r * (256 + 128)) + 2 * r * (256 + 128)
     assert dec == 23_552
-    assert count_trainable(apply_lora(_tiny(), LoraSpec(rank=r))) == enc + dec
-    assert count_trainable(apply_lora(_tiny(), LoraSpec(rank=r, decoder=False))) == enc
-    assert count_trainable(apply_lora(_tiny(), LoraSpec(rank=8, encoder=False))) == 2 * dec
+    # decoder="lora" also trains the 4 mask tokens (256-d) and the hypernetwork MLPs of the 3
+    # classes (256->256->256->32, with biases).
+    classes = 4 * 256 + 3 * ((256 * 256 + 256) * 2 + 256 * 32 + 32)
+    assert count_trainable(apply_lora(_tiny(), LoraSpec(rank=r, decoder="lora"))) == enc + dec + classes
+    assert count_trainable(apply_lora(_tiny(), LoraSpec(rank=r, decoder="frozen"))) == enc
+    assert count_trainable(apply_lora(_tiny(), LoraSpec(rank=8, encoder=False, decoder="lora"))) \
+        == 2 * dec + classes
+    # decoder="full" trains every decoder weight except the IoU head and token 0's MLP, plus the
+    # prompt encoder's no-mask embedding.
+    seg = _tiny()
+    dec_all = sum(p.numel() for p in seg.sam.mask_decoder.parameters())
+    unused = sum(p.numel() for p in seg.sam.mask_decoder.iou_prediction_head.parameters()) + sum(
+        p.numel() for p in seg.sam.mask_decoder.output_hypernetworks_mlps[0].parameters())
+    assert count_trainable(apply_lora(seg, LoraSpec(rank=r))) == enc + dec_all - unused + 256
 
 
 def test_vit_b_encoder_count_matches_stack_notes() -> None:
     seg = SamSegmenter(build_sam("vit_b", num_classes=3, img_size=64))
-    apply_lora(seg, LoraSpec(rank=4, decoder=False))
+    apply_lora(seg, LoraSpec(rank=4, decoder="frozen"))
     assert count_trainable(seg) == 3_072 * 4 * 12 == 147_456
 
 
@@ -131,11 +149,12 @@ def test_k_slice_untouched_q_v_changed() -> None:
         torch.testing.assert_close(out[..., 2 * d :], plain[..., 2 * d :] + dv, rtol=1e-5, atol=1e-4)
 
 
-def test_merge_gives_identical_outputs_and_plain_linears() -> None:
+@pytest.mark.parametrize("decoder", ["full", "lora", "frozen"])
+def test_merge_gives_identical_outputs_and_plain_linears(decoder: str) -> None:
     seg = _tiny()
     reference_keys = list(seg.state_dict())
     k_rows = [b.attn.qkv.weight[64:128].detach().clone() for b in seg.sam.image_encoder.blocks]
-    apply_lora(seg, LoraSpec(rank=4))
+    apply_lora(seg, LoraSpec(rank=4, decoder=decoder))
     _perturb_adapters(seg)
     x = _images()
     with torch.no_grad():
@@ -151,12 +170,16 @@ def test_merge_gives_identical_outputs_and_plain_linears() -> None:
     assert list(merged_model.state_dict()) == reference_keys
     for b, k in zip(merged_model.sam.image_encoder.blocks, k_rows):
         assert torch.equal(b.attn.qkv.weight[64:128], k)
-    torch.testing.assert_close(merged.logits, adapted.logits, rtol=1e-5, atol=1e-5)
+    # float rounding only: the tolerance scales with the logits (trained decoder weights are
+    # perturbed too, which makes them larger)
+    scale = max(1.0, float(adapted.logits.abs().max()))
+    torch.testing.assert_close(merged.logits, adapted.logits, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(merged.hidden, adapted.hidden, rtol=1e-5, atol=1e-5)
 
 
-def test_save_load_round_trip(tmp_path: Path) -> None:
-    spec = LoraSpec(rank=4, alpha=4.0)
+@pytest.mark.parametrize("decoder", ["full", "lora", "frozen"])
+def test_save_load_round_trip(tmp_path: Path, decoder: str) -> None:
+    spec = LoraSpec(rank=4, alpha=4.0, decoder=decoder)
     seg = apply_lora(_tiny(seed=0), spec)
     _perturb_adapters(seg)
     x = _images()
@@ -166,8 +189,13 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
     full = tmp_path / "full.pth"
     torch.save(_tiny(seed=0).state_dict(), full)
-    assert path.stat().st_size < full.stat().st_size / 20
-    assert set(lora_state_dict(seg)) == {n for n, p in seg.named_parameters() if p.requires_grad}
+    if decoder == "frozen":  # adapters alone: a small file
+        assert path.stat().st_size < full.stat().st_size / 20
+    # the file holds exactly what was trained, and its size is what state_dict_mb reports
+    sd = lora_state_dict(seg)
+    assert set(sd) == {n for n, p in seg.named_parameters() if p.requires_grad}
+    assert state_dict_mb(sd) == pytest.approx(
+        4 * sum(p.numel() for p in seg.parameters() if p.requires_grad) / 2**20)
 
     torch.manual_seed(123)  # different adapter init, same base weights (seed 0)
     fresh = apply_lora(_tiny(seed=0), spec)
@@ -223,3 +251,39 @@ def test_state_dict_through_a_wrapper_and_strict_keys() -> None:
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
     with pytest.raises(ValueError, match="unexpected"):
         load_lora_state_dict(other, {f"module.{k}": v for k, v in sd.items()})
+
+
+@pytest.mark.parametrize("decoder", ["full", "lora"])
+def test_every_class_decoder_path_gets_gradients_with_five_classes(decoder: str) -> None:
+    """CHAOS has 5 classes (4 organs + background): more than official SAM's 3 multimask
+    tokens, so tokens 4-5 and their hypernetwork MLPs start from a random init. Each class's
+    path must train: its mask token row and its hypernetwork MLP receive non-zero gradients."""
+    c = 5
+    seg = apply_lora(_tiny(num_classes=c), LoraSpec(rank=2, decoder=decoder)).train()
+    _perturb_adapters(seg)  # non-zero B so that every adapter's A gets a gradient too
+    target = torch.randint(0, c, (2, IMG // 4, IMG // 4), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(seg(_images()).logits, target).backward()
+    dec = seg.sam.mask_decoder
+    tokens = dec.mask_tokens.weight.grad
+    assert tokens is not None and tokens.shape[0] == c + 1
+    for k in range(c):  # class k is mask token k + 1 (token 0 is SAM's single-mask output)
+        assert tokens[k + 1].abs().sum() > 0, f"class {k}: mask token has no gradient"
+        for p in dec.output_hypernetworks_mlps[k + 1].parameters():
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, f"class {k}"
+    # every trained weight gets a gradient: nothing DDP would call unused
+    no_grad = [n for n, p in seg.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum())]
+    assert no_grad == []
+
+
+def test_frozen_decoder_trains_only_encoder_adapters() -> None:
+    seg = apply_lora(_tiny(num_classes=5), LoraSpec(rank=2, decoder="frozen")).train()
+    _perturb_adapters(seg)
+    seg(_images()).logits.square().mean().backward()
+    assert all(p.grad is None for p in seg.sam.mask_decoder.parameters())
+    trained = {n for n, p in seg.named_parameters() if p.grad is not None}
+    assert trained and all(".attn.qkv.lora_" in n for n in trained)
+
+
+def test_bad_decoder_mode_rejected() -> None:
+    with pytest.raises(ValueError, match="decoder mode"):
+        apply_lora(_tiny(), LoraSpec(decoder="half"))

@@ -42,6 +42,10 @@ def test_demo_plan_order_and_inputs():
     assert stages["distill_ts_kd"].config["distill"]["w_logits"] == 0.2
     assert stages["student_scratch"].deps == ("data",)
     assert stages["student_ts_kd"].deps == ("data", "distill_ts_kd")
+    # the decoder's treatment is part of what the teacher stage depends on
+    assert stages["teacher"].config["decoder"] == "full"
+    other = {s.name: s for s in pipeline.plan(load_config(None, ["teacher.decoder=lora"]))}
+    assert other["teacher"].config["decoder"] == "lora"
 
 
 def test_plan_with_official_checkpoint_and_subset(tmp_path):

@@ -128,7 +128,8 @@ class PretrainConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA on the q and v projections of the encoder blocks and the mask decoder."""
+    """LoRA on the q and v projections of the encoder blocks (and of the mask decoder when
+    ``teacher.decoder`` is ``lora``)."""
 
     rank: int = 4
     alpha: float | None = None
@@ -166,6 +167,10 @@ class TeacherConfig:
     """Official SAM ``.pth`` (``sam_vit_b_01ec64.pth`` ...). Null: pre-train a small SAM on the
     procedural corpus first (demo architectures only)."""
     img_size: int = 128
+    decoder: Literal["full", "lora", "frozen"] = "full"
+    """How the mask decoder is adapted (the image encoder always gets LoRA on q/v): ``full``
+    trains the decoder as SAMed's code does; ``lora`` puts LoRA on its q/v projections and trains
+    the mask tokens and hypernetwork MLPs (one per class); ``frozen`` keeps it as pre-trained."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     finetune: TeacherFinetuneConfig = field(default_factory=TeacherFinetuneConfig)

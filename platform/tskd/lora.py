@@ -5,13 +5,29 @@ Core layer: plain torch + peft.
 * Image encoder: each attention block has one fused ``qkv`` Linear (dim → 3·dim, rows q|k|v).
   peft cannot restrict an adapter to output slices, so :class:`QVLoRALinear` (SAMed style) wraps
   the Linear and adds low-rank deltas to the q and v slices only; the k slice is untouched.
-* Mask decoder: ``segment_anything.modeling.transformer.Attention`` has separate ``q_proj`` and
-  ``v_proj``; peft's ``inject_adapter_in_model`` adds ``lora.Linear`` layers to them in place
-  (the module tree stays a plain ``MaskDecoder``).
+* Mask decoder, by :attr:`LoraSpec.decoder` (``teacher.decoder`` in the config):
+
+  - ``full`` (default, as SAMed's code does it: it freezes only the image encoder): every weight
+    of the mask decoder on the prompt-free path is trained, plus the prompt encoder's
+    ``no_mask_embed`` (the dense embedding added to the image embedding);
+  - ``lora``: peft's ``inject_adapter_in_model`` adds ``lora.Linear`` layers to the decoder's
+    ``q_proj``/``v_proj`` in place (the module tree stays a plain ``MaskDecoder``), and the
+    class-specific parts are trained in full: the mask tokens and the hypernetwork MLPs (a class
+    SAM's checkpoint has no token for starts from a random init and must learn);
+  - ``frozen``: the decoder keeps the foundation model's weights.
+
+  In every mode the weights that never receive a gradient without prompts stay frozen, so that
+  DDP finds no unused parameters: the IoU prediction head (its output is not used), and the
+  hypernetwork MLP of mask token 0 (SAM's single-mask output, dropped with
+  ``multimask_output=True``). See :data:`DECODER_MODES`.
 
 Trainable parameters per adapted Linear (in → out): ``r · (in + out)``. For vit_b's encoder that is
 ``2 · r · (768 + 768) = 3072 · r`` per block (147,456 for r = 4 over 12 blocks); the decoder's
-q/v adapters at r = 4 add 23,552.
+q/v adapters at r = 4 add 23,552. A ``full`` vit_b decoder adds about 4.1M trained weights.
+
+What an adaptation trained — the adapters and, where the decoder is trained, its weights — is
+:func:`lora_state_dict`; it is the adapter file's content, loads back exactly with
+:func:`load_lora_state_dict` and merges with :func:`merge_lora`.
 """
 
 from __future__ import annotations
@@ -38,8 +54,11 @@ __all__ = [
     "is_lora_param",
     "load_lora",
     "load_lora_state_dict",
+    "DECODER_MODES",
+    "is_trained_decoder_param",
     "lora_state_dict",
     "merge_lora",
+    "state_dict_mb",
     "save_lora",
 ]
 
@@ -49,6 +68,26 @@ _FILE_FORMAT = "tskd-lora"
 _FILE_VERSION = 1
 #: peft regex (matched against names inside ``sam.mask_decoder``) for the decoder q/v projections.
 DECODER_TARGET_MODULES = r"transformer\..*\.(q_proj|v_proj)"
+DECODER_MODES = ("full", "lora", "frozen")
+"""How the mask decoder is adapted (see the module docstring)."""
+
+_DEC = "sam.mask_decoder."
+#: Decoder weights off the prompt-free path: they never receive a gradient.
+_NEVER_TRAINED = (_DEC + "iou_prediction_head.", _DEC + "output_hypernetworks_mlps.0.")
+_CLASS_PARTS = (_DEC + "mask_tokens.", _DEC + "output_hypernetworks_mlps.")
+
+
+def is_trained_decoder_param(name: str, mode: str) -> bool:
+    """Whether the base (non-adapter) weight ``name`` of a :class:`SamSegmenter` is trained in
+    decoder ``mode`` (names as in ``segmenter.named_parameters()``, e.g.
+    ``sam.mask_decoder.mask_tokens.weight``)."""
+    if is_lora_param(name) or name.startswith(_NEVER_TRAINED):
+        return False
+    if mode == "full":
+        return name.startswith(_DEC) or name == "sam.prompt_encoder.no_mask_embed.weight"
+    if mode == "lora":
+        return name.startswith(_CLASS_PARTS)
+    return False
 
 
 @dataclass
@@ -59,7 +98,8 @@ class LoraSpec:
     alpha: float | None = None
     dropout: float = 0.0
     encoder: bool = True
-    decoder: bool = True
+    decoder: str = "full"
+    """``full`` | ``lora`` | ``frozen``: see :data:`DECODER_MODES`."""
 
     @property
     def scale(self) -> float:
@@ -73,8 +113,11 @@ class LoraSpec:
             raise ValueError(f"LoRA alpha must be None or > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not (self.encoder or self.decoder):
-            raise ValueError("LoraSpec adapts nothing: set encoder and/or decoder")
+        if self.decoder not in DECODER_MODES:
+            raise ValueError(f"LoRA decoder mode must be one of {DECODER_MODES}, got {self.decoder!r}")
+        if not self.encoder and self.decoder == "frozen":
+            raise ValueError("LoraSpec adapts nothing: set encoder and/or a decoder mode other "
+                             "than 'frozen'")
 
 
 class QVLoRALinear(nn.Module):
@@ -151,11 +194,13 @@ def _spec_of(model: nn.Module) -> LoraSpec | None:
 
 
 def apply_lora(model: SamSegmenter, spec: LoraSpec | None = None) -> SamSegmenter:
-    """Add q/v LoRA adapters to ``model`` in place and freeze every other weight.
+    """Add q/v LoRA adapters to ``model`` in place and freeze every weight the spec does not train.
 
     Encoder: every ``image_encoder.blocks[i].attn.qkv`` becomes a :class:`QVLoRALinear`.
-    Decoder: peft ``lora.Linear`` on every ``q_proj``/``v_proj`` of the mask decoder's transformer.
-    Afterwards only adapter parameters have ``requires_grad=True``. The spec is kept on
+    Decoder (``spec.decoder``): ``lora`` puts peft ``lora.Linear`` on every ``q_proj``/``v_proj``
+    of the mask decoder's transformer and trains the mask tokens and hypernetwork MLPs; ``full``
+    trains the decoder's weights; ``frozen`` trains nothing there. Afterwards exactly the adapter
+    parameters and the trained decoder weights have ``requires_grad=True``. The spec is kept on
     ``model.lora_spec``. Returns ``model``.
     """
     spec = spec or LoraSpec()
@@ -171,7 +216,7 @@ def apply_lora(model: SamSegmenter, spec: LoraSpec | None = None) -> SamSegmente
             if not isinstance(attn.qkv, nn.Linear):
                 raise TypeError(f"expected nn.Linear qkv, got {type(attn.qkv).__name__}")
             attn.qkv = QVLoRALinear(attn.qkv, spec.rank, spec.alpha, spec.dropout)
-    if spec.decoder:
+    if spec.decoder == "lora":
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=spec.rank if spec.alpha is None else spec.alpha,
@@ -181,31 +226,44 @@ def apply_lora(model: SamSegmenter, spec: LoraSpec | None = None) -> SamSegmente
         )
         inject_adapter_in_model(config, sam.mask_decoder)
     for name, p in model.named_parameters():
-        p.requires_grad_(is_lora_param(name))
+        p.requires_grad_(is_lora_param(name) or is_trained_decoder_param(name, spec.decoder))
     model.lora_spec = spec
     logger.info("applied LoRA %s: %d trainable parameters", spec, count_trainable(model))
     return model
 
 
+def _is_adapted(name: str, spec: LoraSpec | None) -> bool:
+    return is_lora_param(name) or (spec is not None and is_trained_decoder_param(name, spec.decoder))
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Adapter weights only (names as in the unwrapped model's ``state_dict()``), detached CPU tensors.
+    """What the adaptation trains: adapter weights and, where the spec trains the decoder, its
+    weights (names as in the unwrapped model's ``state_dict()``), detached CPU tensors.
 
     A DDP/DeepSpeed wrapper is unwrapped first, so the keys never carry a ``module.`` prefix.
     """
     model = _unwrap(model)
+    spec = _spec_of(model)
     return {
-        k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_lora_param(k)
+        k: v.detach().cpu().clone() for k, v in model.state_dict().items() if _is_adapted(k, spec)
     }
 
 
+def state_dict_mb(state_dict: Mapping[str, Tensor]) -> float:
+    """Size of the tensors of ``state_dict`` in MiB (the adapter file's payload)."""
+    return sum(t.numel() * t.element_size() for t in state_dict.values()) / 2**20
+
+
 def load_lora_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], *, source: str = "<state dict>") -> None:
-    """Copy adapter weights into a model that has adapters applied; exact key and shape match.
+    """Copy what an adaptation trained (see :func:`lora_state_dict`) into a model with the same
+    adapters applied; exact key and shape match.
 
     Unlike ``load_state_dict(strict=False)`` this raises ``ValueError`` (naming ``source``) when any
     adapter key is missing, unexpected or of another shape.
     """
     model = _unwrap(model)
-    own = {k: v for k, v in model.state_dict().items() if is_lora_param(k)}
+    spec = _spec_of(model)
+    own = {k: v for k, v in model.state_dict().items() if _is_adapted(k, spec)}
     if not own:
         raise ValueError(f"cannot load LoRA weights from {source}: the model has no adapters (apply_lora first)")
     missing = sorted(set(own) - set(state_dict))

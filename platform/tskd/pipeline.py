@@ -57,7 +57,8 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
                             {**teacher_base, "pretrain": pretrain}))
         base_deps = ("teacher_pretrain",)
     stages.append(Stage("teacher", teacher_finetune.run, ("data", *base_deps),
-                        {**teacher_base, "lora": t["lora"], "finetune": t["finetune"]}))
+                        {**teacher_base, "decoder": t["decoder"], "lora": t["lora"],
+                         "finetune": t["finetune"]}))
     kd_arms = [s for s in cfg.students if s != "scratch"]
     if kd_arms:
         stages.append(Stage("transfer", transfer_set.run, ("data",),

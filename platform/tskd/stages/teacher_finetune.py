@@ -1,12 +1,13 @@
 """Stage ``teacher``: adapt the foundation SAM to the task with LoRA (TS-KD step 1).
 
 Setup: the base SAM (official checkpoint or the pre-trained demo SAM) with a mask decoder of C
-outputs, LoRA on the q/v slices of every encoder block and the decoder's q/v projections, every
-other weight frozen. Loop: 0.2·CE + 0.8·Dice on the augmented labelled subset, AdamW, linear
+outputs, LoRA on the q/v slices of every encoder block; the decoder trained as ``teacher.decoder``
+says (``full`` as SAMed, ``lora``, ``frozen``; see :mod:`tskd.lora`), every other weight frozen. Loop: 0.2·CE + 0.8·Dice on the augmented labelled subset, AdamW, linear
 warm-up then polynomial decay (as SAMed). Report: validation Dice per epoch; the adapter of the
 best epoch is kept.
 
-Output: ``lora.pt`` (the adapter alone, small) and ``teacher.json`` (base checkpoint, arch,
+Output: ``lora.pt`` (what was trained: the adapters and the trained decoder weights; its size
+is the metric ``teacher/adapter_mb``, the paper's Table 7 "LoRA SAM extra memory") and ``teacher.json`` (base checkpoint, arch,
 classes, input size, LoRA spec); :func:`load_finetuned_teacher` rebuilds the merged teacher.
 """
 
@@ -91,7 +92,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     info, splits = load_data(ctx.inputs["data"])
     spec = {"arch": cfg.teacher.arch, "num_classes": info.num_classes,
             "img_size": cfg.teacher.img_size, "base_checkpoint": str(base_checkpoint(ctx)),
-            "lora": to_dict(cfg.teacher.lora)}
+            "lora": to_dict(cfg.teacher.lora) | {"decoder": cfg.teacher.decoder}}
     config = {"teacher": spec, "finetune": to_dict(cfg.teacher.finetune), "info": info,
               "labelled": list(splits.labelled), "val": list(splits.val),
               "image_size": cfg.data.image_size, "augment": cfg.data.augment,
@@ -103,6 +104,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_json(ctx.dir / TEACHER_FILE, {**spec, "best_epoch": state["epoch"]})
     shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
     return {"val/dice": state["val/dice"], "teacher/best_epoch": state["epoch"],
+            "teacher/adapter_mb": round((ctx.dir / LORA_FILE).stat().st_size / 2**20, 3),
+            "teacher/trained_params": sum(t.numel() for t in state["lora"].values()),
             "train/loss": result.metrics.get("train/loss")}
 
 
