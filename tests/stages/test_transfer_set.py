@@ -16,7 +16,7 @@ from tskd.transfer_quality import nearest_neighbours
 
 TINY = [
     "data.demo.n_images=20", "data.demo.size=32", "data.image_size=32",
-    "data.n_labels=6", "data.n_val=2",
+    "data.n_labels=8", "data.val_share=0.25",
     "transfer.n_images=10", "transfer.diffusion.image_size=16",
     "transfer.diffusion.n_augmented=16", "transfer.diffusion.train_steps=5",
     "transfer.diffusion.batch_size=4", "transfer.diffusion.num_inference_steps=2",
