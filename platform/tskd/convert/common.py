@@ -306,6 +306,8 @@ class DatasetWriter:
     def finish(self, *, name: str, modality: str, labels: Mapping[int, str],
                spacing: Sequence[float] | None = None,
                splits: Mapping[str, Sequence[str]] | None = None,
+               groups: Mapping[str, str] | None = None,
+               spacing_per_case: Mapping[str, Sequence[float]] | None = None,
                extra: Mapping[str, Any] | None = None) -> ConversionSummary:
         """Write dataset.json, validate the whole dataset, and build the summary.
 
@@ -321,7 +323,8 @@ class DatasetWriter:
             raise DatasetError(f"{self.src}: masks hold label values {present.tolist()} but "
                                f"only 0..{n_labels - 1} are declared")
         write_dataset_json(self._root, name=name, modality=modality, labels=labels,
-                           spacing=spacing, splits=splits, extra=extra)
+                           spacing=spacing, splits=splits, groups=groups,
+                           spacing_per_case=spacing_per_case, extra=extra)
         try:
             validate_dataset(self._root)
         except DatasetError as e:
