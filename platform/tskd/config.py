@@ -254,9 +254,18 @@ class DiffusionConfig:
 
 @dataclass
 class TransferConfig:
-    """The synthetic transfer set: sampling with Ray Data, quality and near-copy guard."""
+    """The transfer set: synthetic images (sampling with Ray Data, quality and near-copy guard)
+    and/or the train split's real unlabelled images."""
 
+    sources: list[Literal["synthetic", "unlabelled"]] = field(
+        default_factory=lambda: ["synthetic"])
+    """What the transfer set holds: ``synthetic`` (DDPM samples, the paper's setting),
+    ``unlabelled`` (the train split's real images outside the label budget; their labels are
+    never used), or both. Without ``synthetic`` no diffusion model is trained."""
+    n_unlabelled: int | None = None
+    """How many real unlabelled images join (a seeded subset); null = all of them."""
     n_images: int = 300
+    """Synthetic images to sample (when ``sources`` has ``synthetic``)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     num_actors: int = 1
     """Sampler actors (one model load each)."""
@@ -271,6 +280,11 @@ class TransferConfig:
     drop_near_copies: bool = True
 
     def validate(self, path: str) -> None:
+        _check(len(self.sources) >= 1 and len(set(self.sources)) == len(self.sources),
+               f"{path}.sources", self.sources,
+               "a non-empty list of distinct names from ['synthetic', 'unlabelled']")
+        _check(self.n_unlabelled is None or self.n_unlabelled >= 1, f"{path}.n_unlabelled",
+               self.n_unlabelled, "null (all) or an integer >= 1")
         _check(self.n_images >= 1, f"{path}.n_images", self.n_images, "an integer >= 1")
         self.diffusion.validate(f"{path}.diffusion")
         _check(self.num_actors >= 1, f"{path}.num_actors", self.num_actors, "an integer >= 1")
