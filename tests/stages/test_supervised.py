@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -75,3 +76,32 @@ def test_validation_checkpoints_each_new_best(monkeypatch) -> None:
     assert [e for e, _ in saved] == expected
     last = saved[-1][1]
     assert last["selection"] == "best_val" and last["val/dice"] == max(dice)
+
+
+@pytest.mark.slow
+def test_student_stage_without_model_selection_keeps_the_last_epoch(tmp_path, ray_local):
+    """Through Ray Train: data.model_selection=false gives no validation images, the whole budget
+    trains, and the stage keeps (and reports) the last epoch."""
+    import json
+
+    from tskd.artifacts import StageContext
+    from tskd.config import load_config
+    from tskd.stages import data_stage, student_finetune
+
+    cfg = load_config(None, [
+        f"output_dir={tmp_path}", "data.demo.n_images=20", "data.demo.size=32",
+        "data.image_size=32", "data.n_labels=8", "data.model_selection=false",
+        "student.img_size=32", "student.patch_size=8", "student.decoder_dim=16",
+        "student_finetune.epochs=2", "student_finetune.batch_size=4",
+        "ray.cpus_per_worker=0.5", "ray.torch_threads=1"])
+    data_dir, out = tmp_path / "data", tmp_path / "student_scratch"
+    data_dir.mkdir()
+    out.mkdir()
+    metrics = data_stage.run(StageContext("data", data_dir, {}, cfg))
+    assert metrics["data/n_labelled_train"] == 8 and metrics["data/n_labelled_val"] == 0
+    saved = json.loads((data_dir / "splits.json").read_text())
+    assert saved["val"] == [] and saved["model_selection"] is False
+    result = student_finetune.run(StageContext("student_scratch", out, {"data": data_dir}, cfg,
+                                               params={"arm": "scratch"}))
+    assert result["student/best_epoch"] == 2 and result["val/dice"] is None
+    assert (out / student_finetune.STUDENT_FILE).is_file()

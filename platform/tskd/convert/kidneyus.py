@@ -362,9 +362,10 @@ def convert_kidneyus(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
             out.add(case_id, image, mask)
             written.append(case_id)
             if sheet is not None:
-                sp = sheet.get(_sheet_key(case_id))
-                if sp is None and case_id in copies:  # a copy: its original's entry
-                    sp = sheet.get(_sheet_key(copies[case_id]))
+                # a byte-identical copy may be listed under any of its cluster's names
+                names = [case_id] + [c for c, g in copies.items()
+                                     if case_id in copies and g == copies[case_id]]
+                sp = next((sheet[k] for k in map(_sheet_key, names) if sheet.get(k)), None)
                 if sp is None:
                     unknown_spacing.append(case_id)
                 else:
