@@ -53,8 +53,8 @@ CONVERTERS: dict[str, Converter] = {c.name: c for c in (
               "reviewed_masks_r or reviewed_labels_r.csv)",
               options=("size", "reviewer", "resize", "transducer"),
               default_size=512),
-    Converter("autooral", convert_autooral, "Autooral oral ulcers ({train,val,test}/"
-              "{images,masks})", default_size=256),
+    Converter("autooral", convert_autooral, "Autooral oral ulcers ([Autooral_dataset/]"
+              "{train,val,test}/{images,masks}; ids <split>_<name>)", default_size=256),
     Converter("nnunet", convert_nnunet, "nnU-Net v2 raw 2D dataset (DatasetXXX_Name) → tskd"),
     Converter("nnunet-export", export_nnunet, "tskd dataset → nnU-Net v2 raw (DST named "
               "DatasetXXX_Name)", options=()),
