@@ -4,7 +4,8 @@
     >>> summary = convert("drive", "~/downloads/DRIVE", "data/drive")          # doctest: +SKIP
     >>> print(summary)                                                         # doctest: +SKIP
 
-or ``tskd convert FORMAT SRC DST [--size N] [--sequence ...] [--reviewer R] [--resize MODE]``. Each converter reads the dataset's
+or ``tskd convert FORMAT SRC DST [--size N] [--sequence ...] [--reviewer R] [--resize MODE]``.
+Each converter reads the dataset's
 official distribution layout (documented in its module), writes ``DST`` atomically (nothing
 appears in ``DST`` unless the whole conversion succeeded and the result passes
 :func:`tskd.data.format.validate_dataset`) and returns a :class:`ConversionSummary`. Bad input
