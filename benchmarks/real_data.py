@@ -2,6 +2,8 @@
 
     python benchmarks/real_data.py [--data-root ../shared/data] [--datasets ph2 busi]
                                    [--output-dir runs/bench] [--set key=value ...]
+                                   [--transfer synthetic [synthetic+unlabelled ...]]
+                                   [--no-model-selection]
 
 Each dataset there is laid out as ``<name>/{train,test}/{images,masks}`` with binary 0/255
 masks; this script links it into the tskd format (``dataset.json`` with the given train/test
@@ -10,6 +12,13 @@ cached ``sam_demo`` teacher, pre-trained on the procedural corpus, not on these 
 prints a Markdown table of teacher / TS-KD / task-agnostic KD / scratch Dice, HD95 (pixels of the
 original images: no spacing is given) and mIoU with each stage's wall time. Numbers are as
 measured in this run, whichever way they fall. The product never depends on these files.
+
+``n_labels`` per dataset (``BUDGETS``) is the whole label budget: with model selection (default)
+``data.val_share`` of it validates, ``--no-model-selection`` trains on all of it for the fixed
+schedule and keeps the last epoch (the paper's protocol). ``--transfer`` lists transfer-set
+variants (``transfer.sources`` joined by ``+``): each runs in the same experiment directory, so
+only the stages from ``transfer`` on re-run, and its results are kept as
+``results_<variant>.json`` and printed as their own table.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGETS = {"ph2": {"n_labels": 40, "n_val": 10}, "busi": {"n_labels": 30, "n_val": 10}}
+BUDGETS = {"ph2": {"n_labels": 40}, "busi": {"n_labels": 30}}
+"""Labelled images in total (training + validation), as the paper's smallest PH2 budget."""
 
 
 def link_dataset(src: Path, dst: Path, name: str) -> Path:
@@ -57,7 +67,16 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["ph2", "busi"])
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "bench"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--transfer", nargs="+", default=["synthetic"],
+                        metavar="SOURCES", help="transfer-set variants, e.g. synthetic "
+                        "synthetic+unlabelled unlabelled (default: synthetic, the paper's)")
+    parser.add_argument("--no-model-selection", action="store_true",
+                        help="data.model_selection=false: no validation images, last epoch")
     args = parser.parse_args()
+    for variant in args.transfer:
+        if not variant or not set(variant.split("+")) <= {"synthetic", "unlabelled"}:
+            parser.error(f"--transfer {variant!r}: expected sources from synthetic, "
+                         f"unlabelled joined by '+'")
 
     rows = []
     for name in args.datasets:
@@ -66,25 +85,32 @@ def main() -> None:
             print(f"skipping {name}: {src} not found")
             continue
         root = link_dataset(src, Path(args.output_dir) / "datasets" / name, name)
-        budget = BUDGETS.get(name, {"n_labels": 30, "n_val": 10})
-        cmd = [sys.executable, "-m", "tskd.cli", "run", "--set", f"experiment={name}",
-               "--set", f"output_dir={args.output_dir}", "--set", f"data.root={root}",
-               "--set", f"data.n_labels={budget['n_labels']}",
-               "--set", f"data.n_val={budget['n_val']}"]
-        for override in args.overrides:
-            cmd += ["--set", override]
-        start = time.time()
-        subprocess.run(cmd, check=True)
-        wall = time.time() - start
-        run_dir = Path(args.output_dir) / name
-        results = json.loads((run_dir / "results.json").read_text())
-        stages = {json.loads(m.read_text())["stage"]: json.loads(m.read_text())["wall_time_s"]
-                  for m in run_dir.glob("*/manifest.json")}
-        rows.append((name, results, stages, wall, budget))
+        budget = BUDGETS.get(name, {"n_labels": 30})
+        for variant in args.transfer:
+            sources = "[" + ", ".join(variant.split("+")) + "]"
+            cmd = [sys.executable, "-m", "tskd.cli", "run", "--set", f"experiment={name}",
+                   "--set", f"output_dir={args.output_dir}", "--set", f"data.root={root}",
+                   "--set", f"data.n_labels={budget['n_labels']}",
+                   "--set", f"data.model_selection={str(not args.no_model_selection).lower()}",
+                   "--set", f"transfer.sources={sources}"]
+            for override in args.overrides:
+                cmd += ["--set", override]
+            start = time.time()
+            subprocess.run(cmd, check=True)
+            wall = time.time() - start
+            run_dir = Path(args.output_dir) / name
+            results = json.loads((run_dir / "results.json").read_text())
+            (run_dir / f"results_{variant}.json").write_text(json.dumps(results, indent=2))
+            stages = {json.loads(m.read_text())["stage"]:
+                      json.loads(m.read_text())["wall_time_s"]
+                      for m in run_dir.glob("*/manifest.json")}
+            splits = json.loads((run_dir / "data" / "splits.json").read_text())
+            rows.append((name, variant, results, stages, wall, budget, splits))
 
-    for name, results, stages, wall, budget in rows:
-        print(f"\n### {name}: {budget['n_labels']} labels, {results['n_test']} test images, "
-              f"{wall / 60:.1f} min end to end\n")
+    for name, variant, results, stages, wall, budget, splits in rows:
+        print(f"\n### {name}, transfer set {variant}: {budget['n_labels']} labels "
+              f"({splits.get('n_labelled_train')} train + {splits.get('n_labelled_val')} "
+              f"validation), {results['n_test']} test images, {wall / 60:.1f} min\n")
         print("| model | Dice | HD95 (px) | mIoU |\n|---|---|---|---|")
         models = [("teacher (LoRA sam_demo)", results["teacher"])]
         models += [(f"student {arm}", s) for arm, s in results["students"].items()]

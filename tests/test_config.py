@@ -51,6 +51,13 @@ def test_parse_override_yaml_values():
     ("ray.backend=nccl", "ray.backend", "use_gpu"),
     ("ray.backend=mpi", "ray.backend", "'nccl'"),
     ("data=3", "data", "mapping"),
+    ("data.val_share=1", "data.val_share", "[0, 1)"),
+    ("data.n_labels=1", "data.n_labels", "model_selection=false"),
+    ("data.n_val=10", "data.n_val", "unknown key"),
+    ("transfer.sources=[]", "transfer.sources", "non-empty"),
+    ("transfer.sources=[synthetic, synthetic]", "transfer.sources", "distinct"),
+    ("transfer.sources=[real]", "transfer.sources[0]", "'unlabelled'"),
+    ("transfer.n_unlabelled=0", "transfer.n_unlabelled", "null (all)"),
     ("student.img_size=120", "student.img_size", "multiple of patch_size"),
     ("transfer.diffusion.num_inference_steps=5000", "transfer.diffusion.num_inference_steps",
      "[1, num_train_timesteps"),
@@ -104,3 +111,12 @@ def test_fingerprint_is_stable_and_sensitive():
     assert a == fingerprint({"y": [1, 2], "x": 1}, "s")
     assert a != fingerprint({"x": 2, "y": [1, 2]}, "s")
     assert len(a) == 16
+
+
+def test_validation_images_come_from_inside_the_label_budget():
+    cfg = load_config(None, ["data.n_labels=40", "data.val_share=0.2"])
+    assert cfg.data.n_val == 8  # 32 train + 8 validation = 40 labels in total
+    assert load_config(None, ["data.n_labels=7", "data.val_share=0.1"]).data.n_val == 1
+    assert load_config(None, ["data.n_labels=40", "data.model_selection=false"]).data.n_val == 0
+    assert load_config(None, ["data.n_labels=40", "data.val_share=0"]).data.n_val == 0
+    assert load_config(None, ["data.n_labels=1", "data.model_selection=false"]).data.n_val == 0

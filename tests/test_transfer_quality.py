@@ -88,3 +88,45 @@ def test_train_images_are_resized_to_the_synthetic_size():
     # the resize is a proper antialiased bilinear one: close to PIL's
     pil = np.stack([np.asarray(Image.fromarray(t).resize((8, 8), Image.BILINEAR)) for t in train])
     assert np.abs(pil.astype(int) - small).max() <= 2
+
+
+def test_privacy_references_catch_flipped_and_augmented_copies():
+    """A synthetic image equal to a flipped or augmented training copy is a near-copy; an
+    unrelated image is not."""
+    from tskd.data.augment import augment_copies
+    from tskd.transfer_quality import privacy_references
+
+    rng = np.random.default_rng(4)
+    # smooth random images (a flip or augmentation of one is far from every other image)
+    base = rng.integers(0, 256, (5, 4, 4, 3)).astype(np.uint8)
+    train = np.stack([np.asarray(Image.fromarray(b).resize((16, 16), Image.BILINEAR))
+                      for b in base])
+    augmented = augment_copies(train, 12, seed=0, strength="strong")
+    refs, train_index, kind = privacy_references(train, augmented)
+    assert len(refs) == 3 * 5 + 7
+    assert list(kind[:5]) == ["train"] * 5 and list(kind[5:10]) == ["hflip"] * 5
+    assert list(kind[10:15]) == ["vflip"] * 5 and list(kind[15:]) == ["augmented"] * 7
+    np.testing.assert_array_equal(train_index, [*range(5)] * 3 + [j % 5 for j in range(5, 12)])
+    np.testing.assert_array_equal(refs[7], train[2][:, ::-1])  # independent: numpy's flip
+    np.testing.assert_array_equal(refs[13], train[3][::-1])
+    np.testing.assert_array_equal(refs[15 + 4], augmented[9])
+
+    hflip = train[1][:, ::-1].copy()
+    # the augmented copy least like any training image (some copies are barely changed)
+    _, _, aug_psnr = nearest_neighbours(augmented[5:], train)
+    j = 5 + int(np.argmin(aug_psnr))
+    aug_copy = np.clip(augmented[j].astype(int) + rng.integers(-2, 3, (16, 16, 3)), 0, 255
+                       ).astype(np.uint8)  # copy j derives from train[j % 5], + faint noise
+    unrelated = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    synth = np.stack([hflip, aug_copy, unrelated])
+    threshold = 30.0
+    # against the training images alone the flipped and augmented copies slip through
+    _, _, psnr_train = nearest_neighbours(synth, train)
+    assert (psnr_train < threshold).all()
+    idx, mse, psnr = nearest_neighbours(synth, refs)
+    assert psnr[0] == np.inf and kind[idx[0]] == "hflip" and train_index[idx[0]] == 1
+    assert psnr[1] >= threshold and kind[idx[1]] == "augmented" and train_index[idx[1]] == j % 5
+    assert psnr[2] < threshold
+    rep = quality_report(train_index[idx], mse, psnr, near_copy_psnr=threshold)
+    assert [c["index"] for c in rep["near_copies"]] == [0, 1]
+    assert [c["nearest_train"] for c in rep["near_copies"]] == [1, j % 5]

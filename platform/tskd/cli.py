@@ -3,7 +3,8 @@
     tskd run [CONFIG] [--set key=value ...] [--address ADDR] [--force] [--only STAGE]
     tskd config [CONFIG] [--set key=value ...]      # print the resolved config as YAML
     tskd demo-data DIR [--n-images N] [--size PX] [--seed S]
-    tskd convert FORMAT SRC DST [--sequence SEQ] [--size N]   # e.g. drive, chaos, nnunet-export
+    tskd convert FORMAT SRC DST [--size N] [--sequence SEQ] [--reviewer R]
+                 [--resize stretch|letterbox] [--transducer XLSX]  # e.g. chaos, kidneyus
     tskd store ls|du|gc [--output-dir DIR] [--yes]  # the shared artifact store
     tskd tune [CONFIG] --space SPACE.yaml [--set key=value ...] [--resume] [--address ADDR]
 
@@ -64,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="chaos only: T2SPIR (default), T1DUAL_in or T1DUAL_out")
     conv.add_argument("--size", type=int, metavar="N",
                       help="resize to NxN (0 = native; default: the format's own)")
+    conv.add_argument("--reviewer", type=int, metavar="R",
+                      help="kidneyus only: whose annotations, 1 (default) or 2")
+    conv.add_argument("--resize", metavar="MODE",
+                      help="kidneyus only: how images are fitted into NxN: stretch (default, "
+                           "as the paper) or letterbox (aspect kept, zero padding)")
+    conv.add_argument("--transducer", metavar="XLSX",
+                      help="kidneyus only: the transducer sheet with per-image spacing "
+                           "(default: OpenKidneyUltrasoundDataSet_TransducerInfo.xlsx in SRC)")
 
     store = sub.add_parser("store", help="the shared artifact store: list entries (ls), sizes per "
                            "stage (du), remove entries no run uses (gc, dry run unless --yes)")
@@ -166,7 +175,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tskd.convert import convert
 
-    summary = convert(args.format, args.src, args.dst, sequence=args.sequence, size=args.size)
+    summary = convert(args.format, args.src, args.dst, sequence=args.sequence, size=args.size,
+                      reviewer=args.reviewer, resize=args.resize, transducer=args.transducer)
     print(summary.format_text())
     return 0
 

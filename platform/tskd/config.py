@@ -90,19 +90,38 @@ class DataConfig:
     image_size: int = 128
     """Working resolution of labelled images; each model resizes to its own input size."""
     n_labels: int = 40
-    """Label budget: size of the labelled training subset (deterministic from the seed)."""
-    n_val: int = 10
-    """Validation images, carved from the training split (never from the test split)."""
+    """Label budget: the number of labelled images the method may use IN TOTAL (training and
+    validation together), a seeded subset of the train split; a larger budget is a superset."""
+    model_selection: bool = True
+    """Validate every epoch on ``val_share`` of the budget and keep the best epoch. False (or
+    ``val_share`` 0): no validation images, train the fixed schedule and keep the last epoch
+    (as the TS-KD paper does)."""
+    val_share: float = 0.2
+    """Share of ``n_labels`` held out (from inside the budget) for model selection:
+    ``round(val_share · n_labels)`` images, at least 1, whole groups (see dataset.json
+    ``groups``)."""
     test_fraction: float = 0.2
     """Test share when dataset.json declares no splits."""
     augment: bool = True
+
+    @property
+    def n_val(self) -> int:
+        """Validation images carved from the budget (0 when model selection is off)."""
+        if not self.model_selection or self.val_share == 0:
+            return 0
+        return min(self.n_labels - 1, max(1, round(self.val_share * self.n_labels)))
 
     def validate(self, path: str) -> None:
         self.demo.validate(f"{path}.demo")
         _check(16 <= self.image_size <= 2048, f"{path}.image_size", self.image_size,
                "an integer in [16, 2048]")
         _check(self.n_labels >= 1, f"{path}.n_labels", self.n_labels, "an integer >= 1")
-        _check(self.n_val >= 1, f"{path}.n_val", self.n_val, "an integer >= 1")
+        _check(0.0 <= self.val_share < 1.0, f"{path}.val_share", self.val_share,
+               "a number in [0, 1) (0 turns model selection off)")
+        _check(not (self.n_val == 0 and self.model_selection and self.val_share > 0),
+               f"{path}.n_labels", self.n_labels,
+               "an integer >= 2 when model selection is on (validation images come from "
+               "inside the budget); or set data.model_selection=false")
         _check(0.0 < self.test_fraction < 1.0, f"{path}.test_fraction", self.test_fraction,
                "a number in (0, 1)")
 
@@ -243,9 +262,18 @@ class DiffusionConfig:
 
 @dataclass
 class TransferConfig:
-    """The synthetic transfer set: sampling with Ray Data, quality and near-copy guard."""
+    """The transfer set: synthetic images (sampling with Ray Data, quality and near-copy guard)
+    and/or the train split's real unlabelled images."""
 
+    sources: list[Literal["synthetic", "unlabelled"]] = field(
+        default_factory=lambda: ["synthetic"])
+    """What the transfer set holds: ``synthetic`` (DDPM samples, the paper's setting),
+    ``unlabelled`` (the train split's real images outside the label budget; their labels are
+    never used), or both. Without ``synthetic`` no diffusion model is trained."""
+    n_unlabelled: int | None = None
+    """How many real unlabelled images join (a seeded subset); null = all of them."""
     n_images: int = 300
+    """Synthetic images to sample (when ``sources`` has ``synthetic``)."""
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     num_actors: int = 1
     """Sampler actors (one model load each)."""
@@ -260,6 +288,11 @@ class TransferConfig:
     drop_near_copies: bool = True
 
     def validate(self, path: str) -> None:
+        _check(len(self.sources) >= 1 and len(set(self.sources)) == len(self.sources),
+               f"{path}.sources", self.sources,
+               "a non-empty list of distinct names from ['synthetic', 'unlabelled']")
+        _check(self.n_unlabelled is None or self.n_unlabelled >= 1, f"{path}.n_unlabelled",
+               self.n_unlabelled, "null (all) or an integer >= 1")
         _check(self.n_images >= 1, f"{path}.n_images", self.n_images, "an integer >= 1")
         self.diffusion.validate(f"{path}.diffusion")
         _check(self.num_actors >= 1, f"{path}.num_actors", self.num_actors, "an integer >= 1")

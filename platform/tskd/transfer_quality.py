@@ -4,6 +4,10 @@ For every synthetic image we find the training image closest in pixel space and 
 squared error and the PSNR against it. A high PSNR means the generator reproduced a training image
 (a near-copy): a privacy risk, because the transfer set may leave the site that owns the data.
 
+The privacy check compares against more than the training images themselves
+(:func:`privacy_references`): also their horizontal and vertical flips and the augmented copies
+the diffusion model was trained on, so a memorised flipped or augmented copy is caught too.
+
 Core layer: plain numpy + torch, no Ray.
 """
 
@@ -17,7 +21,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["resize_uint8", "is_grayscale", "to_grayscale", "nearest_neighbours", "quality_report",
-           "psnr_from_mse", "json_safe"]
+           "psnr_from_mse", "json_safe", "privacy_references", "REFERENCE_KINDS"]
+
+REFERENCE_KINDS = ("train", "hflip", "vflip", "augmented")
+"""What a privacy reference image is: a training image, its left-right or top-bottom flip, or an
+augmented copy the diffusion model was trained on."""
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
@@ -110,6 +118,44 @@ def nearest_neighbours(synthetic: np.ndarray, train: np.ndarray, *, chunk: int =
             best_idx[i0:i0 + chunk][better] = arg.numpy()[better] + j0
     mse = np.maximum(best_sse, 0.0) / d
     return best_idx, mse, psnr_from_mse(mse)
+
+
+def privacy_references(train: np.ndarray, augmented: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The images a synthetic image must not nearly copy.
+
+    Args:
+        train: ``uint8 (N, H, W, 3)`` training images.
+        augmented: ``uint8 (A, H', W', 3)`` the diffusion model's training set as built by
+            :func:`tskd.data.augment.augment_copies` (copy ``j`` derives from ``train[j % N]``,
+            the first ``min(N, A)`` are the originals and are not repeated here); resized to
+            ``(H, W)`` if needed. ``None``: no augmented copies.
+
+    Returns:
+        ``refs`` uint8 ``(R, H, W, 3)``: the ``N`` training images, their ``N`` left-right flips,
+        their ``N`` top-bottom flips, then the ``A - N`` augmented copies; ``train_index`` int64
+        ``(R,)``: the training image each reference derives from; ``kind`` ``(R,)`` strings from
+        :data:`REFERENCE_KINDS`.
+    """
+    if train.dtype != np.uint8 or train.ndim != 4 or train.shape[-1] != 3 or len(train) == 0:
+        raise ValueError(f"train: expected non-empty uint8 (N, H, W, 3), got {train.dtype} "
+                         f"{train.shape}")
+    n, h = len(train), train.shape[1]
+    parts = [train, train[:, :, ::-1], train[:, ::-1, :]]
+    index = [np.arange(n)] * 3
+    kinds = [np.full(n, k) for k in REFERENCE_KINDS[:3]]
+    if augmented is not None and len(augmented) > n:
+        extra = augmented[n:]
+        if extra.shape[1:3] != train.shape[1:3]:
+            if train.shape[1] != train.shape[2]:
+                raise ValueError(f"augmented: size {extra.shape[1:3]} differs from the "
+                                 f"non-square training images {train.shape[1:3]}")
+            extra = resize_uint8(extra, h)
+        parts.append(extra)
+        index.append(np.arange(n, len(augmented)) % n)
+        kinds.append(np.full(len(extra), REFERENCE_KINDS[3]))
+    refs = np.ascontiguousarray(np.concatenate(parts))
+    return refs, np.concatenate(index).astype(np.int64), np.concatenate(kinds)
 
 
 def _stats(x: np.ndarray) -> dict[str, float | None]:

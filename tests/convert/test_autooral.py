@@ -43,9 +43,11 @@ def test_autooral_split_layout(tmp_path):
     summary = convert("autooral", src, tmp_path / "out", size=0)
     info = load_dataset_info(tmp_path / "out")
     assert info.labels == {0: "background", 1: "ulcer"}
-    assert info.splits == {"train": ["ulcer_000", "ulcer_001", "ulcer_002", "ulcer_003"],
-                           "test": ["ulcer_004", "ulcer_005"]}
-    for k, cid in enumerate(info.case_ids):
+    assert info.splits == {"train": ["train_ulcer_000", "train_ulcer_001", "val_ulcer_002",
+                                     "val_ulcer_003"],
+                           "test": ["test_ulcer_004", "test_ulcer_005"]}
+    for cid in info.case_ids:
+        k = int(cid[-3:])
         assert np.array_equal(read_case(info, cid)[1], _ulcer(k).astype(np.int64))
     assert summary.pixel_share["ulcer"] == pytest.approx(32 / (H * W))
     assert any("validation" in n for n in summary.notes)
@@ -72,3 +74,37 @@ def test_autooral_missing_mask_and_missing_test(tmp_path):
     with pytest.raises(DatasetError, match="not an Autooral layout"):
         convert("autooral", tmp_path / "C", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def make_official(root: Path) -> Path:
+    """The public archive: Autooral_dataset/{train,val,test}/{images,masks}/ with the same file
+    names (1.png, 2.png) in every split and 0/255 masks named like their image."""
+    rng = np.random.default_rng(5)
+    for s_idx, split in enumerate(("train", "val", "test")):
+        base = root / "Autooral_dataset" / split
+        (base / "images").mkdir(parents=True)
+        (base / "masks").mkdir()
+        for n in (1, 2):
+            Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(
+                base / "images" / f"{n}.png")
+            Image.fromarray(_ulcer(3 * s_idx + n).astype(np.uint8) * 255).save(
+                base / "masks" / f"{n}.png")
+    return root
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_autooral_official_archive_same_names_across_splits(tmp_path, inner):
+    root = make_official(tmp_path / "download")
+    src = root / "Autooral_dataset" if inner else root
+    summary = convert("autooral", src, tmp_path / "out", size=0)
+    info = load_dataset_info(tmp_path / "out")
+    assert info.case_ids == ("test_1", "test_2", "train_1", "train_2", "val_1", "val_2")
+    assert info.splits == {"train": ["train_1", "train_2", "val_1", "val_2"],
+                           "test": ["test_1", "test_2"]}
+    for s_idx, split in enumerate(("train", "val", "test")):
+        for n in (1, 2):
+            image, mask = read_case(info, f"{split}_{n}")
+            ref = np.asarray(Image.open(root / "Autooral_dataset" / split / "images" / f"{n}.png"))
+            assert np.array_equal(image, ref)
+            assert np.array_equal(mask, _ulcer(3 * s_idx + n).astype(np.int64))
+    assert summary.n_images == 6

@@ -130,9 +130,20 @@ def test_chaos_t1dual_phases_and_case_spacing(tmp_path):
     assert np.array_equal(m_in, expected_mask(1, 1)) and np.array_equal(m_out, m_in)
     assert not np.array_equal(img_in, img_out)  # different phase data (phase 1 vs 2 ramps)
     meta = json.loads((tmp_path / "in" / "dataset.json").read_text())
-    assert meta["case_spacing"]["01_T1DUAL_in_000"] == [1.5, 2.0]
-    assert meta["case_spacing"]["02_T1DUAL_in_000"] == [1.0, 1.0]
+    assert meta["spacing_per_case"]["01_T1DUAL_in_000"] == [1.5, 2.0]
+    assert meta["spacing_per_case"]["02_T1DUAL_in_000"] == [1.0, 1.0]
     assert meta["spacing"] == [1.25, 1.5]  # median over the 4 cases
+    assert info_in.spacing_of("02_T1DUAL_in_001") == (1.0, 1.0)
+    assert info_in.spacing_of("01_T1DUAL_in_001") == (1.5, 2.0)
+    # slices are grouped by patient, and splits keep a patient on one side
+    assert meta["groups"] == {f"{p:02d}_T1DUAL_in_{k:03d}": f"{p:02d}"
+                              for p in (1, 2) for k in range(2)}
+    from tskd.data.format import make_splits
+    for seed in range(4):
+        s = make_splits(info_in, n_labels=2, n_val=0, seed=seed, test_fraction=0.5)
+        assert len({c[:2] for c in s.test}) == 1 and len(s.test) == 2
+        assert {c[:2] for c in s.labelled} == {c[:2] for c in info_in.case_ids} - \
+            {c[:2] for c in s.test}
 
 
 def test_chaos_unknown_grey_level_names_file_and_value(tmp_path):

@@ -135,3 +135,142 @@ def test_kidneyus_errors_name_the_problem(tmp_path):
     with pytest.raises(DatasetError, match="unknown anatomy 'Ureter'"):
         convert("kidneyus", src, tmp_path / "out", size=0)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The official data's quirks: copies, empty annotations, degenerate regions, spacing, resizing
+# ----------------------------------------------------------------------------------------------
+
+from tskd.convert.kidneyus import is_degenerate  # noqa: E402
+from tskd.data.format import make_splits  # noqa: E402
+
+ORIG, COPY1, COPY2, EMPTY, STRAY = ("102_IM-0262-0009_anon.png", "400_IM-0262-0009_anon.png",
+                                    "404_IM-0262-0009_anon.png", "7_IM-0100-0001_anon.png",
+                                    "169_IM-0885-0035_anon.png")
+
+
+def make_quirky(root: Path) -> Path:
+    """Images: NAMES (unique), ORIG + two byte-identical copies, an image annotated without
+    regions, and one whose reviewer-1 annotation has a stray capsule strip at the top."""
+    rng = np.random.default_rng(9)
+    d = root / "images"
+    d.mkdir(parents=True)
+    for name in NAMES + [ORIG, EMPTY, STRAY]:
+        Image.fromarray(rng.integers(0, 256, (H, W), dtype=np.uint8)).save(d / name)
+    for copy in (COPY1, COPY2):
+        (d / copy).write_bytes((d / ORIG).read_bytes())
+    labels = root / "labels"
+    labels.mkdir()
+    with (labels / "reviewed_labels_1.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "file_size", "file_attributes", "region_count", "region_id",
+                    "region_shape_attributes", "region_attributes"])
+        for name in NAMES + [ORIG, COPY1, COPY2]:
+            regs = REGIONS.get(name, [("Capsule", (3, 3, 12, 12))])
+            for i, (anatomy, box) in enumerate(regs):
+                w.writerow([name, 1, "{}", len(regs), i, json.dumps(_rect(*box)),
+                            json.dumps({"Anatomy": anatomy})])
+        w.writerow([EMPTY, 1, "{}", 0, 0, "{}", "{}"])  # region_count 0
+        # the real stray: a VIA rect 517x11 at y=7 of a 960x720 image; here 30x1 at y=0
+        w.writerow([STRAY, 1, "{}", 2, 0, json.dumps({"name": "rect", "x": 1, "y": 0,
+                                                      "width": 30, "height": 1}),
+                    json.dumps({"Anatomy": "Capsule"})])
+        w.writerow([STRAY, 1, "{}", 2, 1, json.dumps(_rect(5, 6, 20, 18)),
+                    json.dumps({"Anatomy": "Capsule"})])
+    return root
+
+
+def write_sheet(path: Path, rows: list[tuple[str, float, float]]) -> Path:
+    """The transducer sheet's layout (Sheet1: Filename without _anon, Physical Delta X/Y in cm
+    per pixel; the real sheet also has Manufacturer, ... columns), written with pandas."""
+    import pandas as pd
+
+    pd.DataFrame({"Filename": [r[0] for r in rows], "Manufacturer": "ACME",
+                  "Physical Delta X": [r[1] for r in rows],
+                  "Physical Delta Y": [r[2] for r in rows]}).to_excel(path, index=False)
+    return path
+
+
+def test_is_degenerate_rule():
+    # reviewer 1's stray capsule on 169_IM-0885-0035 (960x720): rect x=198, y=7, 517x11
+    assert is_degenerate((198, 7, 198 + 517, 7 + 11), (720, 960))
+    assert not is_degenerate((300, 150, 700, 450), (720, 960))  # a kidney
+    assert not is_degenerate((300, 5, 700, 300), (720, 960))  # touches the top, but tall
+    assert is_degenerate((100, 400, 650, 420), (720, 960))  # 550x20: aspect 27.5 > 20
+    assert not is_degenerate((100, 400, 500, 421), (720, 960))  # aspect 19
+    assert is_degenerate((10, 10, 10, 50), (720, 960))  # zero width
+
+
+def test_kidneyus_copies_grouped_empty_skipped_stray_ignored(tmp_path, caplog):
+    src = make_quirky(tmp_path / "kidneyUS")
+    summary = convert("kidneyus", src, tmp_path / "out", size=0)
+    info = load_dataset_info(tmp_path / "out")
+    stem = lambda n: Path(n).stem  # noqa: E731
+    assert stem(EMPTY) not in info.case_ids  # no regions: skipped, not all-background
+    assert len(info.case_ids) == 6
+    assert any("1 annotated images with no kidney region" in n for n in summary.notes)
+    # copies share their original's group; unique images have none
+    assert info.groups == {stem(ORIG): stem(ORIG), stem(COPY1): stem(ORIG),
+                           stem(COPY2): stem(ORIG)}
+    assert any("2 images are byte-identical copies" in n for n in summary.notes)
+    checked = 0
+    for seed in range(12):
+        try:
+            s = make_splits(info, n_labels=2, n_val=1, seed=seed, test_fraction=0.2)
+        except DatasetError as e:  # a budget inside the 3 copies cannot give a validation
+            assert "without splitting a group" in str(e)
+            continue
+        sides = [{info.group_of(c) for c in part} for part in (s.test, s.val, s.labelled)]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+        checked += 1
+    assert checked >= 6
+    # the stray strip is ignored (warned), the real capsule kept
+    _, mask = read_case(info, stem(STRAY))
+    ref = np.zeros((H, W), np.int64)
+    ref[6:19, 5:21] = 1
+    assert np.array_equal(mask, ref)
+    assert "degenerate region" in caplog.text and STRAY in caplog.text
+    assert info.spacing is None and info.spacing_per_case is None  # no sheet
+
+
+def test_kidneyus_spacing_from_transducer_sheet_and_letterbox(tmp_path, capsys):
+    src = make_quirky(tmp_path / "kidneyUS")
+    write_sheet(src / "OpenKidneyUltrasoundDataSet_TransducerInfo.xlsx", [
+        ("1_IM-0001-0059", 1.0, 1.0),           # placeholder 1s: unknown
+        ("2_IM-0383-0001", -0.02, 0.025),        # sign = direction
+        ("102_IM-0262-0009", 0.03, 0.03),        # its copies (not in the sheet) use it
+        ("169_IM-0885-0035", 0.01, 0.02)])
+    # 24x32 images letterboxed to 64x64: scale 2 (32 -> 64 wide, 24 -> 48 high, 8 px bars)
+    from tskd.cli import main
+    assert main(["convert", "kidneyus", str(src), str(tmp_path / "out"), "--size", "64",
+                 "--resize", "letterbox"]) == 0
+    out = capsys.readouterr().out
+    assert "64x64 px (letterbox)" in out and "placeholder" in out
+    info = load_dataset_info(tmp_path / "out")
+    mm = lambda dy, dx: (10 * dy / 2, 10 * dx / 2)  # noqa: E731  cm -> mm, then the x2 zoom
+    assert info.spacing_of("2_IM-0383-0001_anon") == pytest.approx(mm(0.025, 0.02))
+    for c in (ORIG, COPY1, COPY2):
+        assert info.spacing_of(Path(c).stem) == pytest.approx(mm(0.03, 0.03))
+    assert info.spacing_of("169_IM-0885-0035_anon") == pytest.approx(mm(0.02, 0.01))
+    known = np.array([mm(0.025, 0.02), *[mm(0.03, 0.03)] * 3, mm(0.02, 0.01)])
+    assert "1_IM-0001-0059_anon" not in info.spacing_per_case
+    assert info.spacing_of("1_IM-0001-0059_anon") == pytest.approx(tuple(np.median(known, 0)))
+    # letterbox: the 24x32 image is scaled x2 into rows 8..55, zero bars above and below
+    image, mask = read_case(info, "2_IM-0383-0001_anon")
+    raw = np.asarray(Image.open(src / "images" / NAMES[1]))
+    assert image.shape == (64, 64, 3) and not image[:8].any() and not image[56:].any()
+    ref = np.zeros((64, 64), np.int64)
+    ref[8:56] = np.kron(expected(NAMES[1]), np.ones((2, 2), np.int64))
+    assert np.array_equal(mask, ref)
+    assert np.abs(image[8:56:2, 0::2, 0].astype(int) - raw).mean() < 40  # same picture
+
+
+def test_cli_convert_reviewer_2(tmp_path, capsys):
+    from tskd.cli import main
+    src = make_images(tmp_path / "k", extra=False)
+    make_csv(src, reviewer=2)
+    assert main(["convert", "kidneyus", str(src), str(tmp_path / "o1"), "--size", "0"]) == 2
+    assert "reviewer 1" in capsys.readouterr().err
+    assert main(["convert", "kidneyus", str(src), str(tmp_path / "o2"), "--size", "0",
+                 "--reviewer", "2"]) == 0
+    assert "KidneyUS-reviewer2" in capsys.readouterr().out

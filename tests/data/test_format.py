@@ -238,17 +238,19 @@ def test_empty_split(tmp_path: Path) -> None:
 def test_too_few_training_images(tmp_path: Path) -> None:
     _dataset(tmp_path, n=5)  # no splits: 1 of 5 held out for test (20%) -> 4 train
     with pytest.raises(DatasetError) as e:
-        validate_dataset(tmp_path, n_labels=4, n_val=2)
+        validate_dataset(tmp_path, n_labels=5, n_val=1)
     msg = str(e.value)
     assert "too few training images" in msg
-    assert re.search(r"has 4\b", msg) and re.search(r"needs 6\b", msg)
-    validate_dataset(tmp_path, n_labels=3, n_val=1)  # exactly enough
+    assert re.search(r"has 4\b", msg) and re.search(r"n_labels=5\b", msg)
+    validate_dataset(tmp_path, n_labels=4, n_val=1)  # exactly enough: val is inside the budget
+    with pytest.raises(DatasetError, match=r"n_val=4 .*inside the label budget n_labels=4"):
+        validate_dataset(tmp_path, n_labels=4, n_val=4)
 
 
 def test_too_few_with_declared_splits(tmp_path: Path) -> None:
     _dataset(tmp_path, n=6, splits={"train": ["case_0", "case_1"],
                                     "test": ["case_2", "case_3", "case_4", "case_5"]})
-    with pytest.raises(DatasetError, match=r"has 2 .* needs 3"):
+    with pytest.raises(DatasetError, match=r"has 2 .* n_labels=3"):
         validate_dataset(tmp_path, n_labels=3)
 
 
@@ -365,24 +367,34 @@ def _info_with_ids(tmp_path: Path, n: int, splits: dict | None = None):
 
 def test_splits_without_declared_test(tmp_path: Path) -> None:
     info = _info_with_ids(tmp_path, 30)
-    s = make_splits(info, n_labels=8, n_val=4, seed=3)
+    s = make_splits(info, n_labels=12, n_val=4, seed=3)
     assert isinstance(s, Splits)
-    assert len(s.test) == 6 and len(s.val) == 4 and len(s.labelled) == 8
-    assert len(s.unlabelled) == 30 - 6 - 4 - 8
+    assert len(s.test) == 6 and len(s.val) == 4 and len(s.labelled) == 8  # 12 labels in total
+    assert (s.n_train_labels, s.n_val_labels, s.n_labels_used) == (8, 4, 12)
+    assert len(s.unlabelled) == 30 - 6 - 12
     groups = [set(s.labelled), set(s.val), set(s.test), set(s.unlabelled)]
     assert set().union(*groups) == set(info.case_ids)
     assert sum(len(g) for g in groups) == 30  # pairwise disjoint
-    assert s == make_splits(info, n_labels=8, n_val=4, seed=3)  # deterministic
-    assert make_splits(info, n_labels=8, n_val=4, seed=4).labelled != s.labelled
+    assert s == make_splits(info, n_labels=12, n_val=4, seed=3)  # deterministic
+    assert make_splits(info, n_labels=12, n_val=4, seed=4).labelled != s.labelled
     assert all(list(t) == sorted(t) for t in (s.labelled, s.val, s.test, s.unlabelled))
 
 
 def test_label_budget_nested(tmp_path: Path) -> None:
     info = _info_with_ids(tmp_path, 30)
-    small = make_splits(info, n_labels=3, n_val=2, seed=7)
-    big = make_splits(info, n_labels=12, n_val=2, seed=7)
+    small = make_splits(info, n_labels=5, n_val=2, seed=7)
+    big = make_splits(info, n_labels=14, n_val=2, seed=7)
     assert set(small.labelled) < set(big.labelled)
     assert small.val == big.val and small.test == big.test
+    # model selection off: the budget is all training labels, and budgets nest
+    off = [make_splits(info, n_labels=n, n_val=0, seed=7) for n in (3, 9, 24)]
+    assert all(s.val == () and s.n_train_labels == n for s, n in zip(off, (3, 9, 24)))
+    assert set(off[0].labelled) < set(off[1].labelled) < set(off[2].labelled)
+    # with a share of the budget for validation the whole budget still nests
+    a = make_splits(info, n_labels=10, n_val=2, seed=7)
+    b = make_splits(info, n_labels=20, n_val=4, seed=7)
+    assert set(a.labelled) | set(a.val) < set(b.labelled) | set(b.val)
+    assert set(a.val) < set(b.val)
 
 
 def test_declared_test_split_honoured(tmp_path: Path) -> None:
@@ -405,7 +417,7 @@ def test_declared_test_only(tmp_path: Path) -> None:
 def test_declared_train_only(tmp_path: Path) -> None:
     info = _info_with_ids(tmp_path, 10, {"train": [f"c{i:02d}" for i in range(7)]})
     s = make_splits(info, n_labels=4, n_val=1, seed=2)
-    assert s.test == ("c07", "c08", "c09") and len(s.unlabelled) == 2
+    assert s.test == ("c07", "c08", "c09") and len(s.unlabelled) == 3  # 7 - 4 (val inside)
     info = _info_with_ids(tmp_path / "all", 10, {"train": [f"c{i:02d}" for i in range(10)]})
     s = make_splits(info, n_labels=4, n_val=1, seed=2)
     assert len(s.test) == 2 and not set(s.test) & (set(s.labelled) | set(s.val))
@@ -413,9 +425,106 @@ def test_declared_train_only(tmp_path: Path) -> None:
 
 def test_splits_errors(tmp_path: Path) -> None:
     info = _info_with_ids(tmp_path, 10)
-    with pytest.raises(DatasetError, match=r"has 8 but n_labels=8 \+ n_val=1 needs 9"):
-        make_splits(info, n_labels=8, n_val=1, seed=0)
+    with pytest.raises(DatasetError, match=r"has 8 but the label budget is n_labels=9"):
+        make_splits(info, n_labels=9, n_val=1, seed=0)
+    with pytest.raises(DatasetError, match=r"n_val must be < n_labels"):
+        make_splits(info, n_labels=2, n_val=2, seed=0)
     with pytest.raises(DatasetError, match="n_labels"):
         make_splits(info, n_labels=0, n_val=1, seed=0)
     with pytest.raises(DatasetError, match="test_fraction"):
-        make_splits(info, n_labels=1, n_val=1, seed=0, test_fraction=1.5)
+        make_splits(info, n_labels=2, n_val=1, seed=0, test_fraction=1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups (e.g. patients) and per-case spacing
+# ----------------------------------------------------------------------------------------------
+
+
+def _grouped_info(tmp_path: Path, sizes: list[int], splits: dict | None = None,
+                  extra_groups: dict | None = None):
+    """Cases g<k>_<j>: group k has sizes[k] images."""
+    groups = {}
+    for k, n in enumerate(sizes):
+        for j in range(n):
+            cid = f"g{k}_{j}"
+            _png(tmp_path / "images" / f"{cid}.png", np.full((4, 4), k, np.uint8))
+            _png(tmp_path / "masks" / f"{cid}.png", np.zeros((4, 4), np.uint8))
+            groups[cid] = f"patient{k}"
+    write_dataset_json(tmp_path, name="t", modality="MR", labels={0: "bg", 1: "fg"},
+                       splits=splits, groups={**groups, **(extra_groups or {})})
+    return load_dataset_info(tmp_path)
+
+
+def _group_set(ids) -> set[str]:
+    return {i.split("_")[0] for i in ids}
+
+
+def test_groups_never_straddle_splits(tmp_path: Path) -> None:
+    sizes = [3, 5, 2, 4, 6, 1, 3, 2, 5, 4, 3, 2]  # 40 images, 12 patients
+    info = _grouped_info(tmp_path, sizes)
+    assert info.group_of("g3_1") == "patient3"
+    for seed in range(6):
+        s = make_splits(info, n_labels=15, n_val=4, seed=seed, test_fraction=0.25)
+        t, v, lab = _group_set(s.test), _group_set(s.val), _group_set(s.labelled)
+        assert not (t & v) and not (t & lab) and not (v & lab)
+        assert not t & _group_set(s.unlabelled)  # the test split holds whole groups
+        assert s.n_labels_used == 15  # budgets count images, never more
+        assert 1 <= s.n_val_labels <= 4
+        assert len(s.test) >= 10  # round(0.25 * 40) images, whole groups
+        everything = set(s.test) | set(s.val) | set(s.labelled) | set(s.unlabelled)
+        assert everything == set(info.case_ids)
+        # larger budget: superset of the smaller budget
+        big = make_splits(info, n_labels=22, n_val=0, seed=seed, test_fraction=0.25)
+        small = make_splits(info, n_labels=9, n_val=0, seed=seed, test_fraction=0.25)
+        assert set(small.labelled) < set(big.labelled) and big.test == s.test
+
+
+def test_groups_val_is_whole_groups_within_budget(tmp_path: Path) -> None:
+    info = _grouped_info(tmp_path, [10, 10, 10, 10], splits={
+        "train": [f"g{k}_{j}" for k in (0, 1, 2) for j in range(10)],
+        "test": [f"g3_{j}" for j in range(10)]})
+    # budget = one whole group (10) + 5 images of the next; no group part fits n_val=3, so the
+    # budget's smallest group part (the 5) validates and the whole group trains
+    s = make_splits(info, n_labels=15, n_val=3, seed=0)
+    assert s.n_val_labels == 5 and s.n_train_labels == 10 and len(_group_set(s.val)) == 1
+    assert not _group_set(s.val) & _group_set(s.labelled)
+    # a budget inside one group cannot be split into validation and training
+    with pytest.raises(DatasetError, match="without splitting a group"):
+        make_splits(info, n_labels=8, n_val=2, seed=0)
+    assert make_splits(info, n_labels=8, n_val=0, seed=0).n_train_labels == 8
+
+
+def test_groups_validation_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"field 'groups' names 1 ids with no image.*ghost"):
+        _grouped_info(tmp_path / "a", [2, 2], extra_groups={"ghost": "p9"})
+    with pytest.raises(DatasetError, match=r"'groups' disagree: group\(s\) \['patient0'\]"):
+        _grouped_info(tmp_path / "b", [2, 2], splits={"train": ["g0_0", "g1_0", "g1_1"],
+                                                      "test": ["g0_1"]})
+    _grouped_info(tmp_path / "c", [2, 2])
+    meta = json.loads((tmp_path / "c" / "dataset.json").read_text())
+    for bad, pattern in (([1, 2], r"field 'groups' must be an object"),
+                         ({"g0_0": None}, r"field 'groups\.g0_0' must be a non-empty string"),
+                         ({"g0_0": ""}, r"field 'groups\.g0_0'")):
+        (tmp_path / "c" / "dataset.json").write_text(json.dumps({**meta, "groups": bad}))
+        with pytest.raises(DatasetError, match=pattern):
+            load_dataset_info(tmp_path / "c")
+
+
+def test_spacing_per_case(tmp_path: Path) -> None:
+    _info_with_ids(tmp_path, 3)
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    meta |= {"spacing": [0.5, 0.5], "spacing_per_case": {"c01": [0.2, 0.3]}}
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    info = load_dataset_info(tmp_path)
+    assert info.spacing_of("c01") == (0.2, 0.3) and info.spacing_of("c00") == (0.5, 0.5)
+    assert info.has_spacing
+    del meta["spacing"]
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    info = load_dataset_info(tmp_path)
+    assert info.spacing_of("c00") is None and info.spacing_of("c01") == (0.2, 0.3)
+    assert not info.has_spacing
+    for bad, pattern in (({"c01": [0, 1]}, r"'spacing_per_case\.c01' must be two positive"),
+                         ({"zz": [1, 1]}, r"'spacing_per_case' names 1 ids .*zz")):
+        (tmp_path / "dataset.json").write_text(json.dumps({**meta, "spacing_per_case": bad}))
+        with pytest.raises(DatasetError, match=pattern):
+            load_dataset_info(tmp_path)

@@ -10,7 +10,7 @@ from tskd.pipeline import run_pipeline
 TINY = [
     "experiment=tiny",
     "data.demo.n_images=40", "data.demo.size=32", "data.image_size=32",
-    "data.n_labels=6", "data.n_val=2",
+    "data.n_labels=8", "data.val_share=0.25",
     "teacher.arch=sam_tiny", "teacher.img_size=32",
     "teacher.pretrain.steps=2", "teacher.pretrain.batch_size=2",
     "teacher.finetune.epochs=1", "teacher.finetune.batch_size=4",

@@ -12,11 +12,12 @@ from tskd.data.dataset import load_arrays
 from tskd.stages import data_stage, transfer_set
 from tskd.stages.transfer_set import (TransferSetError, load_transfer_images, read_transfer_set,
                                       sample_transfer_set)
-from tskd.transfer_quality import nearest_neighbours
+from tskd.data.augment import augment_copies
+from tskd.transfer_quality import nearest_neighbours, privacy_references
 
 TINY = [
     "data.demo.n_images=20", "data.demo.size=32", "data.image_size=32",
-    "data.n_labels=6", "data.n_val=2",
+    "data.n_labels=8", "data.val_share=0.25",
     "transfer.n_images=10", "transfer.diffusion.image_size=16",
     "transfer.diffusion.n_augmented=16", "transfer.diffusion.train_steps=5",
     "transfer.diffusion.batch_size=4", "transfer.diffusion.num_inference_steps=2",
@@ -59,7 +60,9 @@ def test_artifact_is_readable_and_consistent(built):
     assert (out / "model" / "unet").is_dir() and (out / "model" / "scheduler").is_dir()
 
     ds = read_transfer_set(out)
-    assert set(ds.columns()) == {"id", "image", "nn_index", "nn_mse", "nn_psnr"}
+    assert set(ds.columns()) == {"id", "image", "nn_index", "nn_mse", "nn_psnr", "nn_kind",
+                                 "source"}
+    assert manifest["n_synthetic"] == 10 and manifest["n_unlabelled"] == 0
     rows = sorted(ds.take_all(), key=lambda r: r["id"])
     assert len(rows) == manifest["n_kept"] == metrics["transfer/n_images"]
     assert [r["id"] for r in rows] == list(range(10))
@@ -69,9 +72,16 @@ def test_artifact_is_readable_and_consistent(built):
     assert images.shape == (10, 32, 32, 3) and ids.tolist() == list(range(10))
     np.testing.assert_array_equal(images, np.stack([r["image"] for r in rows]))
     assert (images == images[..., :1]).all()  # R = G = B
-    # the stored quality columns are the nearest neighbours among the labelled images
-    idx, mse, psnr = nearest_neighbours(images, train)
-    np.testing.assert_array_equal([r["nn_index"] for r in rows], idx)
+    # the stored quality columns are the nearest neighbours among the labelled images, their
+    # flips and the DDPM's augmented training copies
+    d = cfg.transfer.diffusion
+    refs, ref_index, ref_kind = privacy_references(
+        train, augment_copies(train, d.n_augmented, seed=cfg.seed, strength=d.augment_strength))
+    assert len(refs) == 3 * 6 + 16 - 6
+    ref, mse, psnr = nearest_neighbours(images, refs)
+    np.testing.assert_array_equal([r["nn_index"] for r in rows], ref_index[ref])
+    assert [r["nn_kind"] for r in rows] == list(ref_kind[ref])
+    assert {r["source"] for r in rows} == {"synthetic"}
     np.testing.assert_allclose([r["nn_mse"] for r in rows], mse)
     np.testing.assert_allclose([r["nn_psnr"] for r in rows], psnr)
     assert quality["all"]["n"] == 10 and quality["n_kept"] == 10
@@ -145,3 +155,57 @@ def test_actors_taking_every_cpu_is_refused(built):
     greedy = _cfg(out.parent, "transfer.num_actors=4", "transfer.actor_cpus=1")
     with pytest.raises(TransferSetError, match="deadlock"):
         sample_transfer_set(out / "model", train, greedy)
+
+
+def test_real_unlabelled_images_join_the_transfer_set(built, tmp_path, monkeypatch):
+    cfg0, data_dir, out0, _, _ = built
+    info, splits = data_stage.load_data(data_dir)
+    assert len(splits.unlabelled) >= 5  # the train split minus a budget of 8
+    out, metrics = _rerun(built, tmp_path, monkeypatch,
+                          "transfer.sources=[synthetic, unlabelled]", "transfer.n_unlabelled=5")
+    manifest = json.loads((out / "transfer.json").read_text())
+    assert manifest["n_synthetic"] == 10 and manifest["n_unlabelled"] == 5
+    assert manifest["n_kept"] == 15 == metrics["transfer/n_images"]
+    chosen = manifest["unlabelled_case_ids"]
+    assert len(set(chosen)) == 5 and set(chosen) <= set(splits.unlabelled)
+    rows = sorted(read_transfer_set(out).take_all(), key=lambda r: r["id"])
+    assert [r["source"] for r in rows] == ["synthetic"] * 10 + ["unlabelled"] * 5
+    assert [r["id"] for r in rows] == list(range(15))
+    real, _ = load_arrays(info, chosen, 32)
+    np.testing.assert_array_equal(np.stack([r["image"] for r in rows[10:]]), real)
+    assert all(r["nn_index"] == -1 and np.isnan(r["nn_psnr"]) for r in rows[10:])
+    images = load_transfer_images(out)
+    assert images.shape == (15, 32, 32, 3)
+
+
+def test_unlabelled_only_trains_no_diffusion_model(built, tmp_path, monkeypatch):
+    _, data_dir, _, _, _ = built
+    info, splits = data_stage.load_data(data_dir)
+
+    def no_ddpm(*a, **k):
+        raise AssertionError("the DDPM must not be trained without synthetic images")
+
+    monkeypatch.setattr(transfer_set, "train_diffusion", no_ddpm)
+    monkeypatch.setattr(transfer_set, "sample_transfer_set", no_ddpm)
+    out = tmp_path / "transfer"
+    out.mkdir()
+    cfg = _cfg(tmp_path, "transfer.sources=[unlabelled]")
+    metrics = transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+    manifest = json.loads((out / "transfer.json").read_text())
+    n_unl = len(splits.unlabelled)
+    assert manifest["n_kept"] == n_unl == metrics["transfer/n_images"]  # all of them (null)
+    assert sorted(manifest["unlabelled_case_ids"]) == list(splits.unlabelled)
+    assert not (out / "model").exists()
+    images, ids = load_transfer_images(out, with_ids=True)
+    assert ids.tolist() == list(range(n_unl))
+    np.testing.assert_array_equal(images,
+                                  load_arrays(info, manifest["unlabelled_case_ids"], 32)[0])
+    # no unlabelled image left: a clear error
+    n_train = len(splits.labelled) + len(splits.val) + n_unl
+    cfg_all = _cfg(tmp_path, "transfer.sources=[unlabelled]", f"data.n_labels={n_train}")
+    d2 = tmp_path / "data2"
+    d2.mkdir()
+    data_stage.run(StageContext("data", d2, {}, cfg_all))
+    (tmp_path / "t2").mkdir()
+    with pytest.raises(TransferSetError, match="no image outside the label budget"):
+        transfer_set.run(StageContext("transfer", tmp_path / "t2", {"data": d2}, cfg_all))

@@ -4,7 +4,8 @@
     >>> summary = convert("drive", "~/downloads/DRIVE", "data/drive")          # doctest: +SKIP
     >>> print(summary)                                                         # doctest: +SKIP
 
-or ``tskd convert FORMAT SRC DST [--sequence ...] [--size N]``. Each converter reads the dataset's
+or ``tskd convert FORMAT SRC DST [--size N] [--sequence ...] [--reviewer R] [--resize MODE]``.
+Each converter reads the dataset's
 official distribution layout (documented in its module), writes ``DST`` atomically (nothing
 appears in ``DST`` unless the whole conversion succeeded and the result passes
 :func:`tskd.data.format.validate_dataset`) and returns a :class:`ConversionSummary`. Bad input
@@ -50,10 +51,11 @@ CONVERTERS: dict[str, Converter] = {c.name: c for c in (
     Converter("chaos", convert_chaos, "CHAOS MR (Train_Sets/MR/<patient>/T1DUAL|T2SPIR) as "
               "2D slices", options=("size", "sequence"), default_size=256),
     Converter("kidneyus", convert_kidneyus, "Open Kidney Ultrasound (images + labels/"
-              "reviewed_masks_r or reviewed_labels_r.csv)", options=("size", "reviewer"),
+              "reviewed_masks_r or reviewed_labels_r.csv)",
+              options=("size", "reviewer", "resize", "transducer"),
               default_size=512),
-    Converter("autooral", convert_autooral, "Autooral oral ulcers ({train,val,test}/"
-              "{images,masks})", default_size=256),
+    Converter("autooral", convert_autooral, "Autooral oral ulcers ([Autooral_dataset/]"
+              "{train,val,test}/{images,masks}; ids <split>_<name>)", default_size=256),
     Converter("nnunet", convert_nnunet, "nnU-Net v2 raw 2D dataset (DatasetXXX_Name) → tskd"),
     Converter("nnunet-export", export_nnunet, "tskd dataset → nnU-Net v2 raw (DST named "
               "DatasetXXX_Name)", options=()),

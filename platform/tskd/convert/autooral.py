@@ -1,22 +1,28 @@
 """Autooral oral-ulcer photographs (Jiang et al., Sci. Rep. 14:20085, 2024) → tskd.
 
-ASSUMED LAYOUT. The dataset is sent by e-mail on request (github.com/wurenkai/HF-UNet-and-
-Autooral-dataset); its folder layout is not published — the repository only says to run
-``Prepare_Autooral.py`` (not public) to build ``data_train/val/test.npy`` and
-``mask_train/val/test.npy``, i.e. the release ships train/val/test splits of images and binary
-ulcer masks. This converter therefore accepts the common variants of that layout::
+The dataset is public: a single archive linked from the authors' repository README
+(github.com/wurenkai/HF-UNet-and-Autooral-dataset). It unpacks to ``Autooral_dataset/`` with the
+official split, which the authors' loader reads as::
 
-    SRC/{train,val|valid|validation,test}/{images|image|imgs|img}/<id>.<ext>
-    SRC/{train,val|valid|validation,test}/{masks|mask|labels|label|gt|groundtruth}/<id>[_mask].<ext>
-    or, without a split:  SRC/{images,...}/  +  SRC/{masks,...}/
+    Autooral_dataset/{train,val,test}/images/<name>.<ext>
+    Autooral_dataset/{train,val,test}/masks/<name>.<ext>     binary ulcer masks, 0/255
 
-A mask pairs with an image of the same stem, optionally with a ``_mask``/``_gt``/``_label``/
-``_segmentation`` suffix. Masks are binary (0/1 or 0/255; JPEG noise is thresholded at 128).
-An image without mask is a :class:`DatasetError` naming it.
+with the SAME file names reused in every split (``train/images/1.png`` and ``test/images/1.png``
+are different photographs). Case ids therefore include the split: ``<split>_<stem>``
+(``train_1``, ``val_1``, ``test_1``). ``SRC`` may be the archive's root (holding
+``Autooral_dataset/``) or ``Autooral_dataset/`` itself. Also accepted (older private copies):
+split folder spellings ``valid|validation``, ``training``, ``testing``; image folders
+``images|image|imgs|img``; mask folders ``masks|mask|labels|label|gt|groundtruth``; masks named
+like their image, optionally with a ``_mask``/``_gt``/``_label``/``_segmentation`` suffix; and a
+flat ``SRC/{images,masks}/`` without splits (case ids are then the plain stems).
+
+Masks are binary (0/1 or 0/255; JPEG noise is thresholded at 128). An image without mask is a
+:class:`DatasetError` naming it.
 
 Labels {0: background, 1: ulcer}; 256×256 by default (as in the TS-KD paper). The official split
-is kept: ``train`` (official validation images merged in — tskd carves its own validation set
-from train) and ``test``. The classification annotations are not converted.
+is kept: ``train`` (the official validation images merged in — tskd carves its own validation
+set from inside the label budget) and ``test``. The classification annotations are not
+converted.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "valid", "validatio
 IMAGE_DIRS = ("images", "image", "imgs", "img")
 MASK_DIRS = ("masks", "mask", "labels", "label", "gt", "groundtruth", "ground_truth")
 MASK_SUFFIXES = ("", "_mask", "_gt", "_label", "_segmentation", "_seg")
+WRAPPER = "Autooral_dataset"
 
 
 def _child(parent: Path, names: tuple[str, ...]) -> Path | None:
@@ -51,6 +58,9 @@ def _child(parent: Path, names: tuple[str, ...]) -> Path | None:
 
 def find_parts(src: Path) -> list[tuple[str | None, Path, Path]]:
     """[(split or None, images dir, masks dir)] of the source."""
+    wrapper = _child(src, (WRAPPER.lower(),))
+    if wrapper is not None and not any(_child(src, n) for n in SPLIT_DIRS.values()):
+        src = wrapper  # the archive's root: SRC/Autooral_dataset/{train,val,test}
     parts: list[tuple[str | None, Path, Path]] = []
     for split, names in SPLIT_DIRS.items():
         d = _child(src, names)
@@ -69,8 +79,9 @@ def find_parts(src: Path) -> list[tuple[str | None, Path, Path]]:
     img, msk = _child(src, IMAGE_DIRS), _child(src, MASK_DIRS)
     if img is not None and msk is not None:
         return [(None, img, msk)]
-    raise DatasetError(f"{src}: not an Autooral layout: expected train/ and test/ (and val/) "
-                       f"folders holding images/ and masks/, or images/ + masks/ directly")
+    raise DatasetError(f"{src}: not an Autooral layout: expected {WRAPPER}/ or train/ and test/ "
+                       f"(and val/) folders holding images/ and masks/, or images/ + masks/ "
+                       f"directly")
 
 
 def _mask_for(image: Path, masks: dict[str, Path]) -> Path | None:
@@ -101,10 +112,11 @@ def convert_autooral(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
                     raise DatasetError(f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} "
                                        f"differs from image size {image.shape[1]}x"
                                        f"{image.shape[0]} of {image_path}")
-                out.add(image_path.stem, image, mask.astype(np.uint8))
+                # the official release reuses file names across splits: prefix the split
+                cid = image_path.stem if split is None else f"{split}_{image_path.stem}"
+                out.add(cid, image, mask.astype(np.uint8))
                 if split is not None:
-                    splits.setdefault("test" if split == "test" else "train",
-                                      []).append(image_path.stem)
+                    splits.setdefault("test" if split == "test" else "train", []).append(cid)
         declared = None
         if splits:
             if "train" not in splits or "test" not in splits:
@@ -113,7 +125,9 @@ def convert_autooral(src: str | os.PathLike[str], dst: str | os.PathLike[str], *
             declared = {k: sorted(v, key=natural_key) for k, v in splits.items()}
             if any(s == "val" for s, _, _ in parts):
                 out.note("official validation images merged into 'train' (tskd carves its own "
-                         "validation split from train)")
+                         "validation images from inside the label budget)")
+            out.note("case ids are <split>_<file stem> (the release reuses file names across "
+                     "splits)")
         else:
             out.note("no split folders in the source; no split declared")
         return out.finish(name="Autooral", modality="photograph", labels=LABELS,

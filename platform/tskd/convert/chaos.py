@@ -11,8 +11,8 @@ Official training distribution (``CHAOS_Train_Sets.zip``)::
 
 ``SRC`` may be ``CHAOS_Train_Sets``, ``Train_Sets``, or the ``MR`` folder. The CT part (liver
 only, ``liver_GT_000.png``) is not converted. The test sets have no public ground truth, so there
-is no official split and none is declared; case ids are ``<patient>_<sequence>_<slice>`` so that
-a patient-level split can be made from them.
+is no official split and none is declared; case ids are ``<patient>_<sequence>_<slice>`` and
+dataset.json's ``groups`` maps each to its patient, so tskd splits by patient.
 
 * Slice pairing follows the official CHAOS evaluation code (``CHAOSmetrics.py``: "the orientation
   of the slices is determined by order of image names NOT by position tags in DICOM files"):
@@ -24,8 +24,10 @@ a patient-level split can be made from them.
   1st–99th percentile and scaled to uint8.
 * Size: resized to 256×256 by default (bilinear image, nearest mask); spacing comes from the
   DICOM ``PixelSpacing`` (row, column) = (sy, sx) scaled by the resize factor. CHAOS patients
-  differ in spacing: dataset.json's ``spacing`` is the median over cases and the extra field
-  ``case_spacing`` holds every case's own spacing.
+  differ in spacing: dataset.json's ``spacing`` is the median over cases and
+  ``spacing_per_case`` holds every case's own spacing (read by ``DatasetInfo.spacing_of``).
+* ``groups``: every slice's patient id, so tskd's splits (test, validation, labelled) never put
+  one patient's slices on two sides.
 * ``sequence``: ``T2SPIR`` (default), ``T1DUAL_in`` or ``T1DUAL_out``.
 """
 
@@ -129,6 +131,7 @@ def convert_chaos(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     seq_dir, dicom_parts = SEQUENCES[sequence]
     size_hw = as_size(size)
     case_spacing: dict[str, list[float]] = {}
+    groups: dict[str, str] = {}
     missing_spacing: list[str] = []
     with DatasetWriter(dst, fmt="chaos", src=src, size=size_hw) as out:
         for patient in patients:
@@ -168,23 +171,25 @@ def convert_chaos(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                 labels = grey_to_labels(grey, png)
                 cid = f"{pid}_{sequence}_{k:03d}"
                 out.add(cid, img, labels)
+                groups[cid] = pid
                 if sp is None:
                     missing_spacing.append(cid)
                 else:
                     case_spacing[cid] = list(scaled_spacing(sp, img.shape, size_hw))
         spacing = None
-        extra = None
+        per_case = None
         if case_spacing and not missing_spacing:
             values = np.array(list(case_spacing.values()))
             spacing = [float(v) for v in np.median(values, axis=0)]
             if not np.allclose(values, values[0]):
-                extra = {"case_spacing": case_spacing}
+                per_case = case_spacing
                 out.note("pixel spacing differs between patients: dataset.json 'spacing' is the "
-                         "median; 'case_spacing' holds each case's own")
+                         "median; 'spacing_per_case' holds each case's own")
         elif missing_spacing:
             out.note(f"{len(missing_spacing)} slices have no DICOM PixelSpacing "
                      f"(e.g. {missing_spacing[0]}); spacing left undeclared")
-        out.note("no official split (test ground truth is not public); none declared. Case ids "
-                 "start with the patient id: split by patient to avoid slice leakage")
+        out.note(f"no official split (test ground truth is not public); none declared. "
+                 f"'groups' holds the patient of each slice ({len(set(groups.values()))} "
+                 f"patients): tskd splits by patient")
         return out.finish(name=f"CHAOS-MR-{sequence}", modality="MR", labels=LABELS,
-                          spacing=spacing, extra=extra)
+                          spacing=spacing, spacing_per_case=per_case, groups=groups)

@@ -58,6 +58,8 @@ class ConversionSummary:
     spacing: tuple[float, float] | None = None
     size: tuple[int, int] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    resize: str = "stretch"
+    """How images were fitted into ``size`` (:data:`RESIZE_MODES`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "src": str(self.src), "dst": str(self.dst),
@@ -66,6 +68,7 @@ class ConversionSummary:
                 "pixel_share": dict(self.pixel_share), "splits": self.splits,
                 "spacing": None if self.spacing is None else list(self.spacing),
                 "size": None if self.size is None else list(self.size),
+                "resize": None if self.size is None else self.resize,
                 "notes": list(self.notes)}
 
     def format_text(self) -> str:
@@ -74,7 +77,8 @@ class ConversionSummary:
                   else ", ".join(f"{k} {v}" for k, v in self.splits.items()))
         spacing = "unknown" if self.spacing is None else \
             f"{self.spacing[0]:.4g} x {self.spacing[1]:.4g} mm"
-        size = "native" if self.size is None else f"{self.size[1]}x{self.size[0]} px"
+        size = "native" if self.size is None else \
+            f"{self.size[1]}x{self.size[0]} px ({self.resize})"
         lines = [f"converted {self.format}: {self.src} -> {self.dst}",
                  f"  name: {self.name}   modality: {self.modality}   images: {self.n_images}"
                  f"   size: {size}   spacing: {spacing}",
@@ -156,6 +160,33 @@ def resize_image(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
+RESIZE_MODES = ("stretch", "letterbox")
+"""How :class:`DatasetWriter` fits an image into ``size``: ``stretch`` scales each axis on its
+own (a 4:3 image drawn onto a square is distorted); ``letterbox`` scales both axes by the same
+factor so the image fits, and pads the rest with zeros (background, outside the field of view)."""
+
+
+def letterbox_geometry(shape: Sequence[int], size: tuple[int, int]
+                       ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((h', w'), (top, left))``: the scaled size that fits ``shape`` (h, w) into ``size``
+    with one scale factor ``min(H/h, W/w)``, and where it sits (centred)."""
+    h, w = int(shape[0]), int(shape[1])
+    scale = min(size[0] / h, size[1] / w)
+    nh = min(size[0], max(1, round(h * scale)))
+    nw = min(size[1], max(1, round(w * scale)))
+    return (nh, nw), ((size[0] - nh) // 2, (size[1] - nw) // 2)
+
+
+def letterbox(a: np.ndarray, size: tuple[int, int], *, label: bool) -> np.ndarray:
+    """Scale ``a`` (image: bilinear; ``label``: nearest) to fit ``size`` keeping its aspect
+    ratio, centred on a zero canvas of ``size`` (+ channels)."""
+    (nh, nw), (top, left) = letterbox_geometry(a.shape[:2], size)
+    scaled = resize_mask(a, (nh, nw)) if label else resize_image(a, (nh, nw))
+    out = np.zeros(size + a.shape[2:], a.dtype)
+    out[top:top + nh, left:left + nw] = scaled
+    return out
+
+
 def resize_mask(mask: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """Nearest-neighbour resize of a label (or boolean) mask to ``size`` = (h, w)."""
     if size is None or mask.shape[:2] == size:
@@ -223,16 +254,21 @@ class DatasetWriter:
     """Write a tskd dataset atomically (see the module docstring).
 
     ``size`` (int or (h, w)) resizes every image (bilinear) and mask/fov (nearest); ``None``
-    keeps each image's own size. Images are written as PNG (grey stays grey), masks as 8-bit PNG
-    label images, field-of-view masks as 0/255 PNG.
+    keeps each image's own size. ``resize`` (:data:`RESIZE_MODES`) says how: ``stretch``
+    (default) or ``letterbox`` (aspect kept, zero padding). Images are written as PNG (grey stays
+    grey), masks as 8-bit PNG label images, field-of-view masks as 0/255 PNG.
     """
 
     def __init__(self, dst: str | os.PathLike[str], *, fmt: str, src: str | os.PathLike[str],
-                 size: int | Sequence[int] | None = None) -> None:
+                 size: int | Sequence[int] | None = None, resize: str = "stretch") -> None:
+        if resize not in RESIZE_MODES:
+            raise DatasetError(f"resize: invalid value {resize!r}; allowed: "
+                               f"{', '.join(RESIZE_MODES)}")
         self.dst = check_destination(dst)
         self.src = Path(src)
         self.fmt = fmt
         self.size = as_size(size)
+        self.resize = resize
         self.notes: list[str] = []
         self._ids: list[str] = []
         self._counts = np.zeros(256, np.int64)
@@ -285,18 +321,32 @@ class DatasetWriter:
             raise DatasetError(f"{self.src}: case {case_id!r} "
                                f"{'has' if has_fov else 'lacks'} a field-of-view mask, unlike "
                                f"the cases before it")
-        image = resize_image(image, self.size)
-        mask = resize_mask(np.asarray(mask), self.size)
+        mask = np.asarray(mask)
+        if self.resize == "letterbox" and self.size is not None:
+            image = letterbox(image, self.size, label=False)
+            mask = letterbox(mask, self.size, label=True)
+        else:
+            image = resize_image(image, self.size)
+            mask = resize_mask(mask, self.size)
         if mask.min() < 0 or mask.max() > 255:
             raise DatasetError(f"{self.src}: case {case_id!r}: label values outside 0..255")
         mask8 = mask.astype(np.uint8)
         Image.fromarray(image).save(self._root / "images" / f"{case_id}.png")
         Image.fromarray(mask8).save(self._root / "masks" / f"{case_id}.png")
         if fov is not None:
-            fov8 = resize_mask(np.asarray(fov, dtype=bool), self.size).astype(np.uint8) * 255
+            fov_b = np.asarray(fov, dtype=bool)
+            fov_b = letterbox(fov_b, self.size, label=True) \
+                if self.resize == "letterbox" and self.size is not None \
+                else resize_mask(fov_b, self.size)
+            fov8 = fov_b.astype(np.uint8) * 255
             Image.fromarray(fov8).save(self._root / "fov" / f"{case_id}.png")
         self._counts += np.bincount(mask8.ravel(), minlength=256)
         self._ids.append(case_id)
+
+    def spacing_after(self, spacing: Sequence[float], shape: Sequence[int]
+                      ) -> tuple[float, float]:
+        """A case's spacing (sy, sx) after this writer resizes an image of ``shape`` (h, w)."""
+        return scaled_spacing(spacing, shape, self.size, self.resize)
 
     def note(self, text: str) -> None:
         """A remark for the summary (e.g. skipped files)."""
@@ -306,6 +356,8 @@ class DatasetWriter:
     def finish(self, *, name: str, modality: str, labels: Mapping[int, str],
                spacing: Sequence[float] | None = None,
                splits: Mapping[str, Sequence[str]] | None = None,
+               groups: Mapping[str, str] | None = None,
+               spacing_per_case: Mapping[str, Sequence[float]] | None = None,
                extra: Mapping[str, Any] | None = None) -> ConversionSummary:
         """Write dataset.json, validate the whole dataset, and build the summary.
 
@@ -321,7 +373,8 @@ class DatasetWriter:
             raise DatasetError(f"{self.src}: masks hold label values {present.tolist()} but "
                                f"only 0..{n_labels - 1} are declared")
         write_dataset_json(self._root, name=name, modality=modality, labels=labels,
-                           spacing=spacing, splits=splits, extra=extra)
+                           spacing=spacing, splits=splits, groups=groups,
+                           spacing_per_case=spacing_per_case, extra=extra)
         try:
             validate_dataset(self._root)
         except DatasetError as e:
@@ -336,14 +389,18 @@ class DatasetWriter:
             n_images=len(self._ids), classes={int(k): v for k, v in sorted(labels.items())},
             pixel_share=share, splits=split_sizes,
             spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
-            size=self.size, notes=tuple(self.notes))
+            size=self.size, notes=tuple(self.notes), resize=self.resize)
         return self._summary
 
 
 def scaled_spacing(spacing: Sequence[float], shape: Sequence[int],
-                   size: tuple[int, int] | None) -> tuple[float, float]:
-    """Pixel spacing (sy, sx) after resizing an image of ``shape`` (h, w) to ``size``."""
+                   size: tuple[int, int] | None, resize: str = "stretch"
+                   ) -> tuple[float, float]:
+    """Pixel spacing (sy, sx) after resizing an image of ``shape`` (h, w) to ``size`` with the
+    :data:`RESIZE_MODES` mode ``resize`` (letterbox: the scaled image's own size counts)."""
     sy, sx = float(spacing[0]), float(spacing[1])
     if size is None:
         return sy, sx
+    if resize == "letterbox":
+        size = letterbox_geometry(shape, size)[0]
     return sy * shape[0] / size[0], sx * shape[1] / size[1]

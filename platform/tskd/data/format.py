@@ -4,6 +4,10 @@ A dataset is a directory::
 
     <root>/dataset.json     {"name", "modality", "labels": {"0": "background", ...},
                              "spacing": [sy, sx] (optional, mm per pixel),
+                             "spacing_per_case": {id: [sy, sx]} (optional, overrides
+                                                 "spacing" for the cases it names),
+                             "groups": {id: group} (optional, e.g. patient ids: a group
+                                       never straddles test / val / labelled),
                              "splits": {"train": [ids], "test": [ids]} (optional)}
     <root>/images/<id>.<ext>    PNG/JPEG/TIFF/BMP, read as RGB uint8 (H, W, 3)
     <root>/masks/<id>.<ext>     label image, values 0..C-1 (or 0/255 when C == 2)
@@ -12,8 +16,10 @@ A dataset is a directory::
 A case id is the file stem; image and mask extensions may differ. Every problem is reported as a
 :class:`DatasetError` whose message names the offending file or ``dataset.json`` field::
 
-    >>> info = validate_dataset("runs/demo/data", n_labels=40, n_val=10)   # doctest: +SKIP
-    >>> splits = make_splits(info, n_labels=40, n_val=10, seed=0)          # doctest: +SKIP
+    >>> info = validate_dataset("runs/demo/data", n_labels=40)             # doctest: +SKIP
+    >>> splits = make_splits(info, n_labels=40, n_val=8, seed=0)           # doctest: +SKIP
+    >>> splits.n_train_labels, splits.n_val_labels                         # doctest: +SKIP
+    (32, 8)
     >>> image, mask = read_case(info, splits.labelled[0])                  # doctest: +SKIP
     >>> image.shape, image.dtype, mask.dtype                               # doctest: +SKIP
     ((128, 128, 3), dtype('uint8'), dtype('int64'))
@@ -53,6 +59,9 @@ class DatasetInfo:
     ``labels`` maps each label value ``0..C-1`` to its name (0 is background); ``case_ids`` is
     sorted; ``splits`` is ``dataset.json``'s ``splits`` (ids sorted) or ``None``. ``images``,
     ``masks`` and ``fov`` map case ids to files (``fov`` is ``None`` without a ``fov/`` directory).
+    ``groups`` maps case ids to group ids (``None`` when undeclared; an unlisted case is its own
+    group, see :meth:`group_of`); ``spacing_per_case`` maps case ids to their own (sy, sx)
+    (``None`` when undeclared, see :meth:`spacing_of`).
     """
 
     root: Path
@@ -65,6 +74,30 @@ class DatasetInfo:
     images: dict[str, Path] = field(default_factory=dict, repr=False, compare=False)
     masks: dict[str, Path] = field(default_factory=dict, repr=False, compare=False)
     fov: dict[str, Path] | None = field(default=None, repr=False, compare=False)
+    groups: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    spacing_per_case: dict[str, tuple[float, float]] | None = field(default=None, repr=False,
+                                                                    compare=False)
+
+    def spacing_of(self, case_id: str) -> tuple[float, float] | None:
+        """Pixel spacing (sy, sx) in mm of one case: its ``spacing_per_case`` entry, else the
+        dataset-wide ``spacing``, else ``None`` (distances are then in pixels)."""
+        if self.spacing_per_case is not None and case_id in self.spacing_per_case:
+            return self.spacing_per_case[case_id]
+        return self.spacing
+
+    @property
+    def has_spacing(self) -> bool:
+        """Whether every case has a spacing in mm (so HD95 is in mm for all of them)."""
+        if self.spacing is not None:
+            return True
+        return self.spacing_per_case is not None and \
+            all(c in self.spacing_per_case for c in self.case_ids)
+
+    def group_of(self, case_id: str) -> str:
+        """The case's group (``groups`` entry; a case without one is its own group)."""
+        if self.groups is not None and case_id in self.groups:
+            return self.groups[case_id]
+        return f"\0{case_id}"  # cannot collide with a declared group id
 
     @property
     def num_classes(self) -> int:
@@ -95,14 +128,32 @@ class DatasetInfo:
 class Splits:
     """Case ids per role; all four are disjoint and sorted.
 
-    ``labelled`` is the label budget, ``val`` the validation images (from the train split),
-    ``test`` the test split, ``unlabelled`` the remaining train ids.
+    The label budget is ``labelled`` + ``val``: ``labelled`` are the images trained on, ``val``
+    the validation images for model selection, carved from inside the budget (empty when model
+    selection is off). ``test`` is the test split, ``unlabelled`` the remaining train ids (their
+    labels are never used). No group of the dataset is split between ``test``, ``val`` and
+    ``labelled``.
     """
 
     labelled: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
     unlabelled: tuple[str, ...]
+
+    @property
+    def n_train_labels(self) -> int:
+        """Labelled images used for training (``len(labelled)``)."""
+        return len(self.labelled)
+
+    @property
+    def n_val_labels(self) -> int:
+        """Labelled images used for validation / model selection (``len(val)``)."""
+        return len(self.val)
+
+    @property
+    def n_labels_used(self) -> int:
+        """All labelled images the method used: training + validation (= the budget)."""
+        return len(self.labelled) + len(self.val)
 
     @property
     def train(self) -> tuple[str, ...]:
@@ -157,6 +208,40 @@ def _parse_spacing(raw: Any, where: str) -> tuple[float, float] | None:
         raise DatasetError(f"{where}: field 'spacing' must be two positive numbers [sy, sx] "
                            f"(mm per pixel), got {raw!r}")
     return float(raw[0]), float(raw[1])
+
+
+def _parse_spacing_per_case(raw: Any, where: str) -> dict[str, tuple[float, float]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise DatasetError(f"{where}: field 'spacing_per_case' must be an object mapping case "
+                           f"ids to [sy, sx], got {type(raw).__name__}")
+    out: dict[str, tuple[float, float]] = {}
+    for case_id, value in raw.items():
+        try:
+            sp = _parse_spacing(value, where)
+        except DatasetError:
+            raise DatasetError(f"{where}: field 'spacing_per_case.{case_id}' must be two "
+                               f"positive numbers [sy, sx] (mm per pixel), got {value!r}") \
+                from None
+        assert sp is not None
+        out[str(case_id)] = sp
+    return out
+
+
+def _parse_groups(raw: Any, where: str) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise DatasetError(f"{where}: field 'groups' must be an object mapping case ids to "
+                           f"group ids (e.g. patient ids), got {type(raw).__name__}")
+    groups: dict[str, str] = {}
+    for case_id, group in raw.items():
+        if isinstance(group, bool) or not isinstance(group, (str, int)) or group == "":
+            raise DatasetError(f"{where}: field 'groups.{case_id}' must be a non-empty string "
+                               f"(or integer) group id, got {group!r}")
+        groups[str(case_id)] = str(group)
+    return groups
 
 
 def _parse_splits(raw: Any, where: str) -> dict[str, list[str]] | None:
@@ -245,6 +330,8 @@ def load_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
     labels = _parse_labels(meta["labels"], str(json_path))
     spacing = _parse_spacing(meta.get("spacing"), str(json_path))
     splits = _parse_splits(meta.get("splits"), str(json_path))
+    groups = _parse_groups(meta.get("groups"), str(json_path))
+    spacing_per_case = _parse_spacing_per_case(meta.get("spacing_per_case"), str(json_path))
 
     images_dir, masks_dir, fov_dir = root / "images", root / "masks", root / "fov"
     for d in (images_dir, masks_dir):
@@ -270,19 +357,37 @@ def load_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
             if unknown:
                 raise DatasetError(f"{json_path}: field 'splits.{name}' names {len(unknown)} "
                                    f"ids with no image in {images_dir}, e.g. {unknown[:5]}")
-    return DatasetInfo(root=root, name=meta["name"], modality=meta["modality"], labels=labels,
+    known = set(case_ids)
+    for fld, mapping in (("groups", groups), ("spacing_per_case", spacing_per_case)):
+        unknown = sorted(set(mapping or ()) - known)
+        if unknown:
+            raise DatasetError(f"{json_path}: field '{fld}' names {len(unknown)} ids with no "
+                               f"image in {images_dir}, e.g. {unknown[:5]}")
+    info = DatasetInfo(root=root, name=meta["name"], modality=meta["modality"], labels=labels,
                        spacing=spacing, splits=splits, case_ids=case_ids, images=images,
-                       masks=masks, fov=fov)
+                       masks=masks, fov=fov, groups=groups, spacing_per_case=spacing_per_case)
+    if splits is not None and groups is not None and "test" in splits:
+        train = splits.get("train") or [i for i in case_ids if i not in set(splits["test"])]
+        test_groups = {info.group_of(i) for i in splits["test"]}
+        both = sorted({groups[i] for i in train if info.group_of(i) in test_groups})
+        if both:
+            raise DatasetError(f"{json_path}: fields 'splits' and 'groups' disagree: group(s) "
+                               f"{both[:5]} have cases in both the train and the test split; "
+                               f"a group (e.g. a patient) must lie on one side")
+    return info
 
 
 def write_dataset_json(root: str | os.PathLike[str], *, name: str, modality: str,
                        labels: Mapping[int, str], spacing: Sequence[float] | None = None,
                        splits: Mapping[str, Sequence[str]] | None = None,
+                       groups: Mapping[str, str] | None = None,
+                       spacing_per_case: Mapping[str, Sequence[float]] | None = None,
                        extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``<root>/dataset.json`` atomically and return its path.
 
-    ``labels`` is checked like :func:`load_dataset_info` does; ``extra`` adds more top-level
-    fields (e.g. the demo's ``"generator"``).
+    ``labels``, ``spacing``, ``groups`` and ``spacing_per_case`` are checked like
+    :func:`load_dataset_info` does; ``extra`` adds more top-level fields (e.g. the demo's
+    ``"generator"``).
     """
     root = Path(root)
     path = root / DATASET_JSON
@@ -291,6 +396,12 @@ def write_dataset_json(root: str | os.PathLike[str], *, name: str, modality: str
                             "labels": {str(k): v for k, v in parsed.items()}}
     if spacing is not None:
         meta["spacing"] = list(_parse_spacing(list(spacing), str(path)) or ())
+    if spacing_per_case is not None:
+        parsed_sp = _parse_spacing_per_case(
+            {k: list(v) for k, v in spacing_per_case.items()}, str(path)) or {}
+        meta["spacing_per_case"] = {k: list(v) for k, v in parsed_sp.items()}
+    if groups is not None:
+        meta["groups"] = _parse_groups(dict(groups), str(path))
     if splits is not None:
         meta["splits"] = {k: list(v) for k, v in splits.items()}
     for key, value in (extra or {}).items():
@@ -436,6 +547,14 @@ def _n_test(n: int, test_fraction: float) -> int:
     return min(n - 1, max(1, round(test_fraction * n))) if n > 1 else 0
 
 
+def _grouped(info: DatasetInfo, ids: Sequence[str]) -> list[list[str]]:
+    """``ids`` bundled by group, groups in the order of their first id, ids in given order."""
+    bundles: dict[str, list[str]] = {}
+    for i in ids:
+        bundles.setdefault(info.group_of(i), []).append(i)
+    return list(bundles.values())
+
+
 def _train_pool(info: DatasetInfo, seed: int, test_fraction: float
                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(train ids, test ids) before val/label carving."""
@@ -457,21 +576,28 @@ def _train_pool(info: DatasetInfo, seed: int, test_fraction: float
     if not 0.0 <= test_fraction < 1.0:
         raise DatasetError(f"test_fraction must be in [0, 1), got {test_fraction}")
     n_test = _n_test(len(pool), test_fraction) if test_fraction > 0 else 0
-    perm = np.random.default_rng([seed, 0x7E57]).permutation(len(pool))
-    test_set = {pool[j] for j in perm[:n_test]}
+    groups = _grouped(info, pool)
+    perm = np.random.default_rng([seed, 0x7E57]).permutation(len(groups))
+    test_set: set[str] = set()
+    for j in perm[:-1]:  # whole groups until n_test images; at least one group stays for train
+        if len(test_set) >= n_test:
+            break
+        test_set.update(groups[j])
     return tuple(i for i in pool if i not in test_set), tuple(sorted(test_set))
 
 
 def validate_dataset(root: str | os.PathLike[str], *, n_labels: int | None = None,
-                     n_val: int = 0, test_fraction: float = 0.2) -> DatasetInfo:
+                     n_val: int = 0, test_fraction: float = 0.2, seed: int = 0
+                     ) -> DatasetInfo:
     """Fully validate a dataset before any training; return its :class:`DatasetInfo`.
 
     Besides :func:`load_dataset_info`'s checks: every image, mask and fov file is readable, each
     mask (and fov) has its image's size, mask values are declared labels, no split listed in
     ``dataset.json`` is empty, and (when ``n_labels`` is given) the train split holds at least
-    ``n_labels + n_val`` images (after holding out ``test_fraction`` as :func:`make_splits` does
-    when ``dataset.json`` declares no test split). All pixel problems are collected into one
-    :class:`DatasetError`.
+    ``n_labels`` images (after holding out ``test_fraction`` as :func:`make_splits` does when
+    ``dataset.json`` declares no test split) and ``n_val < n_labels`` (validation is carved from
+    inside the budget). ``seed`` is :func:`make_splits`' (the test split of a grouped dataset
+    depends on it). All pixel problems are collected into one :class:`DatasetError`.
     """
     info = load_dataset_info(root)
     json_path = info.root / DATASET_JSON
@@ -495,40 +621,81 @@ def validate_dataset(root: str | os.PathLike[str], *, n_labels: int | None = Non
         raise DatasetError(f"{info.root}: {len(problems)} invalid case(s):\n  "
                            + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else ""))
     if n_labels is not None:
-        train, test = _train_pool(info, 0, test_fraction)  # the counts do not depend on seed
-        needed = n_labels + n_val
-        if len(train) < needed:
+        train, test = _train_pool(info, seed, test_fraction)  # seed matters with groups only
+        if len(train) < n_labels:
             raise DatasetError(f"{info.root}: too few training images: the train split has "
                                f"{len(train)} (of {len(info.case_ids)}, {len(test)} held out "
-                               f"for test) but n_labels={n_labels} + n_val={n_val} needs "
-                               f"{needed}")
+                               f"for test) but the label budget is n_labels={n_labels}")
+        _check_counts(n_labels, n_val)
     logger.info("dataset %s (%s): %d cases, %d classes %s", info.name, info.root,
                 len(info.case_ids), info.num_classes, info.class_names)
     return info
 
 
-def make_splits(info: DatasetInfo, *, n_labels: int, n_val: int, seed: int,
-                test_fraction: float = 0.2) -> Splits:
-    """Fix the test split, the validation images and the label budget.
-
-    ``test`` is ``dataset.json``'s test split if any (train = its train split, or all other ids);
-    with only a train split declared, the other ids; else a seeded ``test_fraction`` of the ids.
-    ``val`` and ``labelled`` come from the train split only: one seeded permutation of it gives
-    ``val`` = its first ``n_val`` ids and ``labelled`` = the next ``n_labels``, so a larger budget
-    with the same seed (and ``n_val``) is a superset of a smaller one. ``unlabelled`` is the rest.
-    """
+def _check_counts(n_labels: int, n_val: int) -> None:
     if n_labels < 1:
         raise DatasetError(f"n_labels must be >= 1, got {n_labels}")
     if n_val < 0:
         raise DatasetError(f"n_val must be >= 0, got {n_val}")
+    if n_val and n_val >= n_labels:
+        raise DatasetError(f"n_val={n_val} validation images are carved from inside the label "
+                           f"budget n_labels={n_labels}, so n_val must be < n_labels")
+
+
+def _carve_val(budget_groups: list[list[str]], n_val: int, n_labels: int) -> list[str]:
+    """Whole groups of the budget (in budget order) whose images fit within ``n_val``; if no
+    group fits, the budget's smallest group, when labelled images remain besides it."""
+    val: list[str] = []
+    for g in budget_groups:
+        if len(val) == n_val:
+            break
+        if len(val) + len(g) <= n_val:
+            val.extend(g)
+    if not val and n_val:
+        smallest = min(budget_groups, key=len)
+        if len(smallest) >= n_labels:
+            raise DatasetError(
+                f"cannot carve n_val={n_val} validation images from the label budget "
+                f"n_labels={n_labels} without splitting a group (the budget is one group of "
+                f"{len(smallest)} images); raise n_labels or turn model selection off")
+        logger.warning("no group of the label budget fits n_val=%d validation images; "
+                       "validating on the smallest group instead (%d images)", n_val,
+                       len(smallest))
+        val = list(smallest)
+    return val
+
+
+def make_splits(info: DatasetInfo, *, n_labels: int, n_val: int = 0, seed: int,
+                test_fraction: float = 0.2) -> Splits:
+    """Fix the test split, the label budget and the validation images inside it.
+
+    ``test`` is ``dataset.json``'s test split if any (train = its train split, or all other ids);
+    with only a train split declared, the other ids; else a seeded ``test_fraction`` of the
+    groups (whole groups until ``round(test_fraction · n)`` images are held out).
+
+    The label budget is ``n_labels`` images **in total**: one seeded permutation of the train
+    split's groups, with each group's ids kept together, is cut after its first ``n_labels`` ids
+    (the last group may be cut: its other ids stay unlabelled). So a larger budget with the same
+    seed is a superset of a smaller one. ``val`` = the budget's first whole groups that fit in
+    ``n_val`` images (exactly ``n_val`` without groups; 0 turns model selection off),
+    ``labelled`` = the rest of the budget, ``unlabelled`` = the train ids outside the budget.
+    ``test``, ``val`` and ``labelled`` never share a group; budgets count images.
+    """
+    _check_counts(n_labels, n_val)
     train, test = _train_pool(info, seed, test_fraction)
-    needed = n_labels + n_val
-    if len(train) < needed:
+    if len(train) < n_labels:
         raise DatasetError(f"{info.root}: too few training images: the train split has "
-                           f"{len(train)} but n_labels={n_labels} + n_val={n_val} needs {needed}")
-    perm = [train[j] for j in np.random.default_rng([seed, 0x1AB]).permutation(len(train))]
-    val = perm[:n_val]
-    labelled = perm[n_val:needed]
-    unlabelled = perm[needed:]
+                           f"{len(train)} but the label budget is n_labels={n_labels}")
+    groups = _grouped(info, train)
+    perm = np.random.default_rng([seed, 0x1AB]).permutation(len(groups))
+    order = [i for j in perm for i in groups[j]]
+    budget = order[:n_labels]
+    val = _carve_val(_grouped(info, budget), n_val, n_labels)
+    held = set(val)
+    labelled = [i for i in budget if i not in held]
+    unlabelled = order[n_labels:]
+    if val and len(val) != n_val:
+        logger.info("validation: %d images (whole groups) instead of n_val=%d; %d labelled "
+                    "for training", len(val), n_val, len(labelled))
     return Splits(labelled=tuple(sorted(labelled)), val=tuple(sorted(val)),
                   test=tuple(sorted(test)), unlabelled=tuple(sorted(unlabelled)))

@@ -1,8 +1,12 @@
 """Stage ``data``: validate the dataset (or write the built-in demo) and fix the splits.
 
 Output: ``splits.json`` (dataset root — relative to the stage directory for the demo —, labelled
-/ val / test / unlabelled case ids). Every later stage reads the data through :func:`load_data`,
-so all of them see the same budget and splits.
+/ val / test / unlabelled case ids, and the label counts ``n_labels`` (the budget),
+``n_labelled_train``, ``n_labelled_val``). Validation images come from inside the budget
+(``data.val_share``), none when ``data.model_selection`` is off. Every later stage reads the data
+through :func:`load_data`, so all of them see the same budget and splits; the stage's metrics
+carry ``data/n_labelled_train`` and ``data/n_labelled_val`` (also :attr:`Splits.n_train_labels` /
+:attr:`Splits.n_val_labels`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     data = ctx.cfg.data
     root = dataset_root(ctx)
     info = validate_dataset(root, n_labels=data.n_labels, n_val=data.n_val,
-                            test_fraction=data.test_fraction)
+                            test_fraction=data.test_fraction, seed=ctx.cfg.seed)
     splits = make_splits(info, n_labels=data.n_labels, n_val=data.n_val, seed=ctx.cfg.seed,
                          test_fraction=data.test_fraction)
     # the demo dataset lives in this stage's (temporary, then renamed) directory: record it
@@ -46,10 +50,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     write_json(ctx.dir / SPLITS_FILE, {
         "root": str(saved_root), "name": info.name, "labels": info.labels,
         "labelled": list(splits.labelled), "val": list(splits.val),
-        "test": list(splits.test), "unlabelled": list(splits.unlabelled)})
-    log.info("dataset %s: %d classes, %d labelled, %d val, %d test", info.name,
-             info.num_classes, len(splits.labelled), len(splits.val), len(splits.test))
+        "test": list(splits.test), "unlabelled": list(splits.unlabelled),
+        "n_labels": data.n_labels, "n_labelled_train": splits.n_train_labels,
+        "n_labelled_val": splits.n_val_labels,
+        "model_selection": splits.n_val_labels > 0})
+    log.info("dataset %s: %d classes; label budget %d = %d for training + %d for validation "
+             "(model selection %s); %d test, %d unlabelled", info.name, info.num_classes,
+             data.n_labels, splits.n_train_labels, splits.n_val_labels,
+             "on" if splits.n_val_labels else "off: last epoch kept", len(splits.test),
+             len(splits.unlabelled))
     return {"data/num_classes": info.num_classes, "data/n_labelled": len(splits.labelled),
+            "data/n_labelled_train": splits.n_train_labels,
+            "data/n_labelled_val": splits.n_val_labels,
             "data/n_val": len(splits.val), "data/n_test": len(splits.test),
             "data/n_unlabelled": len(splits.unlabelled)}
 

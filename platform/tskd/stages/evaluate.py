@@ -45,6 +45,7 @@ def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], s
             up = F.interpolate(logits[i:i + 1], size=mask.shape, mode="bilinear",
                                align_corners=False)
             fov = read_fov(info, case_id)
+            metrics.spacing = info.spacing_of(case_id)  # dataset.json spacing_per_case
             metrics.update(up.argmax(1), torch.from_numpy(mask)[None],
                            None if fov is None else torch.from_numpy(fov)[None])
     return metrics.aggregate()
@@ -70,7 +71,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     results = {"experiment": cfg.experiment, "dataset": info.name,
                "classes": {str(k): v for k, v in info.labels.items()},
                "n_test": len(test), "n_labelled": len(splits.labelled),
-               "hd95_unit": "mm" if info.spacing else "pixels",
+               "hd95_unit": "mm" if info.has_spacing else "pixels",
                "teacher": teacher, "students": students}
     write_json(ctx.dir / RESULTS_FILE, results)
     write_json(cfg.run_dir / RESULTS_FILE, results)

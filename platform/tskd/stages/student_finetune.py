@@ -3,7 +3,7 @@
 Setup: the student distilled by ``distill_<arm>`` (or, for ``scratch``, a random init — the
 baseline). Loop: 0.2·CE + 0.8·Dice on the augmented labelled subset, AdamW, warm-up then cosine.
 Report: validation Dice every epoch; the student of the best validation epoch is the output
-``student.pt``.
+``student.pt`` (without validation images, ``data.model_selection`` off: the last epoch's).
 """
 
 from __future__ import annotations

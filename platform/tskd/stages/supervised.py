@@ -1,8 +1,13 @@
 """The supervised loop shared by teacher and student fine-tuning (runs inside a Ray worker).
 
-Per epoch: 0.2·CE + 0.8·Dice over the labelled loader, then Dice on the validation split;
-reports ``train/loss``, ``val/dice``, ``val/best_dice`` and checkpoints the state of every new
-best validation epoch (so the run's final checkpoint is the best one).
+Per epoch: 0.2·CE + 0.8·Dice over the labelled loader, then, with model selection (a non-empty
+validation set), Dice on the validation split: reports ``train/loss``, ``val/dice``,
+``val/best_dice`` and checkpoints the state of every new best validation epoch (so the run's
+final checkpoint is the best one). Without validation images (``data.model_selection`` off, or
+``data.val_share`` 0) it trains the fixed schedule, reports ``train/loss`` only and checkpoints
+the last epoch (the TS-KD paper's protocol). The checkpointed state always carries ``epoch``,
+``val/dice`` (``None`` without validation) and ``selection`` (``"best_val"`` or
+``"last_epoch"``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from tskd.stages.ray_train import is_rank_zero, report, unwrap
 log = logging.getLogger(__name__)
 
 
-def fit_supervised(model: torch.nn.Module, loader: DataLoader, val_set: Dataset, *, info: Any,
+def fit_supervised(model: torch.nn.Module, loader: DataLoader, val_set: Dataset | None, *,
+                   info: Any,
                    optimizer: torch.optim.Optimizer, scheduler: Any, epochs: int,
                    device: torch.device, state_fn: Callable[[torch.nn.Module], dict[str, Any]],
                    tag: str) -> None:
@@ -27,6 +33,7 @@ def fit_supervised(model: torch.nn.Module, loader: DataLoader, val_set: Dataset,
 
     Args:
         loader: labelled batches ``{"image": (B,3,H,W) 0..255, "mask": (B,H,W) int64}``.
+        val_set: validation items (same dict); ``None`` or empty = no model selection.
         state_fn: what to checkpoint, given the unwrapped model (e.g. adapters only).
         tag: name used in progress logs ("teacher", "student").
     """
@@ -34,7 +41,8 @@ def fit_supervised(model: torch.nn.Module, loader: DataLoader, val_set: Dataset,
     from tskd.losses import SegLoss
 
     criterion = SegLoss()
-    best, start = -1.0, time.time()
+    validate = val_set is not None and len(val_set) > 0
+    best, start, checkpointed = -1.0, time.time(), False
     log_every = max(1, epochs // 10)
     for epoch in range(1, epochs + 1):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
@@ -48,16 +56,25 @@ def fit_supervised(model: torch.nn.Module, loader: DataLoader, val_set: Dataset,
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        scores = score_model(unwrap(model), val_set, num_classes=info.num_classes,
-                             class_names=list(info.class_names), device=device)
-        improved = scores["dice"] > best
-        best = max(best, scores["dice"])
-        metrics = {"train/loss": sum(losses) / len(losses), "val/dice": scores["dice"],
-                   "val/best_dice": best, "epoch": epoch}
-        if is_rank_zero() and (epoch % log_every == 0 or epoch == epochs):
-            log.info("%s epoch %d/%d loss %.4f val dice %.4f (best %.4f, %.0f s)", tag, epoch,
-                     epochs, metrics["train/loss"], scores["dice"], best, time.time() - start)
+        metrics: dict[str, Any] = {"train/loss": sum(losses) / len(losses), "epoch": epoch}
         state = None
-        if improved:
-            state = state_fn(unwrap(model)) | {"epoch": epoch, "val/dice": scores["dice"]}
+        if validate:
+            scores = score_model(unwrap(model), val_set, num_classes=info.num_classes,
+                                 class_names=list(info.class_names), device=device)
+            improved = scores["dice"] > best
+            best = max(best, scores["dice"])
+            metrics |= {"val/dice": scores["dice"], "val/best_dice": best}
+            if improved:
+                state = state_fn(unwrap(model)) | {"epoch": epoch, "val/dice": scores["dice"],
+                                                   "selection": "best_val"}
+        if epoch == epochs and state is None and not checkpointed:
+            # no validation (or it never gave a finite Dice): keep the last epoch
+            state = state_fn(unwrap(model)) | {"epoch": epoch, "val/dice": None,
+                                               "selection": "last_epoch"}
+        checkpointed = checkpointed or state is not None
+        if is_rank_zero() and (epoch % log_every == 0 or epoch == epochs):
+            val = (f" val dice {metrics['val/dice']:.4f} (best {best:.4f})" if validate
+                   else " (no validation: the last epoch is kept)")
+            log.info("%s epoch %d/%d loss %.4f%s, %.0f s", tag, epoch, epochs,
+                     metrics["train/loss"], val, time.time() - start)
         report(metrics, state)

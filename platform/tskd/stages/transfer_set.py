@@ -1,6 +1,10 @@
-"""Stage ``transfer``: the synthetic transfer set (TS-KD step 2).
+"""Stage ``transfer``: the transfer set (TS-KD step 2).
 
-Setup: the labelled training images (``data`` stage), augmented to
+``transfer.sources`` says what it holds: ``synthetic`` (the paper's setting, the default), the
+train split's real ``unlabelled`` images (those outside the label budget; their masks are never
+read), or both. Without ``synthetic`` no diffusion model is trained.
+
+Synthetic part. Setup: the labelled training images (``data`` stage), augmented to
 ``transfer.diffusion.n_augmented`` copies. Then:
 
 1. a DDPM (``tskd.diffusion``) trains as a one-worker Ray Train job; the driver saves it with
@@ -11,18 +15,27 @@ Setup: the labelled training images (``data`` stage), augmented to
    ``sample_batch_size`` (the last batch is padded), so the images are bit-identical whatever the
    number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
    ``data.image_size`` (and averages their channels when ``transfer.grayscale`` says so:
-   ``auto`` = the labelled images are grayscale) and attaches the nearest labelled training
-   image (``nn_index``, ``nn_mse``, ``nn_psnr``);
+   ``auto`` = the labelled images are grayscale) and attaches the nearest privacy reference
+   (:func:`tskd.transfer_quality.privacy_references`: the labelled training images, their
+   left-right and top-bottom flips, and the DDPM's augmented training copies): ``nn_index`` (the
+   training image it derives from), ``nn_kind`` (``train``/``hflip``/``vflip``/``augmented``),
+   ``nn_mse``, ``nn_psnr``;
 3. near-copies (``nn_psnr >= transfer.near_copy_psnr``) are dropped when
    ``transfer.drop_near_copies``; the rest is written with ``write_parquet``.
 
+Unlabelled part: ``transfer.n_unlabelled`` (null = all) of the unlabelled train images, a seeded
+subset, at ``data.image_size``, with ids after the synthetic ones (``n_images + k``),
+``nn_index`` -1, ``nn_kind`` "", ``nn_mse``/``nn_psnr`` NaN.
+
 Output directory::
 
-    model/            unet/ + scheduler/ (diffusers save_pretrained)
+    model/            unet/ + scheduler/ (diffusers save_pretrained; synthetic only)
     images/           parquet shards: id int64, image uint8 (H, W, 3) tensor, nn_index int64,
-                      nn_mse float64, nn_psnr float64 (inf for an exact copy)
+                      nn_mse float64, nn_psnr float64 (inf for an exact copy), nn_kind string,
+                      source string ("synthetic" | "unlabelled")
     quality.json      nearest-neighbour report over all samples and over the kept ones
-    transfer.json     the artifact manifest (counts, size, columns, shards, dropped ids)
+    transfer.json     the artifact manifest (counts per source, size, columns, shards, dropped
+                      ids); ``n_kept`` counts every row of the set
 
 Readers: :func:`read_transfer_set` (Ray Dataset) and :func:`load_transfer_images` (numpy).
 """
@@ -47,7 +60,7 @@ MODEL_DIR = "model"
 IMAGES_DIR = "images"
 QUALITY_FILE = "quality.json"
 MANIFEST_FILE = "transfer.json"
-COLUMNS = ["id", "image", "nn_index", "nn_mse", "nn_psnr"]
+COLUMNS = ["id", "image", "nn_index", "nn_mse", "nn_psnr", "nn_kind", "source"]
 
 
 class TransferSetError(RuntimeError):
@@ -133,8 +146,8 @@ class _Sampler:
     """Ray Data actor: loads the model once; per batch of ids samples, resizes, scores."""
 
     def __init__(self, model_dir: str, seed: int, num_inference_steps: int, batch_size: int,
-                 sampler: str, out_size: int, grayscale: bool, train_images: Any,
-                 threads: int) -> None:
+                 sampler: str, out_size: int, grayscale: bool, references: Any,
+                 ref_index: np.ndarray, ref_kind: np.ndarray, threads: int) -> None:
         import ray
         import torch
 
@@ -147,8 +160,9 @@ class _Sampler:
         self.unet, self.scheduler = load_diffusion(model_dir)
         self.seed, self.steps, self.batch_size = seed, num_inference_steps, batch_size
         self.sampler, self.out_size, self.grayscale = sampler, out_size, grayscale
-        self.train = ray.get(train_images) if isinstance(train_images, ray.ObjectRef) \
-            else train_images
+        self.refs = ray.get(references) if isinstance(references, ray.ObjectRef) \
+            else references
+        self.ref_index, self.ref_kind = np.asarray(ref_index), np.asarray(ref_kind)
         self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -164,12 +178,14 @@ class _Sampler:
         images = resize_uint8(images, self.out_size)
         if self.grayscale:
             images = to_grayscale(images)
-        idx, mse, psnr = nearest_neighbours(images, self.train)
+        ref, mse, psnr = nearest_neighbours(images, self.refs)
         self.done += len(ids)
         log.info("sampled %d images (ids %d..%d) in %.1f s; %d by this actor", len(ids),
                  int(ids.min()) if len(ids) else -1, int(ids.max()) if len(ids) else -1,
                  time.time() - start, self.done)
-        return {"id": ids, "image": images, "nn_index": idx, "nn_mse": mse, "nn_psnr": psnr}
+        return {"id": ids, "image": images, "nn_index": self.ref_index[ref], "nn_mse": mse,
+                "nn_psnr": psnr, "nn_kind": self.ref_kind[ref].astype(str),
+                "source": np.full(len(ids), "synthetic")}
 
 
 def _keep_below(batch: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
@@ -185,11 +201,15 @@ def use_grayscale(train_images: np.ndarray, cfg: ExperimentConfig) -> bool:
     return mode == "always" or (mode == "auto" and is_grayscale(train_images))
 
 
-def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: ExperimentConfig):
+def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: ExperimentConfig,
+                        augmented: np.ndarray | None = None):
     """The Ray Data pipeline: ``range(n)`` → sampler actors → a materialized dataset of
     :data:`COLUMNS` (all samples, before near-copy filtering), images at ``data.image_size``
-    (grayscale per :func:`use_grayscale`) scored against ``train_images`` at that size."""
+    (grayscale per :func:`use_grayscale`) scored against ``train_images`` at that size, their
+    flips and the ``augmented`` copies (:func:`tskd.transfer_quality.privacy_references`)."""
     import ray
+
+    from tskd.transfer_quality import privacy_references
 
     t = cfg.transfer
     total_cpus = float(ray.cluster_resources().get("CPU", 0.0))
@@ -198,14 +218,16 @@ def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: Experime
             f"transfer.num_actors={t.num_actors} x transfer.actor_cpus={t.actor_cpus} leaves less "
             f"than 1 of the cluster's {total_cpus:g} CPUs for Ray Data's read tasks, which would "
             "deadlock; lower transfer.num_actors or transfer.actor_cpus (fractions are fine)")
-    train_ref = ray.put(np.ascontiguousarray(train_images))
+    refs, ref_index, ref_kind = privacy_references(train_images, augmented)
+    refs_ref = ray.put(refs)
     ds = ray.data.range(t.n_images).map_batches(
         _Sampler,
         fn_constructor_kwargs={
             "model_dir": str(model_dir), "seed": cfg.seed,
             "num_inference_steps": t.diffusion.num_inference_steps,
             "batch_size": t.sample_batch_size, "sampler": t.diffusion.sampler,
-            "out_size": cfg.data.image_size, "train_images": train_ref,
+            "out_size": cfg.data.image_size, "references": refs_ref,
+            "ref_index": ref_index, "ref_kind": ref_kind,
             "grayscale": use_grayscale(train_images, cfg),
             "threads": max(1, int(t.actor_cpus))},
         batch_size=t.sample_batch_size, batch_format="numpy",
@@ -217,23 +239,88 @@ def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: Experime
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    """Build the transfer set; see the module docstring. Returns ``transfer/*`` and
-    ``diffusion/final_loss`` metrics.
+    """Build the transfer set from ``transfer.sources``; see the module docstring. Returns
+    ``transfer/*`` metrics (and ``diffusion/*`` with a synthetic part).
 
     Raises:
-        TransferSetError: every sample is a near-copy (nothing left to distil on), or the
-            sampler actors would take every CPU.
+        TransferSetError: every sample is a near-copy (nothing left to distil on), the sampler
+            actors would take every CPU, or ``unlabelled`` is asked for but the train split has
+            no image outside the label budget.
     """
     from tskd.artifacts import write_json
-    from tskd.data.augment import augment_copies
-    from tskd.data.dataset import load_arrays
     from tskd.stages.data_stage import load_data
-    from tskd.transfer_quality import json_safe, quality_report
 
     cfg: ExperimentConfig = ctx.cfg
     t = cfg.transfer
     out = Path(ctx.dir)
     info, splits = load_data(ctx.inputs["data"])
+    metrics: dict[str, Any] = {}
+    manifest: dict[str, Any] = {
+        "sources": list(t.sources), "n_kept": 0, "n_synthetic": 0, "n_unlabelled": 0,
+        "image_size": cfg.data.image_size, "columns": COLUMNS, "images_dir": IMAGES_DIR,
+        "seed": cfg.seed}
+    if "synthetic" in t.sources:
+        metrics |= _synthetic_part(cfg, info, splits, out, manifest)
+    else:
+        write_json(out / QUALITY_FILE, {"sources": list(t.sources), "n_sampled": 0,
+                                        "note": "no synthetic images: nothing to check"})
+    if "unlabelled" in t.sources:
+        first_id = t.n_images if "synthetic" in t.sources else 0
+        manifest["unlabelled_case_ids"] = _unlabelled_part(cfg, info, splits, out, first_id)
+        manifest["n_unlabelled"] = len(manifest["unlabelled_case_ids"])
+    manifest["n_kept"] = manifest["n_synthetic"] + manifest["n_unlabelled"]
+    manifest["shards"] = sorted(p.relative_to(out).as_posix()
+                                for p in (out / IMAGES_DIR).glob("*.parquet"))
+    write_json(out / MANIFEST_FILE, manifest)
+    log.info("transfer set: %d images (%d synthetic, %d real unlabelled)", manifest["n_kept"],
+             manifest["n_synthetic"], manifest["n_unlabelled"])
+    return metrics | {"transfer/n_images": manifest["n_kept"],
+                      "transfer/n_synthetic": manifest["n_synthetic"],
+                      "transfer/n_unlabelled": manifest["n_unlabelled"]}
+
+
+def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
+                     first_id: int) -> list[str]:
+    """Write ``transfer.n_unlabelled`` (null = all) real unlabelled train images, a seeded
+    subset, as parquet rows of :data:`COLUMNS`; return their case ids (in id order)."""
+    import ray
+
+    from tskd.data.dataset import load_arrays
+
+    t = cfg.transfer
+    pool = list(splits.unlabelled)
+    if not pool:
+        raise TransferSetError(
+            "transfer.sources includes 'unlabelled' but the train split has no image outside "
+            f"the label budget (data.n_labels={cfg.data.n_labels}); lower data.n_labels or "
+            "use transfer.sources=[synthetic]")
+    n = len(pool) if t.n_unlabelled is None else min(t.n_unlabelled, len(pool))
+    if t.n_unlabelled is not None and t.n_unlabelled > len(pool):
+        log.warning("transfer.n_unlabelled=%d but only %d unlabelled train images exist; "
+                    "using all of them", t.n_unlabelled, len(pool))
+    pick = np.sort(np.random.default_rng([cfg.seed, 0x0A1]).permutation(len(pool))[:n])
+    case_ids = [pool[j] for j in pick]
+    images, _ = load_arrays(info, case_ids, cfg.data.image_size)
+    log.info("adding %d real unlabelled train images to the transfer set", n)
+    ids = np.arange(first_id, first_id + n, dtype=np.int64)
+    rows = {"id": ids, "image": images, "nn_index": np.full(n, -1, np.int64),
+            "nn_mse": np.full(n, np.nan), "nn_psnr": np.full(n, np.nan),
+            "nn_kind": np.full(n, ""), "source": np.full(n, "unlabelled")}
+    ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(n)]
+                        ).write_parquet(str(out / IMAGES_DIR))
+    return case_ids
+
+
+def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
+                    manifest: dict[str, Any]) -> dict[str, Any]:
+    """Train the DDPM, sample, check quality and privacy, write the kept samples; fill the
+    synthetic entries of ``manifest``; return ``diffusion/*`` and ``transfer/*`` metrics."""
+    from tskd.artifacts import write_json
+    from tskd.data.augment import augment_copies
+    from tskd.data.dataset import load_arrays
+    from tskd.transfer_quality import json_safe, quality_report
+
+    t = cfg.transfer
     train_images, _ = load_arrays(info, splits.labelled, cfg.data.image_size)
     log.info("augmenting %d labelled images to %d", len(train_images), t.diffusion.n_augmented)
     augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed,
@@ -246,8 +333,8 @@ def run(ctx: Any) -> dict[str, Any]:
              ", grayscale" if use_grayscale(train_images, cfg) else "", t.num_actors,
              t.actor_cpus)
     start = time.time()
-    samples = sample_transfer_set(out / MODEL_DIR, train_images, cfg)
-    meta = samples.select_columns(["id", "nn_index", "nn_mse", "nn_psnr"]).to_pandas()
+    samples = sample_transfer_set(out / MODEL_DIR, train_images, cfg, augmented)
+    meta = samples.select_columns(["id", "nn_index", "nn_mse", "nn_psnr", "nn_kind"]).to_pandas()
     meta = meta.sort_values("id").reset_index(drop=True)
     elapsed = time.time() - start
     log.info("sampled %d images in %.0f s (%.2f images/s)", len(meta), elapsed,
@@ -255,19 +342,27 @@ def run(ctx: Any) -> dict[str, Any]:
     ids = meta["id"].to_numpy(np.int64)
     idx, mse, psnr = (meta["nn_index"].to_numpy(np.int64), meta["nn_mse"].to_numpy(np.float64),
                       meta["nn_psnr"].to_numpy(np.float64))
+    kinds = meta["nn_kind"].astype(str).to_numpy()
     report_all = quality_report(idx, mse, psnr, near_copy_psnr=t.near_copy_psnr)
     # ids are 0..n-1 and meta is sorted by id, so report positions ("index") are sample ids
+    for entry in report_all["near_copies"]:
+        entry["nearest_kind"] = str(kinds[entry["index"]])
     near = psnr >= t.near_copy_psnr
     drop = near if t.drop_near_copies else np.zeros_like(near)
     keep = ~drop
     report_kept = quality_report(idx[keep], mse[keep], psnr[keep],
                                  near_copy_psnr=t.near_copy_psnr)
     report_kept.pop("near_copies")
+    n_refs = 3 * len(train_images) + max(0, len(augmented) - len(train_images))
     quality = {"all": report_all, "kept": report_kept, "n_sampled": int(len(ids)),
                "n_kept": int(keep.sum()), "n_dropped": int(drop.sum()),
-               "drop_near_copies": t.drop_near_copies,
-               "compared_against": f"{len(train_images)} labelled training images at "
-                                   f"{cfg.data.image_size} px",
+               "drop_near_copies": t.drop_near_copies, "sources": list(t.sources),
+               "compared_against": f"{n_refs} references at {cfg.data.image_size} px: the "
+                                   f"{len(train_images)} labelled training images, their "
+                                   f"left-right and top-bottom flips, and the "
+                                   f"{max(0, len(augmented) - len(train_images))} augmented "
+                                   f"copies the DDPM was trained on",
+               "nearest_kind_counts": {k: int((kinds == k).sum()) for k in np.unique(kinds)},
                "train_case_ids": list(splits.labelled)}  # nearest_train / nn_index -> case id
     write_json(out / QUALITY_FILE, json_safe(quality))
     log.info("transfer quality: PSNR mean %s dB, MSE mean %.1f; %d near-copies (>= %g dB)%s",
@@ -286,21 +381,18 @@ def run(ctx: Any) -> dict[str, Any]:
     kept = samples.map_batches(_keep_below, fn_kwargs={"threshold": t.near_copy_psnr},
                                batch_format="numpy") if drop.any() else samples
     kept.write_parquet(str(out / IMAGES_DIR))
-    shards = sorted(p.relative_to(out).as_posix() for p in (out / IMAGES_DIR).glob("*.parquet"))
-    write_json(out / MANIFEST_FILE, {
-        "n_images": t.n_images, "n_sampled": int(len(ids)), "n_kept": int(keep.sum()),
-        "n_dropped": int(drop.sum()), "image_size": cfg.data.image_size,
-        "diffusion_image_size": t.diffusion.image_size, "columns": COLUMNS,
-        "images_dir": IMAGES_DIR, "shards": shards, "model_dir": MODEL_DIR,
-        "near_copy_psnr": t.near_copy_psnr, "drop_near_copies": t.drop_near_copies,
+    manifest.update({
+        "n_images": t.n_images, "n_sampled": int(len(ids)), "n_synthetic": int(keep.sum()),
+        "n_dropped": int(drop.sum()), "diffusion_image_size": t.diffusion.image_size,
+        "model_dir": MODEL_DIR, "near_copy_psnr": t.near_copy_psnr,
+        "drop_near_copies": t.drop_near_copies,
         "dropped_ids": [int(i) for i in ids[drop]],
         "near_copy_ids": [int(i) for i in ids[near]],
-        "seed": cfg.seed, "sampler": t.diffusion.sampler,
-        "grayscale": use_grayscale(train_images, cfg),
+        "sampler": t.diffusion.sampler, "grayscale": use_grayscale(train_images, cfg),
         "num_inference_steps": t.diffusion.num_inference_steps})
     kept_psnr = report_kept["psnr"]["mean"]
     metrics.update({
-        "transfer/n_images": int(keep.sum()), "transfer/n_dropped": int(drop.sum()),
+        "transfer/n_dropped": int(drop.sum()),
         "transfer/psnr_mean": float("inf") if kept_psnr is None else kept_psnr,
         "transfer/mse_mean": report_kept["mse"]["mean"],
         "transfer/sample_images_per_s": len(ids) / max(elapsed, 1e-9)})
