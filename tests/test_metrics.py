@@ -431,3 +431,13 @@ def test_convention_info_and_bad_convention() -> None:
     assert convention_info("tskd", miou_background=False, spacing=None)["hd95_unit"] == "pixels"
     with pytest.raises(ValueError, match="convention"):
         SegmentationMetrics(3, convention="nnunet")
+
+
+def test_config_conventions_equal_metrics_conventions() -> None:
+    from typing import get_args, get_type_hints
+
+    from tskd.config import EvaluateConfig
+    from tskd.metrics import CONVENTIONS
+
+    assert get_args(get_type_hints(EvaluateConfig)["convention"]) == CONVENTIONS
+    assert EvaluateConfig().convention == "tskd" and EvaluateConfig().miou_background is False

@@ -18,6 +18,7 @@ from tskd.artifacts import (StageContext, is_complete, prepare_stage_dir, read_m
 from tskd.config import ExperimentConfig, fingerprint, to_dict
 from tskd.stages import (data_stage, distill, evaluate, student_finetune, teacher_finetune,
                          teacher_pretrain, transfer_set)
+from tskd.stages.errors import ERROR_LOG, StageFailed, own_error, write_error_log
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,26 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
         prepare_stage_dir(stage_dir)
         ctx = StageContext(stage.name, stage_dir, {d: run_dir / d for d in stage.deps}, cfg,
                            dict(stage.params))
-        result = stage.run(ctx)
+        result = _run_stage(stage, ctx)
         write_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result, started=started,
                        upstream=upstream)
         log.info("[%d/%d] %s: done in %.1f s", i, len(stages), stage.name, time.time() - started)
         metrics[stage.name] = result
     return metrics
+
+
+def _run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
+    """``stage.run(ctx)``; on failure the traceback goes to ``<stage>/error.log``, and a tskd
+    error raised inside a Ray worker comes back as a :class:`StageFailed` naming that file."""
+    try:
+        return stage.run(ctx)
+    except Exception as exc:
+        log_path = write_error_log(ctx.dir / ERROR_LOG, exc)
+        own = own_error(exc)
+        if own is None or own is exc:  # a bug (full traceback), or raised here on the driver
+            log.error("stage %s failed; traceback in %s", stage.name, log_path)
+            raise
+        raise StageFailed(stage.name, own, log_path) from exc
 
 
 def _closure(stages: list[Stage], names: list[str]) -> list[Stage]:

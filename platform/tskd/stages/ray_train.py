@@ -48,7 +48,9 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
 
     Raises:
-        RuntimeError: the training run failed; the worker's error is chained.
+        RuntimeError: the training run failed; Ray's error (which holds the worker's) is chained,
+            and :func:`tskd.stages.errors.own_error` finds a tskd error (dataset, config,
+            checkpoint) in it.
     """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -69,11 +71,25 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     )
     try:
         result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors in TrainingFailedError
-        raise RuntimeError(f"Ray Train run {name!r} failed: {exc}") from exc
+    except Exception as exc:  # Train V2: TrainingFailedError (WorkerGroupError/ControllerError)
+        raise RuntimeError(f"Ray Train run {name!r} failed: {_first_line(exc)}") from exc
     if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"Ray Train run {name!r} failed: {result.error}") from result.error
+        raise RuntimeError(f"Ray Train run {name!r} failed: {_first_line(result.error)}") \
+            from result.error
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    """The worker's own error when Ray wrapped one (``WorkerGroupError``), else the first line
+    of ``exc``: the whole text (worker tracebacks) stays in the chained exception."""
+    from tskd.stages.errors import own_error
+
+    inner = own_error(exc) or exc
+    failures = getattr(exc, "worker_failures", None)
+    if inner is exc and isinstance(failures, dict) and failures:
+        inner = getattr(next(iter(failures.values())), "_base_exc", inner)
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}"
 
 
 def load_result_state(result: Any) -> dict[str, Any]:
