@@ -348,6 +348,13 @@ class RayConfig:
     """Intra-op threads per worker; 0 = the node's CPUs divided by the workers (CPU runs)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto = nccl with GPUs, gloo on CPU."""
+    deterministic: bool = True
+    """Same seed, same numbers: Ray Data datasets fed to training workers are sorted by their
+    ``id`` column and streamed in order (``preserve_order``, which also turns off locality-aware
+    sharding), and workers call ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    (GPU: with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). Costs a sort of the transfer set per
+    training run and, on GPUs, slower deterministic kernels; false streams in arrival order.
+    Results still depend on ``torch_threads`` (the default 0 follows the machine's CPUs)."""
 
     def validate(self, path: str) -> None:
         _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "an integer >= 1")

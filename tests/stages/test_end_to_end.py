@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tskd.config import load_config
+from tskd.config import fingerprint, load_config, to_dict
 from tskd.pipeline import run_pipeline
 
 TINY = [
@@ -37,6 +37,22 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
         assert set(scores) >= {"dice", "hd95", "miou", "per_class"}
         assert 0.0 <= scores["dice"] <= 1.0 and 0.0 <= scores["miou"] <= 1.0
         assert set(scores["per_class"]) == {"organ", "lesion"}
+    # what the scores mean and where they come from
+    assert results["metrics"]["convention"] == "tskd"
+    assert results["metrics"]["miou_includes_background"] is False
+    assert results["metrics"]["hd95_unit"] == "pixels"
+    splits = json.loads((cfg.run_dir / "data" / "splits.json").read_text())
+    seen = {"train": len(splits["labelled"]), "val": len(splits["val"]),
+            "total": len(splits["labelled"]) + len(splits["val"])}
+    assert seen["train"] > 0 and seen["val"] > 0
+    assert results["labelled_images"] == {"teacher": seen,
+                                          "students": {a: seen for a in results["students"]}}
+    assert results["seed"] == cfg.seed
+    assert results["config_fingerprint"] == fingerprint(to_dict(cfg))
+    manifests = {p.parent.name: json.loads(p.read_text())
+                 for p in cfg.run_dir.glob("*/manifest.json")}
+    assert results["stage_fingerprints"] == {name: m["fingerprint"] for name, m in
+                                             sorted(manifests.items()) if name != "evaluate"}
     # artifacts of every stage
     for stage in ["data", "teacher_pretrain", "teacher", "transfer", "distill_ts_kd",
                   "distill_ta_kd", "student_ts_kd", "student_ta_kd", "student_scratch",
