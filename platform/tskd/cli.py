@@ -6,7 +6,9 @@
     tskd convert FORMAT SRC DST [--sequence SEQ] [--size N]   # e.g. drive, chaos, nnunet-export
 
 Every config error is reported before Ray starts, naming the field, the value and what is
-allowed; the exit status is 2 for bad input, 1 for a failed run.
+allowed; so are an invalid dataset and a teacher checkpoint that does not fit ``teacher.arch``.
+The exit status is 2 for bad input (one line on stderr; also when a Ray worker found it, the
+line then names the stage's ``error.log``), 1 for a failed run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from tskd.config import ConfigError, ExperimentConfig, load_config, to_dict
+from tskd.config import ConfigError, ExperimentConfig, TskdError, load_config, to_dict
 
 log = logging.getLogger("tskd")
 
@@ -242,8 +244,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data,
                 "convert": cmd_convert}
-    from tskd.config import TskdError
-
     try:
         return commands[args.command](args)
     except TskdError as exc:
@@ -259,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_kind(exc: BaseException) -> str:
-    """``config error`` / ``dataset error`` / ``checkpoint error`` / ``error`` for the message
-    (a :class:`~tskd.stages.errors.StageFailed` is named after the worker's error)."""
+    """``config error`` / ``dataset error`` / ``error`` for the message (a
+    :class:`~tskd.stages.errors.StageFailed` is named after the worker's error, its ``cause``)."""
     from tskd.data.format import DatasetError
 
     exc = getattr(exc, "cause", exc)
