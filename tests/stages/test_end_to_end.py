@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny config under a real local Ray, with 2 training workers (gloo)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,8 +41,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
     # what the scores mean and where they come from
     assert results["metrics"]["convention"] == "tskd"
     assert results["metrics"]["miou_includes_background"] is False
-    assert results["metrics"]["hd95_unit"] == "pixels"
     splits = json.loads((cfg.run_dir / "data" / "splits.json").read_text())
+    declared = json.loads((Path(splits["root"]) / "dataset.json").read_text())
+    assert results["metrics"]["hd95_unit"] == ("mm" if declared.get("spacing") else "pixels")
     seen = {"train": len(splits["labelled"]), "val": len(splits["val"]),
             "total": len(splits["labelled"]) + len(splits["val"])}
     assert seen["train"] > 0 and seen["val"] > 0

@@ -74,3 +74,15 @@ def test_stage_failed_names_stage_and_log(tmp_path):
     wrapped = RuntimeError("outer")
     wrapped.__cause__ = DatasetError("inner")
     assert str(own_error(wrapped)) == "inner"
+
+
+def test_fit_error_message_names_the_workers_error():
+    from ray.train import WorkerGroupError
+
+    from tskd.stages.ray_train import _first_line
+
+    bug = WorkerGroupError("rank 0:\nTraceback ...\nKeyError: 'x'", {0: KeyError("x")})
+    assert _first_line(bug) == "KeyError: 'x'"
+    bad = WorkerGroupError("...", {1: DatasetError("mask 1"), 0: DatasetError("mask 0")})
+    assert _first_line(bad) == "DatasetError: mask 0"
+    assert _first_line(RuntimeError("line 1\nline 2")) == "RuntimeError: line 1"

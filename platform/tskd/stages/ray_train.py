@@ -109,7 +109,8 @@ def _first_line(exc: BaseException) -> str:
     inner = own_error(exc) or exc
     failures = getattr(exc, "worker_failures", None)
     if inner is exc and isinstance(failures, dict) and failures:
-        inner = getattr(next(iter(failures.values())), "_base_exc", inner)
+        first = failures[min(failures)]  # the exception itself (Train V2) or a wrapper of it
+        inner = getattr(first, "_base_exc", first)
     text = str(inner).strip().splitlines()
     return f"{type(inner).__name__}: {text[0] if text else ''}"
 
