@@ -5,6 +5,8 @@
 
 Everything after the script name is `tskd run`'s arguments. Inside a Ray job, `ray.init()`
 connects to the job's cluster (RAY_ADDRESS is set by Ray), so nothing here names an address.
+The exit status is `tskd run`'s: 0 done, 2 bad input (config, dataset, checkpoint; also when a
+worker found it: one line naming the stage's error.log), 1 a failure with its traceback.
 """
 
 import sys

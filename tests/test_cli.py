@@ -65,3 +65,80 @@ def test_format_table_lists_every_model_and_class():
                                 "lesion"]
     assert [line.split()[1] for line in lines[2:]] == ["(LoRA", "ts_kd", "scratch"]
     assert "3.25" in lines[2] and "0.3000" in lines[3]
+
+
+def _no_ray(monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init must not be called for bad inputs")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+
+
+def test_wrong_checkpoint_arch_fails_before_ray(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from tskd.models.sam import build_sam
+
+    _no_ray(monkeypatch)
+    path = tmp_path / "tiny.pth"
+    torch.save(build_sam("sam_tiny", num_classes=3, img_size=32).state_dict(), path)
+    code = main(["run", "--set", "teacher.arch=sam_demo", "--set", f"teacher.checkpoint={path}",
+                 "--set", f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(path) in err and "'sam_demo'" in err and "'sam_tiny'" in err
+    assert err.startswith("tskd: config error: teacher.checkpoint:")
+
+
+def test_checkpoint_check_accepts_fitting_files_and_rejects_garbage(tmp_path):
+    import pytest
+    import torch
+
+    from tskd.cli import check_teacher_checkpoint
+    from tskd.config import ConfigError
+    from tskd.models.sam import build_sam
+
+    sd = build_sam("sam_tiny", num_classes=3, img_size=32).state_dict()
+    torch.save(sd, tmp_path / "plain.pth")
+    torch.save({"model": sd}, tmp_path / "wrapped.pth")
+    # another input size and class count are adapted by the teacher stage: accepted here too
+    check_teacher_checkpoint(tmp_path / "plain.pth", "sam_tiny", img_size=64, num_classes=5)
+    check_teacher_checkpoint(tmp_path / "wrapped.pth", "sam_tiny", img_size=32, num_classes=3)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ConfigError, match="cannot read .*junk.pth"):
+        check_teacher_checkpoint(tmp_path / "junk.pth", "sam_tiny", img_size=32, num_classes=3)
+    torch.save({"a": 1}, tmp_path / "dict.pth")
+    with pytest.raises(ConfigError, match="not a SAM state dict"):
+        check_teacher_checkpoint(tmp_path / "dict.pth", "sam_tiny", img_size=32, num_classes=3)
+
+
+def test_invalid_dataset_fails_before_ray(tmp_path, capsys, monkeypatch):
+    from tskd.data.demo import write_demo_dataset
+
+    _no_ray(monkeypatch)
+    root = write_demo_dataset(tmp_path / "d", n_images=24, size=32, seed=0)
+    victim = sorted((root / "masks").iterdir())[3]
+    victim.unlink()
+    code = main(["run", "--set", f"data.root={root}", "--set", "data.n_labels=6",
+                 "--set", "data.val_share=0.25", "--set", f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("tskd: dataset error:") and victim.stem in err
+
+
+def test_format_table_footer_names_the_conventions():
+    scores = {"dice": 0.5, "hd95": 3.25, "miou": 0.4,
+              "per_class": {"background": {"miou": 0.9}, "organ": {"dice": 0.7, "miou": 0.5}}}
+    results = {"teacher": scores, "students": {"scratch": scores}, "hd95_unit": "pixels",
+               "metrics": {"convention": "samed", "miou_includes_background": True,
+                           "hd95_unit": "pixels"},
+               "labelled_images": {"teacher": {"train": 30, "val": 10, "total": 40}},
+               "seed": 3, "config_fingerprint": "abcdef0123456789"}
+    lines = format_table(results).splitlines()
+    assert lines[0].split() == ["model", "Dice", "HD95", "(pixels)", "mIoU", "Dice", "organ"]
+    assert lines[-1] == ("samed empty-mask convention, mIoU with background, HD95 in pixels; "
+                         "labels per model: 30 train + 10 val; seed 3; config abcdef0123456789")

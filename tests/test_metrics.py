@@ -289,3 +289,155 @@ def test_invalid_inputs() -> None:
         m.update(torch.zeros(1, 8, 8, dtype=torch.long), torch.zeros(1, 8, 9, dtype=torch.long))
     with pytest.raises(ValueError):
         SegmentationMetrics(3, class_names=["a", "b"])
+
+
+# ------------------------------------------------------------------ SAMed / TransUNet convention
+
+
+def _samed_calculate_metric_percase(pred: np.ndarray, gt: np.ndarray):
+    """SAMed's ``utils.calculate_metric_percase`` (hitachinsk/SAMed), line by line."""
+    from medpy import metric
+
+    pred = pred.astype(np.uint8)  # SAMed receives `prediction == i` and writes 1s into it
+    gt = gt.astype(np.uint8)
+    pred[pred > 0] = 1
+    gt[gt > 0] = 1
+    if pred.sum() > 0 and gt.sum() > 0:
+        dice = metric.binary.dc(pred, gt)
+        hd95 = metric.binary.hd95(pred, gt)
+        return dice, hd95
+    elif pred.sum() > 0 and gt.sum() == 0:
+        return 1, 0
+    else:
+        return 0, 0
+
+
+def _samed_inference(preds, targets, num_classes):
+    """SAMed's ``test.py`` averaging: per-case lists summed / number of cases, then class mean."""
+    metric_list = 0.0
+    for p, t in zip(preds, targets):
+        metric_i = [_samed_calculate_metric_percase(p == i, t == i) for i in range(1, num_classes)]
+        metric_list += np.array(metric_i)
+    metric_list = metric_list / len(preds)
+    return metric_list, np.mean(metric_list, axis=0)[0], np.mean(metric_list, axis=0)[1]
+
+
+def test_samed_convention_case_by_case() -> None:
+    """The four empty/non-empty cases, image by image, against SAMed's own function."""
+    from medpy.metric.binary import jc
+
+    H, W = 24, 30
+    blob_a = np.zeros((H, W), np.int64)
+    blob_a[4:12, 5:15] = 1
+    blob_b = np.zeros((H, W), np.int64)
+    blob_b[6:16, 8:20] = 1
+    empty = np.zeros((H, W), np.int64)
+    cases = {  # (pred, gt)
+        "both non-empty": (blob_a, blob_b),
+        "pred only": (blob_a, empty),
+        "gt only": (empty, blob_b),
+        "both empty": (empty, empty),
+    }
+    expected = {"pred only": (1, 0), "gt only": (0, 0), "both empty": (0, 0)}
+    m = SegmentationMetrics(2, convention="samed")
+    m.update(_t(np.stack([p for p, _ in cases.values()])), _t(np.stack([g for _, g in cases.values()])))
+    dice, hd, iou = m.values("dice")[:, 0], m.values("hd95")[:, 0], m.values("miou")[:, 0]
+    for i, (name, (p, g)) in enumerate(cases.items()):
+        ref_dice, ref_hd = _samed_calculate_metric_percase(p == 1, g == 1)
+        assert dice[i] == pytest.approx(ref_dice, rel=1e-6), name
+        assert hd[i] == pytest.approx(ref_hd, rel=1e-9, abs=1e-12), name
+        if name in expected:
+            assert (dice[i], hd[i]) == expected[name] and iou[i] == expected[name][0]
+        else:
+            assert iou[i] == pytest.approx(jc(p, g), rel=1e-6)
+            assert 0 < dice[i] < 1 and hd[i] > 0
+    # tskd's rule on the same images: gt-only and pred-only are errors, both-empty is skipped
+    t = SegmentationMetrics(2)
+    t.update(_t(np.stack([p for p, _ in cases.values()])), _t(np.stack([g for _, g in cases.values()])))
+    diag = math.hypot(H - 1, W - 1)
+    assert t.values("dice")[1:, 0].tolist()[:2] == [0.0, 0.0]
+    assert t.values("hd95")[1:3, 0].tolist() == [diag, diag] and math.isnan(t.values("hd95")[3, 0])
+
+
+def test_samed_convention_matches_samed_averaging() -> None:
+    """Random multi-class maps with plenty of empty classes: per-class and mean Dice / HD95 equal
+    SAMed's test.py computation (per class over all cases, then the mean over classes)."""
+    rng = np.random.default_rng(5)
+    C = 4
+    targets = _random_label_maps(rng, 8, (36, 44), C)
+    preds = _random_label_maps(rng, 8, (36, 44), C)
+    preds[0] = targets[0].copy()
+    targets[1][:] = 0  # an image with no foreground at all
+    m = SegmentationMetrics(C, convention="samed")
+    m.update(_t(np.stack(preds[:5])), _t(np.stack(targets[:5])))
+    m.update(_t(np.stack(preds[5:])), _t(np.stack(targets[5:])))
+    got = m.aggregate()
+    per_class, mean_dice, mean_hd95 = _samed_inference(preds, targets, C)
+    n_pred_only = sum(((p == c).any() and not (t == c).any()) for p, t in zip(preds, targets)
+                      for c in range(1, C))
+    n_gt_only = sum((not (p == c).any() and (t == c).any()) for p, t in zip(preds, targets)
+                    for c in range(1, C))
+    assert n_pred_only >= 2 and n_gt_only >= 2  # the conventions' differences are exercised
+    assert got["dice"] == pytest.approx(mean_dice, rel=1e-6)
+    assert got["hd95"] == pytest.approx(mean_hd95, rel=1e-9)
+    for j in range(C - 1):
+        assert got["per_class"][f"class_{j + 1}"]["dice"] == pytest.approx(per_class[j][0], rel=1e-6)
+        assert got["per_class"][f"class_{j + 1}"]["hd95"] == pytest.approx(per_class[j][1], rel=1e-9)
+    # and the tskd convention gives other numbers on the same data
+    t = SegmentationMetrics(C)
+    t.update(_t(np.stack(preds)), _t(np.stack(targets)))
+    assert t.aggregate()["hd95"] != pytest.approx(got["hd95"], rel=1e-3)
+
+
+@pytest.mark.parametrize("convention", ["tskd", "samed"])
+def test_miou_background(convention) -> None:
+    """mIoU over foreground classes only (default) or with the background class; Dice and HD95
+    stay foreground-only either way."""
+    t = np.zeros((2, 20, 20), np.int64)
+    t[0, 5:15, 5:15] = 1
+    t[1, 2:6, 2:6] = 2
+    p = np.zeros_like(t)
+    p[0, 5:15, 5:10] = 1
+    p[1, 2:6, 2:4] = 2
+    fg = SegmentationMetrics(3, convention=convention)
+    fg.update(_t(p), _t(t))
+    with_bg = SegmentationMetrics(3, convention=convention, miou_background=True)
+    with_bg.update(_t(p), _t(t))
+    a, b = fg.aggregate(), with_bg.aggregate()
+
+    def iou(x, y):
+        return (x & y).sum() / (x | y).sum()
+
+    bg = np.mean([iou(p[i] == 0, t[i] == 0) for i in range(2)])
+    c1 = iou(p[0] == 1, t[0] == 1)  # image 1: class 1 absent from both
+    c2 = iou(p[1] == 2, t[1] == 2)
+    if convention == "tskd":
+        fg_means = [c1, c2]  # absent pairs are skipped
+    else:
+        fg_means = [c1 / 2, c2 / 2]  # absent pairs count 0
+    assert a["miou"] == pytest.approx(np.mean(fg_means), rel=1e-5)
+    assert b["miou"] == pytest.approx(np.mean([bg, *fg_means]), rel=1e-5)
+    assert b["per_class"]["class_0"] == pytest.approx({"miou": bg}, rel=1e-5)
+    assert "class_0" not in a["per_class"]
+    assert (a["dice"], a["hd95"]) == (b["dice"], b["hd95"])
+
+
+def test_convention_info_and_bad_convention() -> None:
+    from tskd.metrics import convention_info
+
+    info = convention_info("samed", miou_background=True, spacing=(0.5, 0.5))
+    assert info["convention"] == "samed" and info["hd95_unit"] == "mm"
+    assert info["miou_includes_background"] is True
+    assert convention_info("tskd", miou_background=False, spacing=None)["hd95_unit"] == "pixels"
+    with pytest.raises(ValueError, match="convention"):
+        SegmentationMetrics(3, convention="nnunet")
+
+
+def test_config_conventions_equal_metrics_conventions() -> None:
+    from typing import get_args, get_type_hints
+
+    from tskd.config import EvaluateConfig
+    from tskd.metrics import CONVENTIONS
+
+    assert get_args(get_type_hints(EvaluateConfig)["convention"]) == CONVENTIONS
+    assert EvaluateConfig().convention == "tskd" and EvaluateConfig().miou_background is False

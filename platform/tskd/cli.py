@@ -9,7 +9,9 @@
     tskd tune [CONFIG] --space SPACE.yaml [--set key=value ...] [--resume] [--address ADDR]
 
 Every config error is reported before Ray starts, naming the field, the value and what is
-allowed; the exit status is 2 for bad input, 1 for a failed run.
+allowed; so are an invalid dataset and a teacher checkpoint that does not fit ``teacher.arch``.
+The exit status is 2 for bad input (one line on stderr; also when a Ray worker found it, the
+line then names the stage's ``<stage>.error.log``), 1 for a failed run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from tskd.config import ConfigError, ExperimentConfig, load_config, to_dict
+from tskd.config import ConfigError, ExperimentConfig, TskdError, load_config, to_dict
 
 log = logging.getLogger("tskd")
 
@@ -102,11 +104,74 @@ def check_paths(cfg: ExperimentConfig) -> None:
                           "allowed: an existing SAM checkpoint file")
 
 
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Everything the config names is usable, checked on the driver before Ray starts: the
+    files exist (:func:`check_paths`), the dataset passes ``validate_dataset`` with the
+    configured budget, and the teacher checkpoint fits ``teacher.arch``.
+
+    Raises:
+        ConfigError: a missing file or a checkpoint of another architecture.
+        DatasetError: the dataset is invalid (the data stage would fail the same way).
+    """
+    check_paths(cfg)
+    num_classes = 2
+    if cfg.data.root is not None:
+        from tskd.data.format import validate_dataset
+
+        info = validate_dataset(Path(cfg.data.root).expanduser(), n_labels=cfg.data.n_labels,
+                                n_val=cfg.data.n_val, test_fraction=cfg.data.test_fraction,
+                                seed=cfg.seed)
+        num_classes = info.num_classes
+    if cfg.teacher.checkpoint is not None:
+        check_teacher_checkpoint(Path(cfg.teacher.checkpoint).expanduser(), cfg.teacher.arch,
+                                 img_size=cfg.teacher.img_size, num_classes=num_classes)
+
+
+def check_teacher_checkpoint(path: Path, arch: str, *, img_size: int, num_classes: int) -> None:
+    """The checkpoint's keys and shapes fit ``arch`` (with the resizing and class adaptation
+    the teacher stage will do), read without loading the weights: the file is memory-mapped
+    (``torch.load(mmap=True)``) and matched against a model built on the ``meta`` device.
+
+    Raises:
+        ConfigError: one line naming the file, the configured arch and the arch the checkpoint
+            looks like; or that the file is not a readable SAM state dict.
+    """
+    import warnings
+
+    import torch
+
+    from tskd.models.sam import _unwrap_state_dict, build_sam, load_sam_state_dict
+
+    field = "teacher.checkpoint"
+    try:
+        try:
+            state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # a legacy (non-zip) file cannot be memory-mapped: read it once
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{field}: cannot read {path} as a SAM checkpoint "
+                          f"({type(exc).__name__}: {first})") from None
+    try:
+        sd = _unwrap_state_dict(state, path)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # copying into meta tensors is a no-op
+            sam = build_sam(arch, num_classes=num_classes, img_size=img_size)
+            load_sam_state_dict(sam, sd, arch=arch, source=str(path))
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {str(exc).splitlines()[0].rstrip(':')}") from None
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table of the teacher's and students' test scores."""
+    """A plain-text table of the teacher's and students' test scores, with a footer naming the
+    metric conventions, the label counts, the seed and the config fingerprint."""
     rows = [("teacher (LoRA SAM)", results["teacher"])]
     rows += [(f"student {arm}", scores) for arm, scores in results["students"].items()]
-    classes = list(results["teacher"]["per_class"])
+    per_class = results["teacher"]["per_class"]
+    classes = [c for c, v in per_class.items() if "dice" in v]  # a background has mIoU only
     unit = results.get("hd95_unit", "")
     head = ["model", "Dice", f"HD95 ({unit})", "mIoU"] + [f"Dice {c}" for c in classes]
     lines = [head]
@@ -116,7 +181,27 @@ def format_table(results: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
+    footer = _table_footer(results)
+    if footer:
+        out += ["", footer]
     return "\n".join(out)
+
+
+def _table_footer(results: dict[str, Any]) -> str:
+    parts = []
+    conv = results.get("metrics")
+    if conv:
+        parts.append(f"{conv['convention']} empty-mask convention, mIoU "
+                     f"{'with' if conv['miou_includes_background'] else 'without'} background, "
+                     f"HD95 in {conv['hd95_unit']}")
+    seen = results.get("labelled_images", {}).get("teacher")
+    if seen:
+        parts.append(f"labels per model: {seen['train']} train + {seen['val']} val")
+    if "seed" in results:
+        parts.append(f"seed {results['seed']}")
+    if results.get("config_fingerprint"):
+        parts.append(f"config {results['config_fingerprint']}")
+    return "; ".join(parts)
 
 
 def _init_ray(cfg: ExperimentConfig) -> None:
@@ -136,7 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(args.config, overrides)
-    check_paths(cfg)
+    check_inputs(cfg)
     import json
 
     import ray
@@ -297,17 +382,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune}
     try:
         return commands[args.command](args)
-    except ConfigError as exc:
-        print(f"tskd: config error: {exc}", file=sys.stderr)
+    except TskdError as exc:
+        print(f"tskd: {_error_kind(exc)}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - data errors get one clean line, not a traceback
         from tskd.data.format import DatasetError
 
         if isinstance(exc, DatasetError):
-            print(f"tskd: dataset error: {exc}", file=sys.stderr)
+            print(f"tskd: {_error_kind(exc)}: {exc}", file=sys.stderr)
             return 2
         raise
 
+
+def _error_kind(exc: BaseException) -> str:
+    """``config error`` / ``dataset error`` / ``error`` for the message (a
+    :class:`~tskd.stages.errors.StageFailed` is named after the worker's error, its ``cause``)."""
+    from tskd.data.format import DatasetError
+
+    exc = getattr(exc, "cause", exc)
+    if isinstance(exc, ConfigError):
+        return "config error"
+    if isinstance(exc, DatasetError):
+        return "dataset error"
+    return "error"
 
 if __name__ == "__main__":
     sys.exit(main())

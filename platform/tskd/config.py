@@ -32,7 +32,12 @@ STUDENT_ARMS = ("ts_kd", "ta_kd", "scratch")
 """Students the pipeline can train: task-specific KD, task-agnostic KD, random init."""
 
 
-class ConfigError(ValueError):
+class TskdError(ValueError):
+    """Bad input the user can fix (config, dataset, checkpoint). The CLI reports it as one line
+    and exit status 2, also when a Ray worker raised it (see ``tskd.stages.errors``)."""
+
+
+class ConfigError(TskdError):
     """A configuration value is unknown or invalid; the message names the dotted field."""
 
 
@@ -359,6 +364,13 @@ class EvaluateConfig:
     """Evaluation on the test split."""
 
     batch_size: int = 16
+    convention: Literal["tskd", "samed"] = "tskd"
+    """Empty-mask rule of Dice / HD95 / mIoU (``tskd.metrics``): ``tskd`` skips a class absent
+    from both prediction and ground truth and scores a one-sided miss as Dice 0 / HD95 = image
+    diagonal; ``samed`` is SAMed's and TransUNet's ``calculate_metric_percase`` (prediction only:
+    Dice 1, HD95 0; prediction empty: Dice 0, HD95 0), for numbers comparable with their tables."""
+    miou_background: bool = False
+    """Include the background class in the mIoU (Dice and HD95 are foreground-only always)."""
 
     def validate(self, path: str) -> None:
         _check_loop(self, path, "batch_size")
@@ -377,6 +389,13 @@ class RayConfig:
     """Intra-op threads per worker; 0 = the node's CPUs divided by the workers (CPU runs)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto = nccl with GPUs, gloo on CPU."""
+    deterministic: bool = True
+    """Same seed, same numbers: Ray Data datasets fed to training workers are sorted by their
+    ``id`` column and streamed in order (``preserve_order``, which also turns off locality-aware
+    sharding), and workers call ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    (GPU: with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). Costs a sort of the transfer set per
+    training run and, on GPUs, slower deterministic kernels; false streams in arrival order.
+    Results still depend on ``torch_threads`` (the default 0 follows the machine's CPUs)."""
 
     def validate(self, path: str) -> None:
         _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "an integer >= 1")

@@ -33,14 +33,17 @@ def predict_labels(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def score_model(model: nn.Module, dataset: Dataset, *, num_classes: int,
                 class_names: list[str] | None = None,
                 spacing: tuple[float, float] | None = None, batch_size: int = 16,
-                device: torch.device | str = "cpu") -> dict[str, Any]:
+                device: torch.device | str = "cpu", convention: str = "tskd",
+                miou_background: bool = False) -> dict[str, Any]:
     """Dice / HD95 / mIoU of ``model`` on ``dataset`` (items with ``image``, ``mask``[, ``fov``]).
 
-    Spacing is per pixel of the dataset's images *at the resolution they are scored at*.
+    Spacing is per pixel of the dataset's images *at the resolution they are scored at*;
+    ``convention`` and ``miou_background`` as in :class:`tskd.metrics.SegmentationMetrics`.
     """
     was_training = model.training
     model.eval()
-    metrics = SegmentationMetrics(num_classes, class_names=class_names, spacing=spacing)
+    metrics = SegmentationMetrics(num_classes, class_names=class_names, spacing=spacing,
+                                  convention=convention, miou_background=miou_background)
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         pred = predict_labels(model, batch["image"].to(device)).cpu()
         metrics.update(pred, batch["mask"], batch.get("fov"))

@@ -20,7 +20,10 @@ MONAI's ``HausdorffDistanceMetric(percentile=95)`` (not used here) measures some
 **max of the two directed 95th percentiles**, which is never smaller than medpy's pooled percentile
 (same surfaces); on random blob pairs of 32-64 px it was a median ~6% (~1 px) higher, max ~30-90%.
 
-Empty-mask policy (applied explicitly per image and class; MONAI's NaN/inf defaults are not used):
+Empty-mask conventions (``convention``; applied explicitly per image and class, MONAI's NaN/inf
+defaults are not used):
+
+``"tskd"`` (the default):
 
 - prediction and ground truth both empty → the pair is **skipped** (not counted for that class);
 - exactly one of them empty → Dice 0, IoU 0, HD95 = the image diagonal
@@ -29,8 +32,25 @@ Empty-mask policy (applied explicitly per image and class; MONAI's NaN/inf defau
 - a class skipped on every image (never in any ground truth nor prediction) → its per-class
   values are NaN and it is excluded from the means.
 
-Aggregation: per class, the mean over its counted images; then the mean over the scored classes
-(foreground classes ``1..C-1``, plus the background if ``include_background``).
+``"samed"``: SAMed's and TransUNet's ``calculate_metric_percase(pred, gt)`` (SAMed ``utils.py``),
+reproduced exactly:
+
+- both non-empty → medpy ``dc`` and ``hd95`` (here: the same values; IoU: medpy ``jc``);
+- prediction non-empty, ground truth empty → Dice 1, HD95 0 (IoU 1): a false positive scores
+  as perfect;
+- prediction empty (whatever the ground truth) → Dice 0, HD95 0 (IoU 0): a true negative scores
+  0 and a missed structure has HD95 0.
+
+Every image counts for every class (no NaN). SAMed reports no IoU; tskd extends the same rule to
+it. SAMed passes no spacing to ``hd95`` (pixels); here HD95 is in mm when ``spacing`` is given,
+like tskd's convention (``results.json`` names the unit).
+
+Aggregation (both conventions, and SAMed's ``test.py``: the per-case metric lists are summed and
+divided by the number of cases, then ``np.mean`` over the classes): per class, the mean over its
+counted images; then the mean over the scored classes (foreground classes ``1..C-1``, plus the
+background if ``include_background``). mIoU additionally includes the background class when
+``miou_background`` (the "mIoU over all classes" of semantic segmentation); its per-class entry
+then holds ``miou`` only.
 
 Field of view: with ``fov`` given, pixels outside it are set to background (0) in both the
 prediction and the ground truth before any metric is computed. Dice and IoU therefore ignore the
@@ -53,11 +73,36 @@ from monai.networks.utils import one_hot
 from scipy.spatial import cKDTree
 from torch import Tensor
 
-__all__ = ["SegmentationMetrics", "hd95"]
+__all__ = ["CONVENTIONS", "SegmentationMetrics", "convention_info", "hd95"]
 
 logger = logging.getLogger(__name__)
 
 _METRICS = ("dice", "hd95", "miou")
+CONVENTIONS = ("tskd", "samed")
+"""Empty-mask conventions of :class:`SegmentationMetrics` (see the module docstring)."""
+
+_EMPTY_MASK_RULES = {
+    "tskd": "both prediction and ground truth empty: not counted; exactly one empty: Dice 0, "
+            "IoU 0, HD95 = image diagonal; a class never counted is NaN and left out of the means",
+    "samed": "SAMed/TransUNet calculate_metric_percase: both non-empty: Dice, IoU, HD95; "
+             "prediction non-empty and ground truth empty: Dice 1, IoU 1, HD95 0; prediction "
+             "empty: Dice 0, IoU 0, HD95 0; every image counts",
+}
+
+
+def convention_info(convention: str, *, miou_background: bool,
+                    spacing: Sequence[float] | bool | None) -> dict[str, Any]:
+    """How the numbers of :class:`SegmentationMetrics` were computed, for ``results.json``."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
+    return {
+        "convention": convention,
+        "empty_masks": _EMPTY_MASK_RULES[convention],
+        "averaging": "per class: mean over test images; then mean over foreground classes",
+        "hd95": "medpy.metric.binary.hd95 (95th percentile of the pooled surface distances)",
+        "hd95_unit": "mm" if spacing else "pixels",
+        "miou_includes_background": bool(miou_background),
+    }
 
 
 def _surface(m: np.ndarray) -> np.ndarray:
@@ -138,7 +183,9 @@ class SegmentationMetrics:
         num_classes: ``C``, including the background (label 0).
         class_names: ``C`` names (index = label); default ``class_<i>``.
         spacing: ``(s_H, s_W)`` pixel spacing in mm; HD95 is then in mm, else in pixels.
-        include_background: also score class 0 (and include it in the means).
+        include_background: also score class 0 for every metric (and include it in the means).
+        convention: empty-mask rule, ``"tskd"`` or ``"samed"`` (see the module docstring).
+        miou_background: include class 0 in the mIoU (only) and its mean.
     """
 
     def __init__(
@@ -148,7 +195,11 @@ class SegmentationMetrics:
         class_names: Sequence[str] | None = None,
         spacing: tuple[float, float] | None = None,
         include_background: bool = False,
+        convention: str = "tskd",
+        miou_background: bool = False,
     ) -> None:
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         if class_names is None:
@@ -163,7 +214,13 @@ class SegmentationMetrics:
         self.class_names = list(class_names)
         self.spacing = spacing
         self.include_background = include_background
+        self.convention = convention
+        self.miou_background = miou_background
         self.scored_classes = list(range(0 if include_background else 1, num_classes))
+        # classes each metric is computed for: Dice/HD95 the scored ones, IoU maybe + background
+        self._classes = {m: self.scored_classes for m in _METRICS}
+        if miou_background and not include_background:
+            self._classes["miou"] = list(range(num_classes))
         # MONAI metrics on the scored channels only; empty cases are overridden in update()
         self._dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         self._iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)
@@ -204,13 +261,11 @@ class SegmentationMetrics:
             pred = torch.where(inside, pred, 0)
             target = torch.where(inside, target, 0)
         b, h, w = pred.shape
-        idx = self.scored_classes
-        p1 = one_hot(pred.unsqueeze(1), self.num_classes)[:, idx]  # (B, K, H, W) float
-        t1 = one_hot(target.unsqueeze(1), self.num_classes)[:, idx]
-        p_any = p1.flatten(2).any(-1)  # (B, K)
+        p1 = one_hot(pred.unsqueeze(1), self.num_classes)  # (B, C, H, W) float
+        t1 = one_hot(target.unsqueeze(1), self.num_classes)
+        p_any = p1.flatten(2).any(-1)  # (B, C)
         t_any = t1.flatten(2).any(-1)
         both = p_any & t_any
-        one = p_any ^ t_any  # neither: the pair is skipped (NaN)
 
         dice = self._dice(p1, t1).double()
         iou = self._iou(p1, t1).double()
@@ -219,20 +274,32 @@ class SegmentationMetrics:
         # HD95 (medpy's definition) on the (FOV-restricted) masks where both sides are non-empty
         hd = torch.full(both.shape, math.nan, dtype=torch.float64)
         pred_np, target_np = pred.numpy(), target.numpy()
-        for i, j in both.nonzero().tolist():
-            c = idx[j]
-            hd[i, j] = hd95(pred_np[i] == c, target_np[i] == c, self.spacing)
+        for i, c in both.nonzero().tolist():
+            if c in self.scored_classes:
+                hd[i, c] = hd95(pred_np[i] == c, target_np[i] == c, self.spacing)
 
-        nan = torch.full(both.shape, math.nan, dtype=torch.float64)
-        zero = torch.zeros(both.shape, dtype=torch.float64)
-        diag = torch.full(both.shape, self._diagonal(h, w), dtype=torch.float64)
-        dice = torch.where(both, dice, torch.where(one, zero, nan))
-        iou = torch.where(both, iou, torch.where(one, zero, nan))
-        hd = torch.where(both, hd, torch.where(one, diag, nan))
-        self._values["dice"].append(dice.numpy())
-        self._values["miou"].append(iou.numpy())
-        self._values["hd95"].append(hd.numpy())
+        def full(value: float) -> Tensor:
+            return torch.full(both.shape, value, dtype=torch.float64)
+
+        if self.convention == "tskd":
+            one = p_any ^ t_any  # neither: the pair is skipped (NaN)
+            dice = torch.where(both, dice, torch.where(one, full(0.0), full(math.nan)))
+            iou = torch.where(both, iou, torch.where(one, full(0.0), full(math.nan)))
+            hd = torch.where(both, hd, torch.where(one, full(self._diagonal(h, w)), full(math.nan)))
+        else:  # samed: pred only -> (1, 0); pred empty -> (0, 0)
+            pred_only = p_any & ~t_any
+            dice = torch.where(both, dice, torch.where(pred_only, full(1.0), full(0.0)))
+            iou = torch.where(both, iou, torch.where(pred_only, full(1.0), full(0.0)))
+            hd = torch.where(both, hd, full(0.0))
+        for m, v in (("dice", dice), ("miou", iou), ("hd95", hd)):
+            self._values[m].append(v[:, self._classes[m]].numpy())
         self.n_images += b
+
+    def values(self, metric: str) -> np.ndarray:
+        """Per-image values so far: ``float64 (N, K)`` for the K classes ``metric`` is computed
+        for (NaN where the image does not count for the class)."""
+        k = len(self._classes[metric])
+        return np.concatenate(self._values[metric], axis=0) if self._values[metric] else np.empty((0, k))
 
     def aggregate(self) -> dict[str, Any]:
         """Means so far.
@@ -243,17 +310,17 @@ class SegmentationMetrics:
             class was counted (NaN if never), the top-level values the means over non-NaN
             classes (NaN if none).
         """
-        per_class: dict[str, dict[str, float]] = {self.class_names[c]: {} for c in self.scored_classes}
+        classes = sorted(set(self._classes["miou"]) | set(self.scored_classes))
+        per_class: dict[str, dict[str, float]] = {self.class_names[c]: {} for c in classes}
         out: dict[str, Any] = {}
         for m in _METRICS:
-            k = len(self.scored_classes)
-            vals = np.concatenate(self._values[m], axis=0) if self._values[m] else np.empty((0, k))
+            vals = self.values(m)
             counted = ~np.isnan(vals)
             n = counted.sum(axis=0)
             sums = np.where(counted, vals, 0.0).sum(axis=0)
-            class_means = np.full(k, math.nan)
+            class_means = np.full(vals.shape[1], math.nan)
             np.divide(sums, n, out=class_means, where=n > 0)
-            for j, c in enumerate(self.scored_classes):
+            for j, c in enumerate(self._classes[m]):
                 per_class[self.class_names[c]][m] = float(class_means[j])
             valid = class_means[~np.isnan(class_means)]
             out[m] = float(valid.mean()) if valid.size else math.nan

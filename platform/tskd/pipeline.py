@@ -21,6 +21,7 @@ from tskd.config import ExperimentConfig, fingerprint, to_dict
 from tskd.stages import (data_stage, distill, evaluate, student_finetune, teacher_finetune,
                          teacher_pretrain, transfer_set)
 from tskd.store import Entry, Store, record_use
+from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def _builder(stage: Stage, cfg: ExperimentConfig, fp: str, inputs: dict[str, Ent
         started = time.time()
         ctx = StageContext(stage.name, tmp, {d: e.path for d, e in inputs.items()}, cfg,
                            dict(stage.params))
-        result = stage.run(ctx)
+        result = _run_stage(stage, ctx)
         return stage_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result,
                               started=started,
                               inputs={d: {"fingerprint": e.fingerprint,
@@ -171,6 +172,21 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def _run_stage(stage: Stage, ctx: StageContext) -> dict[str, Any]:
+    """``stage.run(ctx)``; on failure the traceback goes to ``runs/<experiment>/<stage>.error.log``
+    (the stage's own directory is a temporary store entry, removed on failure), and a tskd error
+    raised inside a Ray worker comes back as a :class:`StageFailed` naming that file."""
+    try:
+        return stage.run(ctx)
+    except Exception as exc:
+        log_path = write_error_log(error_log_path(ctx.cfg.run_dir, stage.name), exc)
+        own = own_error(exc)
+        if own is None or own is exc:  # a bug (full traceback), or raised here on the driver
+            log.error("stage %s failed; traceback in %s", stage.name, log_path)
+            raise
+        raise StageFailed(stage.name, own, log_path) from exc
 
 
 def _closure(stages: list[Stage], names: list[str]) -> list[Stage]:

@@ -1,10 +1,11 @@
 """The whole pipeline on a tiny config under a real local Ray, with 2 training workers (gloo)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tskd.config import load_config
+from tskd.config import fingerprint, load_config, to_dict
 from tskd.pipeline import run_pipeline
 
 TINY = [
@@ -37,6 +38,23 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
         assert set(scores) >= {"dice", "hd95", "miou", "per_class"}
         assert 0.0 <= scores["dice"] <= 1.0 and 0.0 <= scores["miou"] <= 1.0
         assert set(scores["per_class"]) == {"organ", "lesion"}
+    # what the scores mean and where they come from
+    assert results["metrics"]["convention"] == "tskd"
+    assert results["metrics"]["miou_includes_background"] is False
+    splits = json.loads((cfg.run_dir / "data" / "splits.json").read_text())
+    declared = json.loads((Path(splits["root"]) / "dataset.json").read_text())
+    assert results["metrics"]["hd95_unit"] == ("mm" if declared.get("spacing") else "pixels")
+    seen = {"train": len(splits["labelled"]), "val": len(splits["val"]),
+            "total": len(splits["labelled"]) + len(splits["val"])}
+    assert seen["train"] > 0 and seen["val"] > 0
+    assert results["labelled_images"] == {"teacher": seen,
+                                          "students": {a: seen for a in results["students"]}}
+    assert results["seed"] == cfg.seed
+    assert results["config_fingerprint"] == fingerprint(to_dict(cfg))
+    manifests = {p.parent.name: json.loads(p.read_text())
+                 for p in cfg.run_dir.glob("*/manifest.json")}
+    assert results["stage_fingerprints"] == {name: m["fingerprint"] for name, m in
+                                             sorted(manifests.items()) if name != "evaluate"}
     # artifacts of every stage
     for stage in ["data", "teacher_pretrain", "teacher", "transfer", "distill_ts_kd",
                   "distill_ta_kd", "student_ts_kd", "student_ta_kd", "student_scratch",
@@ -50,3 +68,22 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
     # a second run skips everything and gives the same results
     again = run_pipeline(cfg)
     assert again["evaluate"] == metrics["evaluate"]
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_is_reproducible(tmp_path, ray_local):
+    """Two fresh runs (own output dirs, own teacher caches) with the same seed give the same
+    results.json scores, and the same distillation losses (the stage whose data order used to
+    depend on Ray Data's scheduling)."""
+    runs = []
+    for name in ("a", "b"):
+        cfg = load_config(None, TINY + [f"output_dir={tmp_path / name}",
+                                        f"teacher.pretrain.cache_dir={tmp_path / name / 'c'}"])
+        metrics = run_pipeline(cfg)
+        results = json.loads((cfg.run_dir / "results.json").read_text())
+        runs.append((metrics, results))
+    (m_a, r_a), (m_b, r_b) = runs
+    for key in ("teacher", "students", "labelled_images", "metrics", "seed"):
+        assert r_a[key] == r_b[key], key
+    for stage in ("distill_ts_kd", "distill_ta_kd", "student_ts_kd", "student_scratch"):
+        assert m_a[stage] == m_b[stage], stage

@@ -3,22 +3,26 @@
 Models see test images at the working resolution (``data.image_size``); their logits are
 upsampled to each image's original size and scored against the original mask (and field of view)
 with the dataset's pixel spacing, so HD95 is in mm when the spacing is known. The empty-mask
-policy is :mod:`tskd.metrics`'.
+convention (``evaluate.convention``) and whether the mIoU counts the background
+(``evaluate.miou_background``) are :mod:`tskd.metrics`'; both are written into the results.
 
-Output: ``runs/<experiment>/results.json`` (and a copy in this stage's directory).
+Output: ``runs/<experiment>/results.json`` (and a copy in this stage's directory): the scores,
+the metric conventions, how many labelled images each model saw, the seed, and the fingerprints
+of the resolved config and of every stage the scores come from.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from tskd.artifacts import StageContext, write_json
-from tskd.config import to_dict
+from tskd.artifacts import StageContext, read_manifest, write_json
+from tskd.config import fingerprint, to_dict
 from tskd.stages.data_stage import load_data
 
 log = logging.getLogger(__name__)
@@ -28,7 +32,8 @@ RESULTS_FILE = "results.json"
 
 @torch.no_grad()
 def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], size: int,
-                       batch_size: int) -> dict[str, Any]:
+                       batch_size: int, *, convention: str = "tskd",
+                       miou_background: bool = False) -> dict[str, Any]:
     """Score ``model`` on ``case_ids`` at each image's original resolution."""
     from tskd.data.dataset import SegmentationDataset
     from tskd.data.format import read_case, read_fov
@@ -36,7 +41,8 @@ def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], s
 
     model.eval()
     metrics = SegmentationMetrics(info.num_classes, class_names=list(info.class_names),
-                                  spacing=info.spacing)
+                                  spacing=info.spacing, convention=convention,
+                                  miou_background=miou_background)
     dataset = SegmentationDataset(info, case_ids, size)
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         logits = model(batch["image"]).logits
@@ -51,27 +57,58 @@ def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], s
     return metrics.aggregate()
 
 
+def stage_fingerprints(inputs: dict[str, Path]) -> dict[str, str]:
+    """Fingerprints of the stages in ``inputs`` and, through their manifests' ``upstream``,
+    of every stage they were computed from (stage name -> fingerprint)."""
+    run_dirs = {name: Path(d) for name, d in inputs.items()}
+    fps: dict[str, str] = {}
+    todo = list(run_dirs)
+    while todo:
+        name = todo.pop()
+        if name in fps:
+            continue
+        stage_dir = run_dirs.get(name)
+        if stage_dir is None:  # an upstream of an input: a sibling directory
+            stage_dir = next(iter(run_dirs.values())).parent / name
+        manifest = read_manifest(stage_dir) or {}
+        fps[name] = manifest.get("fingerprint", "")
+        todo.extend(manifest.get("upstream", {}))
+    return dict(sorted(fps.items()))
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
+    from tskd.metrics import convention_info
     from tskd.stages.student_finetune import load_student
     from tskd.stages.teacher_finetune import load_finetuned_teacher
 
     cfg = ctx.cfg
+    ev = cfg.evaluate
     info, splits = load_data(ctx.inputs["data"])
     test = list(splits.test)
-    size, bs = cfg.data.image_size, cfg.evaluate.batch_size
-    log.info("evaluating the teacher and %d students on %d test images", len(cfg.students),
-             len(test))
+    size, bs = cfg.data.image_size, ev.batch_size
+    opts = {"convention": ev.convention, "miou_background": ev.miou_background}
+    log.info("evaluating the teacher and %d students on %d test images (%s convention)",
+             len(cfg.students), len(test), ev.convention)
     teacher = score_on_originals(load_finetuned_teacher(ctx.inputs["teacher"]), info, test, size,
-                                 bs)
+                                 bs, **opts)
     students = {}
     for arm in cfg.students:
         model = load_student(ctx.inputs[f"student_{arm}"], to_dict(cfg.student),
                              info.num_classes)
-        students[arm] = score_on_originals(model, info, test, size, bs)
+        students[arm] = score_on_originals(model, info, test, size, bs, **opts)
+    # every model is trained on the labelled split and selected on the validation split
+    seen = {"train": len(splits.labelled), "val": len(splits.val),
+            "total": len(splits.labelled) + len(splits.val)}
     results = {"experiment": cfg.experiment, "dataset": info.name,
                "classes": {str(k): v for k, v in info.labels.items()},
                "n_test": len(test), "n_labelled": len(splits.labelled),
                "hd95_unit": "mm" if info.has_spacing else "pixels",
+               "metrics": convention_info(ev.convention, miou_background=ev.miou_background,
+                                          spacing=info.has_spacing),
+               "labelled_images": {"teacher": seen, "students": {arm: seen for arm in students}},
+               "seed": cfg.seed,
+               "config_fingerprint": fingerprint(to_dict(cfg)),
+               "stage_fingerprints": stage_fingerprints(ctx.inputs),
                "teacher": teacher, "students": students}
     write_json(ctx.dir / RESULTS_FILE, results)
     write_json(cfg.run_dir / RESULTS_FILE, results)

@@ -2,7 +2,7 @@
 
 Driver side: :func:`fit_torch_trainer` builds a ``TorchTrainer`` (Train V2) from a ``RayConfig``;
 the same code runs CPU workers with gloo here and GPU workers with NCCL on a cluster.
-Worker side: :func:`worker_setup` (threads, seeds, device), :func:`report` (metrics every rank,
+Worker side: :func:`worker_setup` (threads, seeds, deterministic algorithms, device), :func:`report` (metrics every rank,
 checkpoint on rank 0), :func:`is_rank_zero`. Driver again: :func:`load_result_state`.
 """
 
@@ -48,12 +48,17 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
 
     Raises:
-        RuntimeError: the training run failed; the worker's error is chained.
+        RuntimeError: the training run failed; Ray's error (which holds the worker's) is chained,
+            and :func:`tskd.stages.errors.own_error` finds a tskd error (dataset, config,
+            checkpoint) in it.
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = num_workers or ray_cfg.num_workers
+    data_config = DataConfig()
+    if ray_cfg.deterministic and datasets:
+        datasets, data_config = deterministic_datasets(datasets)
     resources = {"CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = 1
@@ -66,14 +71,48 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets=datasets,
+        dataset_config=data_config,
     )
     try:
         result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors in TrainingFailedError
-        raise RuntimeError(f"Ray Train run {name!r} failed: {exc}") from exc
+    except Exception as exc:  # Train V2: TrainingFailedError (WorkerGroupError/ControllerError)
+        raise RuntimeError(f"Ray Train run {name!r} failed: {_first_line(exc)}") from exc
     if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"Ray Train run {name!r} failed: {result.error}") from result.error
+        raise RuntimeError(f"Ray Train run {name!r} failed: {_first_line(result.error)}") \
+            from result.error
     return result
+
+
+def deterministic_datasets(datasets: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``datasets`` in a reproducible order, and the ``DataConfig`` that keeps it.
+
+    Blocks written by Ray Data (e.g. the transfer set's parquet shards) hold rows in the order
+    tasks finished, which changes from run to run; each dataset with an ``id`` column is
+    therefore sorted by it. ``preserve_order`` makes the streaming split hand blocks to the
+    workers in that order (Ray then ignores locality hints), so each worker gets the same rows
+    in the same order, and the workers' seeded local shuffles give the same batches.
+    """
+    from ray.train import DataConfig
+
+    out = {name: ds.sort("id") if "id" in (ds.columns() or []) else ds
+           for name, ds in datasets.items()}
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return out, DataConfig(execution_options=options)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The worker's own error when Ray wrapped one (``WorkerGroupError``), else the first line
+    of ``exc``: the whole text (worker tracebacks) stays in the chained exception."""
+    from tskd.stages.errors import own_error
+
+    inner = own_error(exc) or exc
+    failures = getattr(exc, "worker_failures", None)
+    if inner is exc and isinstance(failures, dict) and failures:
+        first = failures[min(failures)]  # the exception itself (Train V2) or a wrapper of it
+        inner = getattr(first, "_base_exc", first)
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0] if text else ''}"
 
 
 def load_result_state(result: Any) -> dict[str, Any]:
@@ -97,6 +136,10 @@ def worker_setup(ray_cfg: dict[str, Any], seed: int) -> torch.device:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
+    if ray_cfg.get("deterministic"):
+        if ray_cfg.get("use_gpu"):  # cuBLAS needs it for deterministic matmuls (before init)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if ray_cfg.get("use_gpu"):
         return ray.train.torch.get_device()
     threads = int(ray_cfg.get("torch_threads") or 0)
