@@ -120,3 +120,42 @@ def test_validation_images_come_from_inside_the_label_budget():
     assert load_config(None, ["data.n_labels=40", "data.model_selection=false"]).data.n_val == 0
     assert load_config(None, ["data.n_labels=40", "data.val_share=0"]).data.n_val == 0
     assert load_config(None, ["data.n_labels=1", "data.model_selection=false"]).data.n_val == 0
+
+
+def test_kd_presets_are_table_8():
+    """Table 8 of the paper (weights as its prose gives them; paper-facts.md)."""
+    table = {  # preset: (logits loss, logits target, w_logits, w_hidden)
+        "ts_kd1": ("mse", "squeezed", 0.2, 1.0), "ts_kd2": ("mse", "interpolated", 0.1, 1.0),
+        "ts_kd3": ("mse", "teacher", 0.001, 1.0), "ts_kd4": ("ce", "interpolated", 1.0, 1.0),
+        "ts_kd5": ("ce", "interpolated", 1.0, 0.1), "ts_kd6": ("mse", "interpolated", 0.1, 0.0),
+        "ts_kd7": ("mse", "interpolated", 0.1, 0.1), "ts_kd8": ("mse", "interpolated", 0.2, 0.1),
+    }
+    for name, (loss, target, wl, wh) in table.items():
+        d = load_config(None, [f"distill.preset={name}", "students=[ts_kd, scratch]"]).distill
+        assert (d.logits_loss, d.logits_target, d.w_logits, d.w_hidden) == (loss, target, wl, wh)
+    default = load_config().distill  # TS-KD8 is the default
+    assert (default.logits_loss, default.logits_target, default.w_logits, default.w_hidden) == \
+        table["ts_kd8"]
+
+
+def test_kd_preset_conflicts_and_round_trip(tmp_path):
+    with pytest.raises(ConfigError, match=r"^distill.w_logits: invalid value 0.5; allowed: 1.0, "
+                                          r"the value distill.preset='ts_kd4' sets"):
+        load_config(None, ["distill.preset=ts_kd4", "distill.w_logits=0.5"])
+    with pytest.raises(ConfigError, match=r"^distill.preset: invalid value 'ts_kd9'"):
+        load_config(None, ["distill.preset=ts_kd9"])
+    # the resolved config (preset + the values it set) loads back unchanged
+    cfg = load_config(None, ["distill.preset=ts_kd5"])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(path) == cfg
+
+
+def test_task_agnostic_kd_needs_the_hidden_term():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["distill.w_hidden=0"])
+    assert str(err.value).startswith("distill.w_hidden: invalid value 0.0; allowed: a number > 0 "
+                                     "while students include 'ta_kd'")
+    with pytest.raises(ConfigError, match="^distill.w_hidden"):
+        load_config(None, ["distill.preset=ts_kd6"])  # logits only
+    assert load_config(None, ["distill.preset=ts_kd6", "students=[ts_kd, scratch]"])

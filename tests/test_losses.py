@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +93,73 @@ def test_kdloss_task_agnostic_skips_logits() -> None:
 def test_kdloss_invalid_weights(w_logits: float, w_hidden: float) -> None:
     with pytest.raises(ValueError, match=f"w_logits={w_logits}, w_hidden={w_hidden}"):
         KDLoss(8, 6, w_logits=w_logits, w_hidden=w_hidden)
+
+
+# ---------------------------------------------------------------- Table 8 variants
+
+
+def test_soft_cross_entropy_by_hand() -> None:
+    from tskd.losses import soft_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)
+    expected = 0.0
+    for b in range(2):
+        for i in range(4):
+            for j in range(5):
+                p = [math.exp(v) for v in t[b, :, i, j].tolist()]
+                q = [math.exp(v) for v in s[b, :, i, j].tolist()]
+                expected -= sum(pc / sum(p) * math.log(qc / sum(q)) for pc, qc in zip(p, q))
+    assert soft_cross_entropy(s, t).item() == pytest.approx(expected / 40, rel=1e-5)
+
+
+@pytest.mark.parametrize("target", ["interpolated", "teacher", "squeezed"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_logits_variants_against_a_reference(target: str, loss: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    s_logits = torch.randn(2, 3, 32, 32, generator=g)
+    t_logits = torch.randn(2, 3, 8, 8, generator=g)
+    hidden = torch.randn(2, 4, 2, 2)
+    kd = KDLoss(4, 6, w_logits=0.5, w_hidden=0.0, logits_loss=loss, logits_target=target)
+    total, parts = kd((s_logits, hidden), (t_logits, None))
+    if target == "interpolated":
+        s, t = s_logits, F.interpolate(t_logits, size=(32, 32), mode="bilinear", align_corners=False)
+    else:  # the student average-pooled over 4x4 blocks to the teacher's 8x8
+        s = s_logits.reshape(2, 3, 8, 4, 8, 4).mean((3, 5))
+        t = t_logits
+        if target == "squeezed":  # the masks' last (width) axis averaged away
+            s, t = s.mean(-1), t.mean(-1)
+    if loss == "mse":
+        ref = ((s - t) ** 2).mean()
+    else:
+        ref = -(t.softmax(1) * s.log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(parts["kd/logits"], ref)
+    torch.testing.assert_close(total, 0.5 * ref)
+
+
+def test_normalize_divides_by_a_running_variance_of_the_target() -> None:
+    kd = KDLoss(4, 6, w_logits=1.0, w_hidden=2.0, normalize=True, momentum=0.9)
+    with torch.no_grad():
+        kd.proj.weight.zero_()
+        kd.proj.bias.zero_()  # P(hidden) = 0: the hidden term is mean(t_hidden²)
+    g = torch.Generator().manual_seed(2)
+    var_l = var_h = None
+    for step in range(3):
+        s_logits = torch.randn(2, 3, 8, 8, generator=g)
+        t_logits = torch.randn(2, 3, 8, 8, generator=g) * (step + 1)
+        t_hidden = torch.randn(2, 6, 2, 2, generator=g) * 3.0
+        total, parts = kd((s_logits, torch.randn(2, 4, 2, 2)), (t_logits, t_hidden))
+        vl, vh = t_logits.var().item(), t_hidden.var().item()
+        var_l = vl if var_l is None else 0.9 * var_l + 0.1 * vl
+        var_h = vh if var_h is None else 0.9 * var_h + 0.1 * vh
+        mse_l = ((s_logits - t_logits) ** 2).mean().item()
+        mse_h = (t_hidden ** 2).mean().item()
+        assert parts["kd/logits"].item() == pytest.approx(mse_l, rel=1e-5)  # parts: raw terms
+        assert total.item() == pytest.approx(mse_l / var_l + 2.0 * mse_h / var_h, rel=1e-5)
+
+
+def test_unknown_variant_rejected() -> None:
+    with pytest.raises(ValueError, match="logits target"):
+        KDLoss(4, 6, logits_target="sideways")
+    with pytest.raises(ValueError, match="logits loss"):
+        KDLoss(4, 6, logits_loss="kl")

@@ -324,12 +324,53 @@ class StudentConfig:
                f"a multiple of patch_size={self.patch_size}, >= {4 * self.patch_size}")
 
 
+KD_PRESETS: dict[str, dict[str, Any]] = {
+    # The eight KD loss configurations of the paper's Table 8 (weights from its prose; see
+    # ../shared/notes/paper-facts.md). TS-KD8 equals the defaults of DistillConfig.
+    "ts_kd1": {"logits_loss": "mse", "logits_target": "squeezed", "w_logits": 0.2, "w_hidden": 1.0},
+    "ts_kd2": {"logits_loss": "mse", "logits_target": "interpolated", "w_logits": 0.1,
+               "w_hidden": 1.0},
+    "ts_kd3": {"logits_loss": "mse", "logits_target": "teacher", "w_logits": 0.001, "w_hidden": 1.0},
+    "ts_kd4": {"logits_loss": "ce", "logits_target": "interpolated", "w_logits": 1.0, "w_hidden": 1.0},
+    "ts_kd5": {"logits_loss": "ce", "logits_target": "interpolated", "w_logits": 1.0, "w_hidden": 0.1},
+    "ts_kd6": {"logits_loss": "mse", "logits_target": "interpolated", "w_logits": 0.1,
+               "w_hidden": 0.0},
+    "ts_kd7": {"logits_loss": "mse", "logits_target": "interpolated", "w_logits": 0.1,
+               "w_hidden": 0.1},
+    "ts_kd8": {"logits_loss": "mse", "logits_target": "interpolated", "w_logits": 0.2,
+               "w_hidden": 0.1},
+}
+"""``distill.preset`` name -> the distill fields it sets (Table 8's TS-KD1..8)."""
+
+
 @dataclass
 class DistillConfig:
-    """Distillation on the transfer set (TS-KD; task-agnostic KD keeps only the hidden term)."""
+    """Distillation on the transfer set (TS-KD; task-agnostic KD keeps only the hidden term).
 
+    The loss is ``w_logits · L(student logits, teacher logits) + w_hidden · MSE(P(student
+    hidden), teacher hidden)`` (:class:`tskd.losses.KDLoss`)."""
+
+    preset: str | None = None
+    """One of Table 8's configurations ``ts_kd1`` … ``ts_kd8`` (``KD_PRESETS``): it sets
+    ``logits_loss``, ``logits_target``, ``w_logits`` and ``w_hidden`` when the config is loaded.
+    Giving one of those fields a different value as well is an error; null: the fields as given
+    (the defaults are TS-KD8)."""
     w_logits: float = 0.2
     w_hidden: float = 0.1
+    logits_loss: Literal["mse", "ce"] = "mse"
+    """``mse`` on logits, or ``ce``: soft-target cross-entropy on class probabilities."""
+    logits_target: Literal["interpolated", "teacher", "squeezed"] = "interpolated"
+    """How the teacher's low-res logits meet the student's: ``interpolated`` (teacher upsampled
+    to the student's size), ``teacher`` (un-interpolated: the student pooled to the teacher's
+    size), ``squeezed`` (tskd's reading of TS-KD1's "removing the last dimension of masks"; see
+    ``tskd.losses.LOGITS_TARGETS``)."""
+    teacher_features: Literal["neck", "blocks"] = "neck"
+    """The teacher's "hidden states": ``neck`` = the image embedding after SAM's neck (256-d),
+    ``blocks`` = the last encoder block's tokens before the neck (the encoder's width). The
+    student side is its final normed token map (its stride-16 feature map)."""
+    normalize: bool = False
+    """Divide each MSE term by a running estimate of its target's variance, so the weights mean
+    the same across teachers and datasets (the raw logit term can be 20–40× the hidden term)."""
     epochs: int = 3
     batch_size: int = 8
     lr: float = 1.5e-4
@@ -338,6 +379,8 @@ class DistillConfig:
     """Linear warm-up (in epochs, may be fractional), then cosine decay."""
 
     def validate(self, path: str) -> None:
+        _check(self.preset is None or self.preset in KD_PRESETS, f"{path}.preset", self.preset,
+               f"null or one of {list(KD_PRESETS)}")
         _check(self.w_logits >= 0, f"{path}.w_logits", self.w_logits, "a number >= 0")
         _check(self.w_hidden >= 0, f"{path}.w_hidden", self.w_hidden, "a number >= 0")
         _check(self.w_logits + self.w_hidden > 0, f"{path}.w_logits", self.w_logits,
@@ -434,6 +477,10 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        if "ta_kd" in self.students:  # task-agnostic KD trains on the hidden term alone
+            _check(self.distill.w_hidden > 0, "distill.w_hidden", self.distill.w_hidden,
+                   "a number > 0 while students include 'ta_kd' (task-agnostic KD uses only the "
+                   "hidden-state term; drop 'ta_kd' from students to distil with logits only)")
 
     @property
     def run_dir(self) -> Path:
@@ -548,9 +595,26 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """Build and validate a config from a (possibly partial) nested dict of values."""
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
-    cfg = _from_dict(ExperimentConfig, data)
+    cfg = _from_dict(ExperimentConfig, _apply_kd_preset(data))
     cfg.validate()
     return cfg
+
+
+def _apply_kd_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill the fields a ``distill.preset`` sets; a field given another value too is an error."""
+    distill = data.get("distill")
+    if not isinstance(distill, dict) or distill.get("preset") is None:
+        return data
+    name = distill["preset"]
+    if name not in KD_PRESETS:
+        raise ConfigError(f"distill.preset: invalid value {name!r}; allowed: null or one of "
+                          f"{list(KD_PRESETS)}")
+    for key, value in KD_PRESETS[name].items():
+        if key in distill and distill[key] != value:
+            raise ConfigError(f"distill.{key}: invalid value {distill[key]!r}; allowed: "
+                              f"{value!r}, the value distill.preset={name!r} sets (or drop the "
+                              "preset)")
+    return {**data, "distill": {**distill, **KD_PRESETS[name]}}
 
 
 def load_config(path: str | Path | None = None,

@@ -1,12 +1,14 @@
 """Stages ``distill_ts_kd`` / ``distill_ta_kd``: the student learns from SAM on the transfer set.
 
 Setup: Ray Data streams the synthetic transfer set to Ray Train workers; each worker holds the
-frozen teacher (TS-KD: the LoRA-tuned SAM; task-agnostic KD: the un-tuned SAM) and the student
-(timm ViT-Tiny + FPN head, random init). Loop: per batch, the teacher's low-res mask logits and
-final encoder hidden states under ``no_grad``; loss
-``w_logits · MSE(student logits, up(teacher logits)) + w_hidden · MSE(P(student hidden), teacher
-hidden)`` (task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine. Report: KD losses per
-epoch; the student of the last epoch is the stage's output ``student.pt``.
+frozen teacher (TS-KD: the LoRA-tuned SAM; task-agnostic KD: the un-tuned SAM, whose mask
+decoder never runs) and the student (random init). Loop: per batch, each image flipped or not on
+its own; the teacher's low-res mask logits and hidden states (``distill.teacher_features``) under
+``no_grad`` at the teacher's resolution, the student at its own; loss ``w_logits · L(student
+logits, teacher logits) + w_hidden · MSE(P(student hidden), teacher hidden)`` (``L`` and the
+logits' resolution match by ``distill.logits_loss`` / ``logits_target``, the Table 8 presets;
+task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine. Report: KD losses per epoch;
+the student of the last epoch is the stage's output ``student.pt``.
 
 The teacher is placed by :func:`place_teacher` — a seam where later issues add a ZeRO-3 sharded
 teacher and a precomputed teacher-target cache.
@@ -36,7 +38,46 @@ log = logging.getLogger(__name__)
 STUDENT_FILE = "student.pt"
 
 
-def place_teacher(config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+class TeacherTargets(torch.nn.Module):
+    """The frozen teacher as distillation targets: ``forward(images) -> (logits | None, hidden)``.
+
+    ``images``: float32 (B, 3, H, W) in 0..255 at any size — the segmenter resizes them to the
+    resolution it was fine-tuned at (``teacher.img_size``), whatever the student's size.
+    ``logits``: (B, C, s/4, s/4), or ``None`` when ``need_logits`` is false (task-agnostic KD):
+    then the mask decoder does not run. ``hidden``: the ``features`` the student learns —
+    ``neck``: the image embedding (B, 256, s/16, s/16); ``blocks``: the last encoder block's
+    tokens before the neck (B, D_enc, s/16, s/16).
+    """
+
+    def __init__(self, segmenter: torch.nn.Module, *, need_logits: bool,
+                 features: str = "neck") -> None:
+        super().__init__()
+        if features not in ("neck", "blocks"):
+            raise ValueError(f"unknown teacher features {features!r}; allowed: neck, blocks")
+        self.segmenter, self.need_logits, self.features = segmenter, need_logits, features
+        self._tokens: torch.Tensor | None = None
+        if features == "blocks":
+            self.segmenter.sam.image_encoder.blocks[-1].register_forward_hook(self._keep_tokens)
+
+    def _keep_tokens(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._tokens = output.permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.features == "blocks":
+            return int(self.segmenter.sam.image_encoder.neck[0].in_channels)
+        return int(self.segmenter.hidden_dim)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        embedding = self.segmenter.encode(images)
+        logits = self.segmenter.decode(embedding) if self.need_logits else None
+        hidden = self._tokens if self.features == "blocks" else embedding
+        self._tokens = None
+        return logits, hidden
+
+
+def place_teacher(config: dict[str, Any], device: torch.device) -> TeacherTargets:
     """The frozen teacher on this worker (replicated: every worker holds a full copy)."""
     from tskd.stages.teacher_finetune import load_base_teacher, load_finetuned_teacher
 
@@ -47,7 +88,15 @@ def place_teacher(config: dict[str, Any], device: torch.device) -> torch.nn.Modu
         teacher = load_base_teacher(Path(t["checkpoint"]), arch=t["arch"],
                                     num_classes=t["num_classes"], img_size=t["img_size"])
     teacher.requires_grad_(False)
-    return teacher.to(device).eval()
+    d = config["distill"]
+    return TeacherTargets(teacher, need_logits=d["w_logits"] > 0,
+                          features=d["teacher_features"]).to(device).eval()
+
+
+def flip_per_sample(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of (B, 3, H, W) flipped horizontally with probability 1/2, independently."""
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 
 def build_student(student_cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
@@ -84,7 +133,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     teacher = place_teacher(config, device)
     student = build_student(config["student"], config["num_classes"]).to(device)
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
-                w_hidden=d["w_hidden"]).to(device)
+                w_hidden=d["w_hidden"], logits_loss=d["logits_loss"],
+                logits_target=d["logits_target"], normalize=d["normalize"]).to(device)
     # A zero-weighted term leaves parameters without gradients (task-agnostic KD never trains
     # the student's head), hence find_unused_parameters.
     bundle = ray.train.torch.prepare_model(
@@ -104,14 +154,13 @@ def _train_loop(config: dict[str, Any]) -> None:
                                               dtypes={"image": torch.float32}, device=device,
                                               local_shuffle_buffer_size=4 * d["batch_size"],
                                               local_shuffle_seed=config["seed"] + epoch):
-            images = batch["image"].permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+            # one flip per sample, the same for the teacher's and the student's view; the
+            # teacher sees the image at its own resolution, the student at its own
+            images = flip_per_sample(batch["image"].permute(0, 3, 1, 2))  # (B, 3, H, W)
+            target = teacher(images)
             if images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bilinear",
                                        align_corners=False)
-            if torch.rand(()) < 0.5:  # horizontal flip, same for teacher and student
-                images = images.flip(-1)
-            with torch.no_grad():
-                target = teacher(images)
             loss, parts = bundle(images, target)
             optim.zero_grad(set_to_none=True)
             loss.backward()
