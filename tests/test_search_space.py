@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tskd.config import ConfigError, load_config
+from tskd.config import ConfigError, load_config, to_dict
 from tskd.search_space import load_space, parse_space
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -31,7 +31,8 @@ def test_shipped_spaces():
     assert rank.params["teacher.lora.rank"].args == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert (rank.objective.metric, rank.objective.mode) == ("teacher:val/dice", "max")
     kd = load_space(SPACES / "kd_weights.yaml")
-    assert set(kd.params) == {"distill.w_logits", "distill.w_hidden"}
+    assert set(kd.params) == {"distill.w_logits", "distill.w_hidden", "distill.logits_loss",
+                              "distill.logits_target"}
     assert 0.0 in kd.params["distill.w_logits"].args and 0.0 in kd.params["distill.w_hidden"].args
     assert kd.objective.metric == "student_ts_kd:val/dice"
     joint = load_space(SPACES / "joint.yaml")
@@ -113,7 +114,7 @@ def test_to_tune_domains_and_overrides():
         "teacher.lora.rank": {"int": [2, 4]},
         "distill.w_logits": {"quniform": [0.0, 1.0, 0.25]},
         "distill.lr": {"loguniform": [1e-5, 1e-3]},
-        "distill.w_hidden": {"choice": [0.0, 0.5]},
+        "distill.w_hidden": {"choice": [0.1, 0.5]},
     }), BASE)
     domains = s.to_tune()
     rng = np.random.default_rng(0)
@@ -123,7 +124,7 @@ def test_to_tune_domains_and_overrides():
     assert set(np.round(w / 0.25, 9)) <= {0, 1, 2, 3, 4} and w.min() >= 0 and w.max() <= 1
     lr = np.log10(domains["distill.lr"].sample(size=2000, random_state=rng))
     assert -5 <= lr.min() and lr.max() <= -3 and abs(lr.mean() + 4) < 0.1  # uniform in log
-    assert domains["distill.w_hidden"].categories == [0.0, 0.5]
+    assert domains["distill.w_hidden"].categories == [0.1, 0.5]
     cfg = load_config(None, s.overrides({"teacher.lora.rank": 3, "distill.w_logits": 0.25,
                                          "distill.lr": 1e-4}))
     assert (cfg.teacher.lora.rank, cfg.distill.w_logits, cfg.distill.lr) == (3, 0.25, 1e-4)
@@ -144,3 +145,15 @@ def test_cli_tune_reports_space_errors_before_ray_starts(tmp_path, capsys):
     assert main(["tune", "--space", str(path), "--set", f"output_dir={tmp_path}",
                  "--set", "students=[ts_kd]"]) == 2
     assert "a metric of one of this experiment's stages" in capsys.readouterr().err
+
+
+def test_trials_keep_only_the_objectives_arm():
+    from tskd.search_space import trial_base
+
+    base = to_dict(load_config())
+    assert trial_base(base, "student_ts_kd")["students"] == ["ts_kd"]
+    assert trial_base(base, "distill_ta_kd")["students"] == ["ta_kd"]
+    assert trial_base(base, "teacher")["students"] == base["students"]
+    # so a KD-weights space may sample w_hidden = 0 although the demo also runs task-agnostic KD
+    space = load_space(SPACES / "kd_weights.yaml", load_config())
+    assert 0.0 in space.params["distill.w_hidden"].args

@@ -174,7 +174,7 @@ def parse_space(data: Any, base: ExperimentConfig, stages: Iterable[str] | None 
         raise ConfigError(f"params: invalid value {raw!r}; allowed: a non-empty mapping of "
                           "dotted config keys to distributions, e.g. "
                           "{teacher.lora.rank: {choice: [2, 4, 8]}}")
-    base_dict = to_dict(base)
+    base_dict = trial_base(to_dict(base), settings.objective.metric.split(":", 1)[0])
     params = {}
     for key, spec in raw.items():
         entry = f"params.{key}"
@@ -190,6 +190,18 @@ def parse_space(data: Any, base: ExperimentConfig, stages: Iterable[str] | None 
     return SearchSpace(**{f.name: getattr(settings, f.name)
                           for f in dataclasses.fields(SpaceSettings)},
                        params=params, source=source)
+
+
+def trial_base(base: dict[str, Any], objective_stage: str) -> dict[str, Any]:
+    """The experiment config (as a dict) a trial starts from. Trials run the pipeline only up to
+    the objective's stage, so a student arm other than the objective's never runs: it is dropped
+    from ``students``, and with it the checks only that arm needs (task-agnostic KD's hidden
+    term, say, when a KD-weights search samples ``distill.w_hidden = 0``)."""
+    for prefix in ("student_", "distill_"):
+        arm = objective_stage[len(prefix):] if objective_stage.startswith(prefix) else None
+        if arm in base.get("students", ()):
+            return {**base, "students": [arm]}
+    return base
 
 
 def _validate_settings(s: SpaceSettings, stages: Iterable[str] | None) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import yaml
 
 from tskd.config import ConfigError, ExperimentConfig, _merge, config_from_dict, to_dict
-from tskd.search_space import SearchSpace
+from tskd.search_space import SearchSpace, trial_base
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
         base["teacher"]["checkpoint"] = str(Path(cfg.teacher.checkpoint).expanduser().resolve())
     mode = space.objective.mode
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, metric=space.objective.metric, mode=mode,
+        tune.with_parameters(_trial, base=trial_base(base, space.objective_stage),
+                             metric=space.objective.metric, mode=mode,
                              planner=planner),
         {"cpu": space.resources_per_trial.cpu, "gpu": space.resources_per_trial.gpu})
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
@@ -173,7 +174,13 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
     _write_table(table, out)
     best = results.get_best_result(metric=OBJECTIVE, mode=mode)
     best_params = {k: best.config[k] for k in space.params}
-    best_cfg = trial_config(base, best_params, f"{cfg.experiment}-best")
+    try:  # the best values with every arm of the experiment
+        best_cfg = trial_config(base, best_params, f"{cfg.experiment}-best")
+    except ConfigError as exc:  # e.g. w_hidden = 0 leaves task-agnostic KD with no loss
+        log.warning("the best values do not fit every arm of %s (%s); the best config keeps "
+                    "the objective's arm only", cfg.experiment, exc)
+        best_cfg = trial_config(trial_base(base, space.objective_stage), best_params,
+                                f"{cfg.experiment}-best")
     best_path = out / "best.yaml"
     best_path.write_text(yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
     outcome = TuneOutcome(out, best_params, float(best.metrics[OBJECTIVE]), best_path, table)
