@@ -76,9 +76,12 @@ def check_paths(cfg: ExperimentConfig) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table of the teacher's and students' test scores."""
+    """A plain-text table of the teacher's, students' and label-only reference's test scores."""
     rows = [("teacher (LoRA SAM)", results["teacher"])]
     rows += [(f"student {arm}", scores) for arm, scores in results["students"].items()]
+    if "reference" in results:  # absent when reference.arch is none
+        rows.append((f"reference {results['reference']['arch']} (labels only)",
+                     results["reference"]))
     classes = list(results["teacher"]["per_class"])
     unit = results.get("hd95_unit", "")
     head = ["model", "Dice", f"HD95 ({unit})", "mIoU"] + [f"Dice {c}" for c in classes]

@@ -26,6 +26,7 @@ import torch
 
 from tskd.artifacts import StageContext
 from tskd.config import to_dict
+from tskd.models.students import build_student  # the registry; re-exported for other stages
 from tskd.stages.data_stage import load_data
 from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
 from tskd.stages.ray_train import unwrap, worker_setup
@@ -48,13 +49,6 @@ def place_teacher(config: dict[str, Any], device: torch.device) -> torch.nn.Modu
                                     num_classes=t["num_classes"], img_size=t["img_size"])
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
-
-
-def build_student(student_cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    from tskd.models.student import Student
-
-    return Student(num_classes, student_cfg["img_size"], model_name=student_cfg["model_name"],
-                   patch_size=student_cfg["patch_size"], decoder_dim=student_cfg["decoder_dim"])
 
 
 class Distillation(torch.nn.Module):

@@ -1,4 +1,6 @@
-"""Stage ``evaluate``: Dice, HD95 and mIoU of the teacher and every student on the test split.
+"""Stage ``evaluate``: Dice, HD95 and mIoU of the teacher, every student and the label-only
+reference on the test split (each student and the reference with its arch, parameters, size and
+CPU latency).
 
 Models see test images at the working resolution (``data.image_size``); their logits are
 upsampled to each image's original size and scored against the original mask (and field of view)
@@ -11,13 +13,14 @@ Output: ``runs/<experiment>/results.json`` (and a copy in this stage's directory
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from tskd.artifacts import StageContext, write_json
+from tskd.artifacts import StageContext, read_manifest, write_json
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
 
@@ -50,6 +53,14 @@ def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], s
     return metrics.aggregate()
 
 
+def model_entry(arch: str, stage_dir: Path) -> dict[str, Any]:
+    """``{"arch", "model": {"params", "size_mb", "latency_ms"}}`` of a trained student (or the
+    reference), read from its stage's manifest (``student/*`` metrics)."""
+    metrics = (read_manifest(stage_dir) or {}).get("metrics", {})
+    return {"arch": arch, "model": {k: metrics.get(f"student/{k}")
+                                    for k in ("params", "size_mb", "latency_ms")}}
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     from tskd.stages.student_finetune import load_student
     from tskd.stages.teacher_finetune import load_finetuned_teacher
@@ -66,15 +77,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for arm in cfg.students:
         model = load_student(ctx.inputs[f"student_{arm}"], to_dict(cfg.student),
                              info.num_classes)
-        students[arm] = score_on_originals(model, info, test, size, bs)
+        students[arm] = score_on_originals(model, info, test, size, bs) | model_entry(
+            cfg.student.arch, ctx.inputs[f"student_{arm}"])
+    reference = None
+    if "reference" in ctx.inputs:
+        from tskd.stages.reference import load_reference
+
+        model = load_reference(ctx.inputs["reference"], cfg, info.num_classes)
+        reference = model_entry(cfg.reference.arch, ctx.inputs["reference"]) | score_on_originals(
+            model, info, test, size, bs)
     results = {"experiment": cfg.experiment, "dataset": info.name,
                "classes": {str(k): v for k, v in info.labels.items()},
                "n_test": len(test), "n_labelled": len(splits.labelled),
                "hd95_unit": "mm" if info.spacing else "pixels",
                "teacher": teacher, "students": students}
+    if reference is not None:
+        results["reference"] = reference
     write_json(ctx.dir / RESULTS_FILE, results)
     write_json(cfg.run_dir / RESULTS_FILE, results)
     summary: dict[str, Any] = {f"teacher/{k}": teacher[k] for k in ("dice", "hd95", "miou")}
     for arm, scores in students.items():
         summary |= {f"{arm}/{k}": scores[k] for k in ("dice", "hd95", "miou")}
+    if reference is not None:
+        summary |= {f"reference/{k}": reference[k] for k in ("dice", "hd95", "miou")}
     return summary
