@@ -71,7 +71,8 @@ class _Segmenter(nn.Module):
     def __init__(self, num_classes: int, img_size: int) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+            raise ValueError(f"num_classes counts the background and must be >= 2, "
+                             f"got {num_classes}")
         self.num_classes = num_classes
         self.img_size = img_size
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
