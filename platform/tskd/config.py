@@ -354,7 +354,11 @@ class ReferenceConfig:
     """timm encoder when ``arch`` is ``timm_unet``."""
     img_size: int | None = None
     """Working size; null = ``data.image_size``."""
-    epochs: int = 40
+    epochs: int = 20
+    """Sized for the demo: BasicUNet at 128 px on 40 labels took ~5 s of single-thread CPU per
+    epoch (train + validation), so an estimated 60-90 s for the stage with Ray's start-up on an
+    idle 2-core machine. Validation Dice was still rising at epoch 16 of a 40-epoch run (0.866):
+    give real datasets more epochs (benchmarks/README.md)."""
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
