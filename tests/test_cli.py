@@ -65,6 +65,12 @@ def test_format_table_lists_every_model_and_class():
                                 "lesion"]
     assert [line.split()[1] for line in lines[2:]] == ["(LoRA", "ts_kd", "scratch"]
     assert "3.25" in lines[2] and "0.3000" in lines[3]
+    # the label-only reference is its own row, last
+    ref = dict(scores, dice=0.875, arch="basic_unet")
+    lines = format_table({"teacher": scores, "students": {"ts_kd": scores}, "reference": ref,
+                          "hd95_unit": "mm"}).splitlines()
+    assert lines[-1].split()[:5] == ["reference", "basic_unet", "(labels", "only)", "0.8750"]
+    assert len(lines) == 5
 
 
 def _no_ray(monkeypatch):

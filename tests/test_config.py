@@ -61,6 +61,11 @@ def test_parse_override_yaml_values():
     ("student.img_size=120", "student.img_size", "multiple of patch_size"),
     ("transfer.diffusion.num_inference_steps=5000", "transfer.diffusion.num_inference_steps",
      "[1, num_train_timesteps"),
+    ("student.arch=lstm", "student.arch", "'timm_unet', 'basic_unet', 'segresnet'"),
+    ("student.model_name=resnet18", "student.model_name", "arch 'vit'"),
+    ("reference.arch=lstm", "reference.arch", "'none' or one of ['vit'"),
+    ("reference.epochs=0", "reference.epochs", "an integer >= 1"),
+    ("reference.lr=0", "reference.lr", "a number > 0"),
 ])
 def test_errors_name_field_value_and_allowed(override, field, fragment):
     with pytest.raises(ConfigError) as err:
@@ -68,6 +73,36 @@ def test_errors_name_field_value_and_allowed(override, field, fragment):
     message = str(err.value)
     assert message.startswith(field + ":"), message
     assert fragment in message
+
+
+@pytest.mark.parametrize("overrides, field, fragment", [
+    (["student.arch=timm_unet", "student.encoder=vgg11"], "student.encoder", "'repvit_m0_9'"),
+    (["student.arch=timm_unet", "student.img_size=48"], "student.img_size",
+     "a multiple of 32 for arch 'timm_unet'"),
+    (["student.arch=basic_unet", "student.img_size=72"], "student.img_size", "a multiple of 16"),
+    (["data.image_size=100"], "reference.img_size", "a multiple of 16 for arch 'basic_unet'"),
+    (["reference.arch=timm_unet", "reference.encoder=vgg11"], "reference.encoder",
+     "'resnet18'"),
+])
+def test_student_and_reference_errors(overrides, field, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(field + ":") and fragment in str(err.value), str(err.value)
+
+
+def test_student_archs_relax_the_vit_rules():
+    """model_name / patch_size rules bind only arch vit; each arch has its own size rule."""
+    cfg = load_config(None, ["student.arch=segresnet", "student.model_name=x",
+                             "student.img_size=80"])
+    assert cfg.student.input_multiple == 16
+    assert load_config(None, ["student.arch=timm_unet", "student.encoder=repvit_m0_9",
+                              "student.img_size=96"]).student.input_multiple == 32
+    assert load_config(None, ["student.patch_size=8"]).student.input_multiple == 8
+    # the reference off: its size rule does not apply; null img_size = data.image_size
+    off = load_config(None, ["data.image_size=100", "reference.arch=none"])
+    assert off.reference.arch == "none"
+    ref = load_config(None, ["data.image_size=96"]).reference
+    assert ref.student(96).img_size == 96 and ref.student(96).arch == "basic_unet"
 
 
 def test_yaml_errors_name_the_file(tmp_path):

@@ -33,8 +33,12 @@ def test_demo_plan_order_and_inputs():
     cfg = load_config()
     assert names(cfg) == ["data", "teacher_pretrain", "teacher", "transfer", "distill_ts_kd",
                           "student_ts_kd", "distill_ta_kd", "student_ta_kd", "student_scratch",
-                          "evaluate"]
+                          "reference", "evaluate"]
     stages = {s.name: s for s in pipeline.plan(cfg)}
+    # the label-only reference reads only the data, and evaluate scores it
+    assert stages["reference"].deps == ("data",)
+    assert stages["reference"].config["reference"]["arch"] == "basic_unet"
+    assert stages["evaluate"].deps[-1] == "reference"
     assert stages["distill_ts_kd"].deps == ("data", "teacher", "transfer")
     # task-agnostic KD reads the un-tuned foundation model, not the LoRA teacher
     assert stages["distill_ta_kd"].deps == ("data", "teacher_pretrain", "transfer")
@@ -53,11 +57,22 @@ def test_plan_with_official_checkpoint_and_subset(tmp_path):
     ckpt.write_bytes(b"x")
     cfg = load_config(None, ["teacher.arch=vit_b", f"teacher.checkpoint={ckpt}",
                              "students=[scratch]"])
-    assert names(cfg) == ["data", "teacher", "student_scratch", "evaluate"]
+    assert names(cfg) == ["data", "teacher", "student_scratch", "reference", "evaluate"]
     cfg = load_config(None, ["teacher.arch=vit_b", f"teacher.checkpoint={ckpt}",
                              "students=[ta_kd]"])
     stages = {s.name: s for s in pipeline.plan(cfg)}
     assert stages["distill_ta_kd"].deps == ("data", "transfer")
+
+
+def test_reference_off_and_student_arch_in_the_fingerprinted_config():
+    cfg = load_config(None, ["reference.arch=none"])
+    assert "reference" not in names(cfg)
+    assert "reference" not in {s.name: s for s in pipeline.plan(cfg)}["evaluate"].deps
+    cfg = load_config(None, ["student.arch=timm_unet", "reference.epochs=3"])
+    stages = {s.name: s for s in pipeline.plan(cfg)}
+    for name in ("distill_ts_kd", "student_ts_kd", "student_scratch"):
+        assert stages[name].config["student"]["arch"] == "timm_unet"
+    assert stages["reference"].config["reference"]["epochs"] == 3
 
 
 def _fake_plan(monkeypatch, fail=False):

@@ -166,10 +166,14 @@ def check_teacher_checkpoint(path: Path, arch: str, *, img_size: int, num_classe
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table of the teacher's and students' test scores, with a footer naming the
-    metric conventions, the label counts, the seed and the config fingerprint."""
+    """A plain-text table of the teacher's, students' and label-only reference's test scores,
+    with a footer naming the metric conventions, the label counts, the seed and the config
+    fingerprint."""
     rows = [("teacher (LoRA SAM)", results["teacher"])]
     rows += [(f"student {arm}", scores) for arm, scores in results["students"].items()]
+    if "reference" in results:  # absent when reference.arch is none
+        rows.append((f"reference {results['reference']['arch']} (labels only)",
+                     results["reference"]))
     per_class = results["teacher"]["per_class"]
     classes = [c for c, v in per_class.items() if "dice" in v]  # a background has mIoU only
     unit = results.get("hd95_unit", "")

@@ -30,6 +30,11 @@ SAM_ARCHS = ("vit_b", "vit_l", "vit_h", "sam_demo", "sam_tiny")
 OFFICIAL_SAM_ARCHS = ("vit_b", "vit_l", "vit_h")
 STUDENT_ARMS = ("ts_kd", "ta_kd", "scratch")
 """Students the pipeline can train: task-specific KD, task-agnostic KD, random init."""
+STUDENT_ARCHS = ("vit", "timm_unet", "basic_unet", "segresnet")
+"""Student architectures; must equal ``tskd.models.students.STUDENT_ARCHS`` (tested)."""
+TIMM_ENCODERS = ("resnet18", "resnet34", "efficientnet_b0", "efficientnet_b1", "repvit_m0_9",
+                 "repvit_m1_1", "mobilevit_xxs", "mobilevit_xs", "convnext_atto")
+"""Encoders of ``timm_unet``; must equal ``tskd.models.students.TIMM_ENCODERS`` (tested)."""
 
 
 class TskdError(ValueError):
@@ -308,16 +313,40 @@ class TransferConfig:
 
 @dataclass
 class StudentConfig:
-    """The student: a timm ViT (random init) with an FPN-style head."""
+    """The student, random init (``tskd.models.students`` lists the architectures)."""
 
+    arch: str = "vit"
+    """One of STUDENT_ARCHS: ``vit`` (timm ViT + FPN head, the paper's), ``timm_unet`` (timm
+    encoder ``encoder`` + U-Net decoder), ``basic_unet`` / ``segresnet`` (MONAI)."""
+    encoder: str = "resnet18"
+    """timm encoder of ``timm_unet`` (one of TIMM_ENCODERS); unused by the other archs."""
     model_name: str = "vit_tiny_patch16_224"
+    """``vit`` only: the timm ViT."""
     img_size: int = 128
+    """Working size: inputs are resized to it, logits resized back."""
     patch_size: int = 16
+    """``vit`` only."""
     decoder_dim: int = 128
+    """``vit`` only: channels of the FPN head."""
+
+    @property
+    def input_multiple(self) -> int:
+        """``img_size`` must be a multiple of this (the largest stride of the arch)."""
+        return {"vit": self.patch_size, "timm_unet": 32}.get(self.arch, 16)
 
     def validate(self, path: str) -> None:
+        _check(self.arch in STUDENT_ARCHS, f"{path}.arch", self.arch,
+               f"one of {list(STUDENT_ARCHS)}")
+        if self.arch == "timm_unet":
+            _check(self.encoder in TIMM_ENCODERS, f"{path}.encoder", self.encoder,
+                   f"one of {list(TIMM_ENCODERS)} (arch 'timm_unet')")
+        if self.arch != "vit":
+            m = self.input_multiple
+            _check(self.img_size % m == 0 and self.img_size >= 32, f"{path}.img_size",
+                   self.img_size, f"a multiple of {m} for arch {self.arch!r}, >= 32")
+            return
         _check(self.model_name.startswith("vit_"), f"{path}.model_name", self.model_name,
-               "a timm ViT name such as 'vit_tiny_patch16_224'")
+               "a timm ViT name such as 'vit_tiny_patch16_224' (arch 'vit')")
         _check(self.patch_size in (8, 16), f"{path}.patch_size", self.patch_size, "8 or 16")
         _check(self.img_size % self.patch_size == 0 and self.img_size >= 4 * self.patch_size,
                f"{path}.img_size", self.img_size,
@@ -403,6 +432,39 @@ class StudentFinetuneConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """A label-only reference network trained in every run (stage ``reference``): a student
+    architecture trained from random init on the same labels, loss (0.2·CE + 0.8·Dice) and
+    augmentation as the students, scored beside them. ``arch: none`` turns it off."""
+
+    arch: str = "basic_unet"
+    """``none`` or one of STUDENT_ARCHS."""
+    encoder: str = "resnet18"
+    """timm encoder when ``arch`` is ``timm_unet``."""
+    img_size: int | None = None
+    """Working size; null = ``data.image_size``."""
+    epochs: int = 20
+    """Sized for the demo: BasicUNet at 128 px on 40 labels took ~5 s of single-thread CPU per
+    epoch (train + validation), so an estimated 60-90 s for the stage with Ray's start-up on an
+    idle 2-core machine. Validation Dice was still rising at epoch 16 of a 40-epoch run (0.866):
+    give real datasets more epochs (benchmarks/README.md)."""
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+
+    def student(self, data_image_size: int) -> StudentConfig:
+        """The reference as a :class:`StudentConfig` (for ``tskd.models.students``)."""
+        return StudentConfig(arch=self.arch, encoder=self.encoder,
+                             img_size=self.img_size or data_image_size)
+
+    def validate(self, path: str) -> None:
+        _check(self.arch == "none" or self.arch in STUDENT_ARCHS, f"{path}.arch", self.arch,
+               f"'none' or one of {list(STUDENT_ARCHS)}")
+        _check_loop(self, path, "epochs", "batch_size", "lr", "warmup_epochs")
+
+
+@dataclass
 class EvaluateConfig:
     """Evaluation on the test split."""
 
@@ -464,6 +526,7 @@ class ExperimentConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     student_finetune: StudentFinetuneConfig = field(default_factory=StudentFinetuneConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -481,6 +544,8 @@ class ExperimentConfig:
             _check(self.distill.w_hidden > 0, "distill.w_hidden", self.distill.w_hidden,
                    "a number > 0 while students include 'ta_kd' (task-agnostic KD uses only the "
                    "hidden-state term; drop 'ta_kd' from students to distil with logits only)")
+        if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
+            self.reference.student(self.data.image_size).validate("reference")
 
     @property
     def run_dir(self) -> Path:

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
 from tskd.config import ExperimentConfig, fingerprint, to_dict
-from tskd.stages import (data_stage, distill, evaluate, student_finetune, teacher_finetune,
-                         teacher_pretrain, transfer_set)
+from tskd.stages import (data_stage, distill, evaluate, reference, student_finetune,
+                         teacher_finetune, teacher_pretrain, transfer_set)
 from tskd.store import Entry, Store, record_use
 from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
@@ -83,8 +83,14 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
         stages.append(Stage(f"student_{arm}", student_finetune.run, deps,
                             {"student": student, "finetune": to_dict(cfg.student_finetune)},
                             {"arm": arm}))
+    ref: tuple[str, ...] = ()
+    if cfg.reference.arch != "none":  # the label-only reference network
+        ref = ("reference",)
+        stages.append(Stage("reference", reference.run, ("data",),
+                            {"reference": to_dict(cfg.reference),
+                             "image_size": cfg.data.image_size}))
     stages.append(Stage("evaluate", evaluate.run,
-                        ("data", "teacher", *[f"student_{a}" for a in cfg.students]),
+                        ("data", "teacher", *[f"student_{a}" for a in cfg.students], *ref),
                         {"evaluate": to_dict(cfg.evaluate)}))
     return stages
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from monai.networks.nets import BasicUNet
 
 from tskd.config import fingerprint, load_config, to_dict
 from tskd.pipeline import run_pipeline
@@ -22,6 +23,7 @@ TINY = [
     "student.img_size=32", "student.patch_size=8", "student.decoder_dim=16",
     "distill.epochs=1", "distill.batch_size=4",
     "student_finetune.epochs=1", "student_finetune.batch_size=4",
+    "reference.epochs=1", "reference.batch_size=4",
     "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
 ]
 
@@ -34,7 +36,15 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
     assert results["experiment"] == "tiny"
     assert results["dataset"] == "tskd-demo-ultrasound"
     assert set(results["students"]) == {"ts_kd", "ta_kd", "scratch"}
-    for scores in [results["teacher"], *results["students"].values()]:
+    # the label-only reference (MONAI BasicUNet) is scored beside the students
+    assert results["reference"]["arch"] == "basic_unet"
+    for entry in [results["reference"], *results["students"].values()]:
+        assert entry["model"]["params"] > 0 and entry["model"]["latency_ms"] > 0
+        assert entry["model"]["size_mb"] >= entry["model"]["params"] * 4 / 1e6  # float32
+    assert results["students"]["scratch"]["arch"] == "vit"
+    unet = BasicUNet(spatial_dims=2, in_channels=3, out_channels=3)  # MONAI's, built directly
+    assert results["reference"]["model"]["params"] == sum(p.numel() for p in unet.parameters())
+    for scores in [results["teacher"], *results["students"].values(), results["reference"]]:
         assert set(scores) >= {"dice", "hd95", "miou", "per_class"}
         assert 0.0 <= scores["dice"] <= 1.0 and 0.0 <= scores["miou"] <= 1.0
         assert set(scores["per_class"]) == {"organ", "lesion"}
@@ -58,7 +68,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
     # artifacts of every stage
     for stage in ["data", "teacher_pretrain", "teacher", "transfer", "distill_ts_kd",
                   "distill_ta_kd", "student_ts_kd", "student_ta_kd", "student_scratch",
-                  "evaluate"]:
+                  "reference", "evaluate"]:
         manifest = json.loads((cfg.run_dir / stage / "manifest.json").read_text())
         assert manifest["status"] == "complete", stage
     assert (cfg.run_dir / "teacher" / "lora.pt").stat().st_size < 1_000_000

@@ -28,6 +28,7 @@ import torch
 
 from tskd.artifacts import StageContext
 from tskd.config import to_dict
+from tskd.models.students import build_student  # the registry; re-exported for other stages
 from tskd.stages.data_stage import load_data
 from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
 from tskd.stages.ray_train import unwrap, worker_setup
@@ -97,13 +98,6 @@ def flip_per_sample(images: torch.Tensor, generator: torch.Generator | None = No
     """Each image of (B, 3, H, W) flipped horizontally with probability 1/2, independently."""
     flip = torch.rand(images.shape[0], generator=generator) < 0.5
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
-
-
-def build_student(student_cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    from tskd.models.student import Student
-
-    return Student(num_classes, student_cfg["img_size"], model_name=student_cfg["model_name"],
-                   patch_size=student_cfg["patch_size"], decoder_dim=student_cfg["decoder_dim"])
 
 
 class Distillation(torch.nn.Module):

@@ -1,4 +1,6 @@
-"""Stage ``evaluate``: Dice, HD95 and mIoU of the teacher and every student on the test split.
+"""Stage ``evaluate``: Dice, HD95 and mIoU of the teacher, every student and the label-only
+reference on the test split (each student and the reference with its arch, parameters, size and
+CPU latency).
 
 Models see test images at the working resolution (``data.image_size``); their logits are
 upsampled to each image's original size and scored against the original mask (and field of view)
@@ -58,22 +60,27 @@ def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], s
 
 
 def stage_fingerprints(inputs: dict[str, Path]) -> dict[str, str]:
-    """Fingerprints of the stages in ``inputs`` and, through their manifests' ``upstream``,
-    of every stage they were computed from (stage name -> fingerprint)."""
-    run_dirs = {name: Path(d) for name, d in inputs.items()}
+    """Fingerprints of the stages in ``inputs`` (store entries) and, through their manifests'
+    ``upstream``, of every stage they were computed from (stage name -> fingerprint)."""
     fps: dict[str, str] = {}
-    todo = list(run_dirs)
+    todo = [(name, Path(d)) for name, d in inputs.items()]
     while todo:
-        name = todo.pop()
+        name, entry = todo.pop()
         if name in fps:
             continue
-        stage_dir = run_dirs.get(name)
-        if stage_dir is None:  # an upstream of an input: a sibling directory
-            stage_dir = next(iter(run_dirs.values())).parent / name
-        manifest = read_manifest(stage_dir) or {}
+        manifest = read_manifest(entry) or {}
         fps[name] = manifest.get("fingerprint", "")
-        todo.extend(manifest.get("upstream", {}))
+        for up, fp in manifest.get("upstream", {}).items():  # the store: <root>/<stage>/<fp>
+            todo.append((up, entry.parent.parent / up / fp))
     return dict(sorted(fps.items()))
+
+
+def model_entry(arch: str, stage_dir: Path) -> dict[str, Any]:
+    """``{"arch", "model": {"params", "size_mb", "latency_ms"}}`` of a trained student (or the
+    reference), read from its stage's manifest (``student/*`` metrics)."""
+    metrics = (read_manifest(stage_dir) or {}).get("metrics", {})
+    return {"arch": arch, "model": {k: metrics.get(f"student/{k}")
+                                    for k in ("params", "size_mb", "latency_ms")}}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -95,7 +102,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for arm in cfg.students:
         model = load_student(ctx.inputs[f"student_{arm}"], to_dict(cfg.student),
                              info.num_classes)
-        students[arm] = score_on_originals(model, info, test, size, bs, **opts)
+        students[arm] = score_on_originals(model, info, test, size, bs, **opts) | model_entry(
+            cfg.student.arch, ctx.inputs[f"student_{arm}"])
+    reference = None
+    if "reference" in ctx.inputs:
+        from tskd.stages.reference import load_reference
+
+        model = load_reference(ctx.inputs["reference"], cfg, info.num_classes)
+        reference = model_entry(cfg.reference.arch, ctx.inputs["reference"]) | score_on_originals(
+            model, info, test, size, bs, **opts)
     # every model is trained on the labelled split and selected on the validation split
     seen = {"train": len(splits.labelled), "val": len(splits.val),
             "total": len(splits.labelled) + len(splits.val)}
@@ -110,9 +125,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
                "config_fingerprint": fingerprint(to_dict(cfg)),
                "stage_fingerprints": stage_fingerprints(ctx.inputs),
                "teacher": teacher, "students": students}
+    if reference is not None:
+        results["reference"] = reference
+        results["labelled_images"]["reference"] = seen
     write_json(ctx.dir / RESULTS_FILE, results)
     write_json(cfg.run_dir / RESULTS_FILE, results)
     summary: dict[str, Any] = {f"teacher/{k}": teacher[k] for k in ("dice", "hd95", "miou")}
     for arm, scores in students.items():
         summary |= {f"{arm}/{k}": scores[k] for k in ("dice", "hd95", "miou")}
+    if reference is not None:
+        summary |= {f"reference/{k}": reference[k] for k in ("dice", "hd95", "miou")}
     return summary

@@ -9,6 +9,7 @@ Report: validation Dice every epoch; the student of the best validation epoch is
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,20 +55,46 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg, arm = ctx.cfg, ctx.params["arm"]
-    info, splits = load_data(ctx.inputs["data"])
     init = None if arm == "scratch" else str(ctx.inputs[f"distill_{arm}"] / STUDENT_FILE)
-    config = {"student": to_dict(cfg.student), "finetune": to_dict(cfg.student_finetune),
+    return fit_student(ctx, to_dict(cfg.student), to_dict(cfg.student_finetune), init, arm)
+
+
+def fit_student(ctx: StageContext, student: dict[str, Any], finetune: dict[str, Any],
+                init: str | None, what: str) -> dict[str, Any]:
+    """Fine-tune ``student`` (a StudentConfig dict) from ``init`` (a state dict file, or None:
+    random init) with ``finetune``'s loop settings; save the best-validation ``student.pt`` in
+    the stage directory; return its metrics and footprint (``student/params``, ``/size_mb``,
+    ``/latency_ms``). Also the ``reference`` stage's loop."""
+    cfg = ctx.cfg
+    info, splits = load_data(ctx.inputs["data"])
+    config = {"student": student, "finetune": finetune,
               "init": init, "info": info, "labelled": list(splits.labelled),
               "val": list(splits.val), "image_size": cfg.data.image_size,
               "augment": cfg.data.augment, "seed": cfg.seed, "ray": to_dict(cfg.ray)}
-    log.info("fine-tuning the %s student on %d labelled images", arm, len(splits.labelled))
+    log.info("fine-tuning the %s student on %d labelled images", what, len(splits.labelled))
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name=ctx.name, storage=ctx.dir / "ray")
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
     shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    model = load_student(ctx.dir, student, info.num_classes)
     return {"val/dice": state["val/dice"], "student/best_epoch": state["epoch"],
-            "train/loss": result.metrics.get("train/loss")}
+            "train/loss": result.metrics.get("train/loss")} | footprint_metrics(
+                model, student["img_size"], cfg.ray)
+
+
+def footprint_metrics(model: torch.nn.Module, img_size: int, ray_cfg: Any) -> dict[str, Any]:
+    """``student/params``, ``student/size_mb``, ``student/latency_ms``: CPU, batch 1, measured
+    here (the stage's driver) with the workers' intra-op threads (``ray.torch_threads``, 0 =
+    this node's CPUs / ``ray.num_workers``)."""
+    from tskd.models.footprint import model_footprint
+
+    threads = ray_cfg.torch_threads or max(1, (os.cpu_count() or 1) // ray_cfg.num_workers)
+    fp = model_footprint(model, img_size, threads=threads)
+    log.info("student at %d px: %.2fM parameters, %.1f MB, %.1f ms/image on %d CPU threads",
+             img_size, fp.params / 1e6, fp.size_mb, fp.latency_ms, threads)
+    return {"student/params": fp.params, "student/size_mb": fp.size_mb,
+            "student/latency_ms": fp.latency_ms}
 
 
 def load_student(stage_dir: Path, student_cfg: dict[str, Any],
