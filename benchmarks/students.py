@@ -42,8 +42,9 @@ STUDENTS = {
 SHARED_STAGES = ("data", "teacher_pretrain", "teacher", "transfer")
 
 SMOKE = [
-    "data.demo.n_images=40", "data.demo.size=32", "data.image_size=32", "data.n_labels=6",
-    "data.n_val=2", "teacher.arch=sam_tiny", "teacher.img_size=32", "teacher.pretrain.steps=2",
+    "data.demo.n_images=40", "data.demo.size=32", "data.image_size=32", "data.n_labels=8",
+    "data.val_share=0.25", "teacher.arch=sam_tiny", "teacher.img_size=32",
+    "teacher.pretrain.steps=2",
     "teacher.pretrain.batch_size=2", "teacher.finetune.epochs=1", "teacher.finetune.batch_size=4",
     "transfer.n_images=8", "transfer.diffusion.image_size=16", "transfer.diffusion.n_augmented=8",
     "transfer.diffusion.train_steps=2", "transfer.diffusion.batch_size=4",
@@ -103,9 +104,8 @@ def main() -> None:
                 print(f"skipping {dataset}: {src} not found")
                 continue
             root = link_dataset(src, out / "datasets" / dataset, dataset)
-            budget = BUDGETS.get(dataset, {"n_labels": 30, "n_val": 10})
-            dataset_overrides = [f"data.root={root}", f"data.n_labels={budget['n_labels']}",
-                                 f"data.n_val={budget['n_val']}"]
+            budget = BUDGETS.get(dataset, {"n_labels": 30})
+            dataset_overrides = [f"data.root={root}", f"data.n_labels={budget['n_labels']}"]
         rows = []
         for seed in args.seeds:
             first = None
