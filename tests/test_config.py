@@ -177,6 +177,10 @@ def test_kd_preset_conflicts_and_round_trip(tmp_path):
     with pytest.raises(ConfigError, match=r"^distill.w_logits: invalid value 0.5; allowed: 1.0, "
                                           r"the value distill.preset='ts_kd4' sets"):
         load_config(None, ["distill.preset=ts_kd4", "distill.w_logits=0.5"])
+    # a config written out in full (defaults spelled out, e.g. jobs/demo.yaml) takes a preset
+    full = load_config(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml",
+                       ["distill.preset=ts_kd5"]).distill
+    assert (full.w_logits, full.w_hidden, full.logits_loss) == (1.0, 0.1, "ce")
     with pytest.raises(ConfigError, match=r"^distill.preset: invalid value 'ts_kd9'"):
         load_config(None, ["distill.preset=ts_kd9"])
     # the resolved config (preset + the values it set) loads back unchanged

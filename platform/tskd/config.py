@@ -381,9 +381,9 @@ class DistillConfig:
 
     preset: str | None = None
     """One of Table 8's configurations ``ts_kd1`` … ``ts_kd8`` (``KD_PRESETS``): it sets
-    ``logits_loss``, ``logits_target``, ``w_logits`` and ``w_hidden`` when the config is loaded.
-    Giving one of those fields a different value as well is an error; null: the fields as given
-    (the defaults are TS-KD8)."""
+    ``logits_loss``, ``logits_target``, ``w_logits`` and ``w_hidden`` when the config is loaded
+    (over their defaults); giving one of those fields a value other than its default and the
+    preset's is an error. Null: the fields as given (the defaults are TS-KD8)."""
     w_logits: float = 0.2
     w_hidden: float = 0.1
     logits_loss: Literal["mse", "ce"] = "mse"
@@ -666,7 +666,9 @@ def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
 
 
 def _apply_kd_preset(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill the fields a ``distill.preset`` sets; a field given another value too is an error."""
+    """Fill the fields a ``distill.preset`` sets. A field given the preset's value or the built-in
+    default (a config written out in full, e.g. ``jobs/demo.yaml`` or a resolved config) takes
+    the preset's value; any other value is an error naming both."""
     distill = data.get("distill")
     if not isinstance(distill, dict) or distill.get("preset") is None:
         return data
@@ -674,8 +676,9 @@ def _apply_kd_preset(data: dict[str, Any]) -> dict[str, Any]:
     if name not in KD_PRESETS:
         raise ConfigError(f"distill.preset: invalid value {name!r}; allowed: null or one of "
                           f"{list(KD_PRESETS)}")
+    defaults = DistillConfig()
     for key, value in KD_PRESETS[name].items():
-        if key in distill and distill[key] != value:
+        if key in distill and distill[key] not in (value, getattr(defaults, key)):
             raise ConfigError(f"distill.{key}: invalid value {distill[key]!r}; allowed: "
                               f"{value!r}, the value distill.preset={name!r} sets (or drop the "
                               "preset)")

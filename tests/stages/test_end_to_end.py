@@ -52,7 +52,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
     assert results["metrics"]["convention"] == "tskd"
     assert results["metrics"]["miou_includes_background"] is False
     splits = json.loads((cfg.run_dir / "data" / "splits.json").read_text())
-    declared = json.loads((Path(splits["root"]) / "dataset.json").read_text())
+    root = Path(splits["root"])  # the demo dataset lives in the data stage's store entry
+    root = root if root.is_absolute() else (cfg.run_dir / "data").resolve() / root
+    declared = json.loads((root / "dataset.json").read_text())
     assert results["metrics"]["hd95_unit"] == ("mm" if declared.get("spacing") else "pixels")
     seen = {"train": len(splits["labelled"]), "val": len(splits["val"]),
             "total": len(splits["labelled"]) + len(splits["val"])}
