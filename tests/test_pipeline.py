@@ -46,6 +46,13 @@ def test_demo_plan_order_and_inputs():
     assert stages["distill_ts_kd"].config["distill"]["w_logits"] == 0.2
     assert stages["student_scratch"].deps == ("data",)
     assert stages["student_ts_kd"].deps == ("data", "distill_ts_kd")
+    # a preset is the values it sets; task-agnostic KD ignores the logits term's settings
+    named = {s.name: s for s in pipeline.plan(load_config(None, ["distill.preset=ts_kd8"]))}
+    assert named["distill_ts_kd"].config == stages["distill_ts_kd"].config
+    ce = {s.name: s for s in pipeline.plan(load_config(None, ["distill.preset=ts_kd4"]))}
+    assert ce["distill_ts_kd"].config["distill"]["logits_loss"] == "ce"
+    assert ce["distill_ta_kd"].config["distill"] == dict(
+        stages["distill_ta_kd"].config["distill"], w_hidden=1.0)
     # the decoder's treatment is part of what the teacher stage depends on
     assert stages["teacher"].config["decoder"] == "full"
     other = {s.name: s for s in pipeline.plan(load_config(None, ["teacher.decoder=lora"]))}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
-from tskd.config import ExperimentConfig, fingerprint, to_dict
+from tskd.config import DistillConfig, ExperimentConfig, fingerprint, to_dict
 from tskd.stages import (data_stage, distill, evaluate, reference, student_finetune,
                          teacher_finetune, teacher_pretrain, transfer_set)
 from tskd.store import Entry, Store, record_use
@@ -67,13 +67,17 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
                              "image_size": cfg.data.image_size}))
     student = to_dict(cfg.student)
     kd = to_dict(cfg.distill)
+    kd.pop("preset")  # a name for the values it set: ts_kd8 and the defaults are one stage
+    kd_defaults = to_dict(DistillConfig())
     for arm in cfg.students:
         deps: tuple[str, ...] = ("data",)
         if arm != "scratch":
             # TS-KD reads the LoRA-tuned teacher; task-agnostic KD the un-tuned base SAM.
             teacher_deps = ("teacher",) if arm == "ts_kd" else base_deps
-            # Task-agnostic KD: hidden-state term only.
-            kd_cfg = dict(kd, w_logits=0.0) if arm == "ta_kd" else kd
+            # Task-agnostic KD: hidden-state term only, so the logits term's settings do not
+            # change it (a search over them builds it once).
+            logits_defaults = {k: kd_defaults[k] for k in ("logits_loss", "logits_target")}
+            kd_cfg = dict(kd, w_logits=0.0, **logits_defaults) if arm == "ta_kd" else kd
             stages.append(Stage(
                 f"distill_{arm}", distill.run, ("data", *teacher_deps, "transfer"),
                 {"student": student, "distill": kd_cfg,
