@@ -47,7 +47,8 @@ from tskd.predict import (
     to_model_input,
 )
 
-__all__ = ["ExportReport", "FORMATS", "export_student", "measure_latency", "write_model_card"]
+__all__ = ["ExportReport", "FORMATS", "export_student", "measure_latency", "quantize_int8",
+           "write_model_card", "write_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,10 @@ def measure_latency(model: Segmenter, *, size: int | None = None, batch: int = 1
     return float(np.median(times))
 
 
-def _export_onnx(wrapper: torch.nn.Module, example: torch.Tensor, out: Path,
-                 meta: ModelMeta) -> None:
+def write_onnx(wrapper: torch.nn.Module, example: torch.Tensor, out: Path,
+               meta: ModelMeta) -> None:
+    """Export ``wrapper`` (a :class:`~tskd.models.student.StudentInference`) to ``out`` with a
+    dynamic batch axis and ``meta`` in ``metadata_props``."""
     import onnx
 
     torch.onnx.export(wrapper, (example,), str(out), input_names=["images"],
@@ -173,6 +176,15 @@ def _set_onnx_meta(path: Path, meta: ModelMeta) -> None:
     entry.key, entry.value = META_KEY, json.dumps(meta.to_dict())
     model.doc_string = f"tskd student ({meta.student.get('model_name', '?')}, {meta.img_size} px)"
     onnx.save(model, str(path))
+
+
+def quantize_int8(src: Path, dst: Path, meta: ModelMeta) -> Path:
+    """onnxruntime dynamic quantisation (int8 weights, activations quantised at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    _set_onnx_meta(dst, meta)
+    return dst
 
 
 def _score(model: Segmenter, test: tuple[Any, list[PredictItem]]) -> float:
@@ -212,7 +224,7 @@ def export_student(model_path: str | Path, fmt: str, out: str | Path, *,
     example = torch.rand(2, 3, meta.img_size, meta.img_size) * 255
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        _export_onnx(wrapper, example, out, meta)
+        write_onnx(wrapper, example, out, meta)
     else:
         with torch.no_grad():
             traced = torch.jit.trace(wrapper, (example,))
@@ -233,11 +245,7 @@ def export_student(model_path: str | Path, fmt: str, out: str | Path, *,
                           size_mb=out.stat().st_size / 2**20,
                           latency_ms=measure_latency(exported) * 1e3, files=[out, sidecar])
     if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        q_path = out.with_suffix(".int8.onnx")
-        quantize_dynamic(str(out), str(q_path), weight_type=QuantType.QInt8)
-        _set_onnx_meta(q_path, meta)
+        q_path = quantize_int8(out, out.with_suffix(".int8.onnx"), meta)
         quantised = load_model(q_path)
         report.int8_path = q_path
         report.int8_max_logit_diff, _ = _compare(reference, quantised, x)

@@ -49,7 +49,7 @@ from tskd.data.format import (
 __all__ = [
     "ItemResult", "ModelError", "ModelMeta", "PredictItem", "Segmenter", "find_inputs",
     "labels_from_logits", "load_model", "load_student_artifact", "overlay_image", "predict_batch",
-    "predict_items", "score_predictions", "to_model_input", "tskd_version",
+    "predict_items", "score_predictions", "student_meta", "to_model_input", "tskd_version",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,13 +229,19 @@ def load_student_artifact(path: str | Path) -> tuple[torch.nn.Module, ModelMeta]
     except RuntimeError as e:
         raise ModelError(f"{weights}: weights do not fit the student of {manifest_path}: "
                          f"{str(e).splitlines()[0]}") from None
-    meta = ModelMeta(
-        img_size=student.img_size, num_classes=num_classes,
-        class_names=_class_names_near(weights.parent, num_classes),
-        pixel_mean=student.pixel_mean.flatten().tolist(),
-        pixel_std=student.pixel_std.flatten().tolist(),
-        logits_stride=student.decoder.finest_stride, student=dict(cfg), source=str(weights))
+    meta = student_meta(student, dict(cfg), _class_names_near(weights.parent, num_classes),
+                        source=str(weights))
     return student.eval(), meta
+
+
+def student_meta(student: torch.nn.Module, cfg: dict[str, Any], class_names: list[str], *,
+                 source: str = "") -> ModelMeta:
+    """The :class:`ModelMeta` of a :class:`~tskd.models.student.Student` built from ``cfg``."""
+    return ModelMeta(img_size=student.img_size, num_classes=student.num_classes,
+                     class_names=list(class_names),
+                     pixel_mean=student.pixel_mean.flatten().tolist(),
+                     pixel_std=student.pixel_std.flatten().tolist(),
+                     logits_stride=student.decoder.finest_stride, student=cfg, source=source)
 
 
 def best_student_arm(run_dir: Path) -> str:
@@ -323,7 +329,8 @@ def load_model(path: str | Path, *, student: str | None = None, device: str = "c
                          + EXPECTED_MODELS)
     stage = resolve_student_dir(path, student)
     model, meta = load_student_artifact(path if path.is_file() else stage)
-    return TorchSegmenter(StudentInference(model), meta, stage / STUDENT_FILE, device=device)
+    return TorchSegmenter(StudentInference(model, channels_last=True), meta, stage / STUDENT_FILE,
+                          device=device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -241,11 +241,14 @@ class StudentInference(nn.Module):
     image and one of the C-channel logits.
     """
 
-    def __init__(self, student: Student) -> None:
+    def __init__(self, student: Student, *, channels_last: bool = False) -> None:
         super().__init__()
         self.student = student
+        self.channels_last = channels_last
+        if channels_last:  # the FPN head's convolutions run ~2x faster NHWC on CPU at 256 px
+            self.student.decoder.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:
         x = (images - self.student.pixel_mean) / self.student.pixel_std
         logits, _ = self.student.features(x)
-        return logits
+        return logits.contiguous()
