@@ -161,3 +161,13 @@ def test_teacher_export_loads_with_official_registry(tmp_path):
     base_sd = torch.load(base, weights_only=True)
     assert torch.allclose(sam.image_encoder.blocks[5].attn.qkv.weight,
                           _expected_qkv(base_sd, lora, 5), atol=1e-6)
+
+
+def test_core_modules_do_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, tskd.predict, tskd.export; "
+            "bad = [m for m in ('ray', 'deepspeed', 'tskd.stages', 'tskd.cli') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -120,6 +120,11 @@ def test_wrong_model_kinds_are_rejected_with_what_is_expected(tiny_run, tmp_path
         load_model(lone / "student.pt")
     rc = main(["predict", str(tmp_path / "notes.txt"), str(tmp_path), str(tmp_path / "o")])
     assert rc == 2 and "expected a run directory" in capsys.readouterr().err
+    with pytest.raises(ModelError, match="allowed: cpu, cuda"):
+        load_model(tiny_run, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA GPU"):
+            load_model(tiny_run, device="cuda")
 
 
 def test_ray_batch_inference_writes_the_same_masks(tiny_run, tmp_path, ray_local):

@@ -314,6 +314,10 @@ def load_model(path: str | Path, *, student: str | None = None, device: str = "c
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelError(f"{path}: no such file or directory; expected " + EXPECTED_MODELS)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelError(f"--device: invalid value {device!r}; allowed: cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not path.suffix == ".onnx" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: no CUDA GPU visible to torch here; use --device cpu")
     if path.is_file() and path.suffix == ".onnx":
         return OnnxSegmenter(path, _onnx_meta(path), device=device, threads=threads)
     if path.is_file() and _is_torchscript(path):
