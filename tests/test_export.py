@@ -60,7 +60,8 @@ def test_onnx_metadata_sidecar_and_model_card(tiny_run, onnx_export):
     assert f"File size: {size_mb:.1f} MB" in card
     assert "| organ | 0.6000 | 2.00 | 0.5000 |" in card
     assert "Labelled training images (label budget): 4" in card
-    assert "$" not in card.replace("`$...`", "")  # every placeholder filled
+    assert "$" not in card  # every placeholder filled
+    assert "output `logits (B, C, 16,\n  16)`" in card
 
 
 def test_int8_export_reports_dice_change(onnx_export):

@@ -179,10 +179,13 @@ def _set_onnx_meta(path: Path, meta: ModelMeta) -> None:
 
 
 def quantize_int8(src: Path, dst: Path, meta: ModelMeta) -> Path:
-    """onnxruntime dynamic quantisation (int8 weights, activations quantised at run time)."""
+    """onnxruntime dynamic quantisation of the MatMul/Gemm layers (the ViT's linear layers: int8
+    weights, activations quantised at run time); convolutions stay fp32 (ConvInteger is slower
+    than fp32 Conv on CPU in onnxruntime)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"])
     _set_onnx_meta(dst, meta)
     return dst
 
@@ -308,7 +311,7 @@ def write_model_card(report: ExportReport, meta: ModelMeta, ctx: dict[str, Any],
           f"{distill.get('w_hidden', 'n/a')}" + (" (task-agnostic: hidden term only)"
                                                  if arm == "ta_kd" else "")
           + f", {distill.get('epochs', 'n/a')} epochs on the transfer set "
-          f"({(cfg.get('transfer') or {}).get('n_samples', 'n/a')} synthetic images)")
+          f"({(cfg.get('transfer') or {}).get('n_images', 'n/a')} synthetic images)")
     int8 = "not exported"
     if report.int8_path is not None:
         dice = report.dice
@@ -323,7 +326,8 @@ def write_model_card(report: ExportReport, meta: ModelMeta, ctx: dict[str, Any],
         "file": report.path.name, "format": report.format,
         "tskd_version": meta.tskd_version,
         "backbone": meta.student.get("model_name", "n/a"),
-        "img_size": meta.img_size, "patch_size": meta.student.get("patch_size", "n/a"),
+        "img_size": meta.img_size, "logits_size": meta.img_size // meta.logits_stride,
+        "patch_size": meta.student.get("patch_size", "n/a"),
         "classes": ", ".join(f"{i}: {c}" for i, c in enumerate(meta.class_names)),
         "mean": ", ".join(f"{v:.3f}" for v in meta.pixel_mean),
         "std": ", ".join(f"{v:.3f}" for v in meta.pixel_std),
