@@ -86,6 +86,10 @@ def test_cli_dataset_prints_scores_of_reference_labels(tiny_run, tmp_path, capsy
     out = capsys.readouterr().out
     assert f"Dice {ref.aggregate()['dice']:.4f}" in out
     assert "wrote 8 masks" in out
+    test_ids = json.loads((tiny_run / "data" / "splits.json").read_text())["test"]
+    assert main(["predict", str(tiny_run), root, str(tmp_path / "test"), "--split", "test"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "test" / "masks").iterdir()) == sorted(test_ids)
+    assert f"({len(test_ids)} images)" in capsys.readouterr().out
 
 
 def test_unreadable_image_is_reported_and_skipped(tiny_run, tmp_path, capsys):

@@ -80,6 +80,9 @@ def _add_deploy_parsers(sub: Any) -> None:
     pred.add_argument("output", help="output folder: masks/<id>.png [, overlays/<id>.png]")
     pred.add_argument("--student", metavar="ARM", help="with a run directory: this arm "
                       "(e.g. ts_kd) instead of the best by test Dice")
+    pred.add_argument("--split", choices=("all", "test"), default="all",
+                      help="with a dataset: all cases, or the test split of the model's run "
+                      "(else dataset.json's)")
     pred.add_argument("--overlay", action="store_true", help="also write colour overlays")
     pred.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     pred.add_argument("--batch-size", type=int, default=8)
@@ -191,7 +194,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tskd.predict import find_inputs, load_model, predict_items, score_predictions
+    from tskd.predict import (find_inputs, load_model, predict_items, score_predictions,
+                              test_split_ids)
 
     if args.batch_size < 1 or args.progress_every < 1 or args.actors < 1:
         raise ConfigError("--batch-size, --progress-every and --actors: allowed: integers >= 1")
@@ -201,6 +205,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, student=args.student, device=args.device, threads=args.threads)
     items, info = find_inputs(args.input)
+    if args.split == "test":
+        if info is None:
+            raise ConfigError(f"--split test: allowed only with a dataset INPUT; {args.input} "
+                              "has no dataset.json")
+        test = set(test_split_ids(info, model.source))
+        items = [it for it in items if it.id in test]
     log.info("predict: %d images from %s with %s", len(items), args.input, model)
     if args.ray:
         import ray

@@ -49,7 +49,7 @@ from tskd.data.format import (
 __all__ = [
     "ItemResult", "ModelError", "ModelMeta", "PredictItem", "Segmenter", "find_inputs",
     "labels_from_logits", "load_model", "load_student_artifact", "overlay_image", "predict_batch",
-    "predict_items", "score_predictions", "student_meta", "to_model_input", "tskd_version",
+    "predict_items", "score_predictions", "student_meta", "test_split_ids", "to_model_input", "tskd_version",
 ]
 
 log = logging.getLogger(__name__)
@@ -409,6 +409,21 @@ def find_inputs(path: str | Path) -> tuple[list[PredictItem], DatasetInfo | None
         raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     stems = [p.stem for p in files]
     return [PredictItem(p.stem if stems.count(p.stem) == 1 else p.name, str(p)) for p in files], None
+
+
+def test_split_ids(info: DatasetInfo, model_source: str | Path) -> list[str]:
+    """The test ids of ``info``: the split of the run the model came from (its
+    ``data/splits.json``, when it names this dataset), else ``dataset.json``'s ``test`` split."""
+    for parent in Path(model_source).resolve().parents[:3]:
+        splits = parent / "data" / "splits.json"
+        if splits.is_file():
+            saved = json.loads(splits.read_text())
+            if Path(saved.get("root", "")).resolve() == Path(info.root).resolve():
+                return list(saved["test"])
+    if info.splits and info.splits.get("test"):
+        return list(info.splits["test"])
+    raise ModelError(f"{info.root}: no test split: the model's run does not name this dataset "
+                     "and dataset.json declares no splits.test")
 
 
 def predict_batch(model: Segmenter, items: Sequence[PredictItem], out_dir: str | Path, *,
