@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -129,6 +130,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print(f"\nload average at start (1/5/15 min): {os.getloadavg()} on {os.cpu_count()} CPUs "
+          "(above the CPU count, another process shared the CPU and the times are inflated)")
     print(f"\nCPU inference ({torch.get_num_threads()} threads; SAM median of {args.sam_repeats}, "
           f"student median of {args.repeats}); images per second")
     sam_1024 = SamSegmenter(sam_model_registry["vit_b"](checkpoint=None)).eval()
@@ -156,6 +159,7 @@ def main() -> None:
               f"{1 / t[8]:>9.1f} {ratio:>14.0f}x {same:>17.1f}x")
         kind = "PyTorch" if name.startswith("PyTorch") else "export"
         best[(kind, size)] = max(best.get((kind, size), 0.0), ratio)
+    print(f"\n  load average at the end: {os.getloadavg()}")
     print("\n  goals at batch 1 (best path of each kind vs SAM vit_b at 1024 px):")
     for (kind, size), goal in goals.items():
         got = best[(kind, size)]
