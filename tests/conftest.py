@@ -18,3 +18,47 @@ def ray_local():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished-looking run directory for predict/export tests (no Ray): a demo dataset (8
+    images, 48 px), ``data/splits.json``, two fine-tuned students (64 px ViT-Tiny, random weights
+    with a sharpened head so the labels vary) with their manifests, and ``results.json`` naming
+    ``ts_kd`` as the better one."""
+    import json
+
+    import torch
+
+    from tskd.config import ExperimentConfig, to_dict
+    from tskd.data.demo import DEMO_LABELS, write_demo_dataset
+    from tskd.models.student import Student
+
+    run = tmp_path_factory.mktemp("run") / "exp"
+    root = write_demo_dataset(run.parent / "dataset", n_images=8, size=48, seed=3)
+    ids = sorted(p.stem for p in (root / "images").iterdir())
+    labels = {str(k): v for k, v in DEMO_LABELS.items()}
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "splits.json").write_text(json.dumps({
+        "root": str(root), "name": "demo", "labels": labels, "labelled": ids[:4], "val": ids[4:5],
+        "test": ids[5:], "unlabelled": []}))
+    cfg = ExperimentConfig()
+    cfg.student.img_size = 64
+    for seed, arm in enumerate(("ts_kd", "scratch")):
+        torch.manual_seed(seed)
+        student = Student(3, 64)
+        with torch.no_grad():
+            student.decoder.head[3].weight.mul_(20.0)
+        stage = run / f"student_{arm}"
+        stage.mkdir()
+        torch.save(student.state_dict(), stage / "student.pt")
+        (stage / "manifest.json").write_text(json.dumps({"stage": stage.name,
+                                                         "config": to_dict(cfg)}))
+    scores = {"dice": 0.5, "hd95": 3.0, "miou": 0.4,
+              "per_class": {"organ": {"dice": 0.6, "hd95": 2.0, "miou": 0.5},
+                            "lesion": {"dice": 0.4, "hd95": 4.0, "miou": 0.3}}}
+    (run / "results.json").write_text(json.dumps({
+        "experiment": "exp", "dataset": "demo", "classes": labels, "n_test": 3, "n_labelled": 4,
+        "hd95_unit": "pixels", "teacher": scores,
+        "students": {"ts_kd": scores, "scratch": {**scores, "dice": 0.2}}}))
+    return run

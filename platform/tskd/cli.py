@@ -7,6 +7,8 @@
                  [--resize stretch|letterbox] [--transducer XLSX]  # e.g. chaos, kidneyus
     tskd store ls|du|gc [--output-dir DIR] [--yes]  # the shared artifact store
     tskd tune [CONFIG] --space SPACE.yaml [--set key=value ...] [--resume] [--address ADDR]
+    tskd predict MODEL INPUT OUTPUT [--overlay] [--device cuda] [--ray] ...
+    tskd export MODEL OUT [--format onnx|torchscript] [--int8] | tskd export RUN_DIR --teacher OUT.pth
 
 Every config error is reported before Ray starts, naming the field, the value and what is
 allowed; so are an invalid dataset and a teacher checkpoint that does not fit ``teacher.arch``.
@@ -91,7 +93,46 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     tune.add_argument("--resume", action="store_true",
                       help="resume the interrupted search of this experiment")
+
+    _add_deploy_parsers(sub)
     return parser
+
+
+def _add_deploy_parsers(sub: Any) -> None:
+    """``tskd predict`` and ``tskd export`` (see tskd.predict, tskd.export)."""
+    models = ("MODEL: a run directory runs/<exp> (best student, or --student ARM), a "
+              "student_<arm> directory or its student.pt, an exported .onnx or TorchScript .pt")
+    pred = sub.add_parser("predict", help="segment an image, a folder or a dataset",
+                          description=models)
+    pred.add_argument("model")
+    pred.add_argument("input", help="an image file, a folder of images or a tskd dataset "
+                      "(with masks: Dice/HD95/mIoU are printed)")
+    pred.add_argument("output", help="output folder: masks/<id>.png [, overlays/<id>.png]")
+    pred.add_argument("--student", metavar="ARM", help="with a run directory: this arm "
+                      "(e.g. ts_kd) instead of the best by test Dice")
+    pred.add_argument("--split", choices=("all", "test"), default="all",
+                      help="with a dataset: all cases, or the test split of the model's run "
+                      "(else dataset.json's)")
+    pred.add_argument("--overlay", action="store_true", help="also write colour overlays")
+    pred.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    pred.add_argument("--batch-size", type=int, default=8)
+    pred.add_argument("--progress-every", type=int, default=50, metavar="N",
+                      help="log one progress line per N images")
+    pred.add_argument("--threads", type=int, help="CPU threads (default: torch/onnxruntime's)")
+    pred.add_argument("--ray", action="store_true", help="Ray Data batch inference (actor pool)")
+    pred.add_argument("--actors", type=int, default=2, help="with --ray: actor pool size")
+    pred.add_argument("--address", help="with --ray: cluster address (default: local Ray)")
+
+    exp = sub.add_parser("export", help="export the student (ONNX/TorchScript + model card) "
+                         "or the fine-tuned teacher (--teacher)", description=models)
+    exp.add_argument("model")
+    exp.add_argument("out", nargs="?", help="output file (.onnx or .pt)")
+    exp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    exp.add_argument("--student", metavar="ARM")
+    exp.add_argument("--int8", action="store_true",
+                     help="also write an int8 dynamically quantised ONNX model")
+    exp.add_argument("--teacher", metavar="OUT.pth", help="instead: write the run's LoRA-merged "
+                     "teacher as an official-format SAM checkpoint")
 
 
 def check_paths(cfg: ExperimentConfig) -> None:
@@ -374,6 +415,82 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
         print("\nthe best config on the test split:")
         print(format_table(json.loads(best_results.read_text())))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tskd.predict import (find_inputs, load_model, predict_items, score_predictions,
+                              test_split_ids)
+
+    if args.batch_size < 1 or args.progress_every < 1 or args.actors < 1:
+        raise ConfigError("--batch-size, --progress-every and --actors: allowed: integers >= 1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, student=args.student, device=args.device, threads=args.threads)
+    items, info = find_inputs(args.input)
+    if args.split == "test":
+        if info is None:
+            raise ConfigError(f"--split test: allowed only with a dataset INPUT; {args.input} "
+                              "has no dataset.json")
+        test = set(test_split_ids(info, model.source))
+        items = [it for it in items if it.id in test]
+    log.info("predict: %d images from %s with %s", len(items), args.input, model)
+    if args.ray:
+        import ray
+
+        from tskd.stages.deploy import predict_with_ray
+
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        try:
+            results = predict_with_ray(model.source,
+                                       items, args.output, student=args.student,
+                                       batch_size=args.batch_size, num_actors=args.actors,
+                                       overlay=args.overlay, device=args.device,
+                                       threads=args.threads)
+        finally:
+            ray.shutdown()
+    else:
+        results = predict_items(model, items, args.output, batch_size=args.batch_size,
+                                overlay=args.overlay, progress_every=args.progress_every)
+    failed = [r for r in results if r.error]
+    done = [r.id for r in results if not r.error]
+    print(f"wrote {len(done)} masks to {Path(args.output) / 'masks'}")
+    if info is not None and info.masks and done:
+        scores = score_predictions(info, [c for c in done if c in info.masks], args.output)
+        unit = "mm" if info.spacing else "pixels"
+        print(f"Dice {scores['dice']:.4f}  HD95 {scores['hd95']:.2f} {unit}  "
+              f"mIoU {scores['miou']:.4f}  ({len(done)} images)")
+        for name, s in scores["per_class"].items():
+            print(f"  {name:<16} Dice {s['dice']:.4f}  HD95 {s['hd95']:.2f}  IoU {s['miou']:.4f}")
+    for r in failed:
+        print(f"tskd: failed: {r.path}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.teacher:
+        from tskd.stages.deploy import export_teacher
+
+        info = export_teacher(args.model, args.teacher)
+        print(f"wrote the LoRA-merged teacher ({info['arch']}, {info['img_size']} px, "
+              f"{info['num_classes']} classes) to {args.teacher}; load: {info['load']}")
+        return 0
+    if not args.out:
+        raise ConfigError("export: OUT missing; allowed: an output file (.onnx for --format onnx,"
+                          " .pt for torchscript), or --teacher OUT.pth")
+    from tskd.export import export_student
+
+    rep = export_student(args.model, args.format, args.out, student=args.student, int8=args.int8)
+    print(f"wrote {rep.path} ({rep.size_mb:.1f} MB): largest logit difference to PyTorch "
+          f"{rep.max_logit_diff:.2e}, label agreement {rep.mask_agreement:.6f}, CPU latency "
+          f"{rep.latency_ms:.1f} ms/image")
+    if rep.int8_path is not None:
+        change = (f", test Dice {rep.dice['fp32']:.4f} -> {rep.dice['int8']:.4f} "
+                  f"({rep.dice['int8'] - rep.dice['fp32']:+.4f})" if rep.dice else "")
+        print(f"wrote {rep.int8_path}: largest logit difference {rep.int8_max_logit_diff:.2e}, "
+              f"{rep.int8_latency_ms:.1f} ms/image{change}")
+    print("files: " + ", ".join(str(f) for f in rep.files))
     return 0
 
 
@@ -383,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data,
-                "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune}
+                "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune,
+                "predict": cmd_predict, "export": cmd_export}
     try:
         return commands[args.command](args)
     except TskdError as exc:
@@ -395,6 +513,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, DatasetError):
             print(f"tskd: {_error_kind(exc)}: {exc}", file=sys.stderr)
             return 2
+        if args.command in ("predict", "export"):
+            from tskd.predict import ModelError
+
+            if isinstance(exc, (ModelError, FileNotFoundError)):
+                print(f"tskd: {args.command}: {exc}", file=sys.stderr)
+                return 2
         raise
 
 

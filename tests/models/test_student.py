@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from tskd.models import student as student_mod
 from tskd.models.student import Student, StudentOutput
@@ -112,3 +113,22 @@ def test_invalid_arguments() -> None:
         Student(1, 64)
     with pytest.raises(ValueError):
         Student(3, 60, patch_size=16)
+
+
+def test_inference_path_equals_forward_with_resize_outside():
+    """StudentInference on the image resized to img_size (antialiased bilinear, 0..255), then one
+    bilinear upsampling of the low-res logits = Student.forward's logits on the original image."""
+    from tskd.models.student import StudentInference
+
+    torch.manual_seed(0)
+    student = Student(3, 64).eval()
+    images = torch.rand(2, 3, 50, 90) * 255
+    with torch.no_grad():
+        ref = student(images).logits
+        small = F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False,
+                              antialias=True)
+        for channels_last in (False, True):
+            low = StudentInference(student, channels_last=channels_last)(small)
+            assert low.shape == (2, 3, 16, 16)
+            up = F.interpolate(low, size=(50, 90), mode="bilinear", align_corners=False)
+            assert (up - ref).abs().max().item() < 1e-4

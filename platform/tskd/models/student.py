@@ -25,7 +25,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
-__all__ = ["Student", "StudentOutput"]
+__all__ = ["Student", "StudentInference", "StudentOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,20 +167,34 @@ class Student(nn.Module):
         gh, gw = self.backbone.patch_embed.grid_size
         return int(gh), int(gw)
 
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``images: float32 (B, 3, H, W)`` 0..255 -> normalised ``(B, 3, img_size, img_size)``.
+
+        Normalisation and the (antialiased bilinear) resize are both linear per channel, so they
+        commute: resizing 0..255 images to ``img_size`` first (as :class:`StudentInference`'s
+        callers do) gives the same tensor up to float rounding.
+        """
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return x
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised ``x: (B, 3, img_size, img_size)`` -> (low-res logits ``(B, C, img_size/s,
+        img_size/s)`` at the head's finest stride ``s``, hidden ``(B, D, img_size/p, img_size/p)``)."""
+        # final block's tokens through the final norm, prefix tokens removed, as NCHW
+        (hidden,) = self.backbone.forward_intermediates(
+            x, indices=[self._last_block], norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+        return self.decoder(hidden), hidden
+
     def forward(self, images: Tensor) -> StudentOutput:
         """``images: float32 (B, 3, H, W)`` 0..255 -> ``StudentOutput`` (see class docstring)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         out_size = images.shape[-2:]
-        x = (images.float() - self.pixel_mean) / self.pixel_std
-        if tuple(out_size) != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                              antialias=True)
-        # final block's tokens through the final norm, prefix tokens removed, as NCHW
-        (hidden,) = self.backbone.forward_intermediates(
-            x, indices=[self._last_block], norm=True, output_fmt="NCHW", intermediates_only=True
-        )
-        logits = self.decoder(hidden)
+        logits, hidden = self.features(self.preprocess(images))
         logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
         return StudentOutput(logits=logits, hidden=hidden)
 
@@ -213,3 +227,28 @@ class Student(nn.Module):
             raise ValueError("backbone state dict does not match: " + "; ".join(parts))
         self.backbone.load_state_dict(dict(state_dict), strict=True)
         logger.info("loaded %d backbone tensors", len(state_dict))
+
+
+class StudentInference(nn.Module):
+    """The lean inference (and export) path of a :class:`Student`: no hidden output, no
+    full-resolution upsampling inside the graph.
+
+    ``forward(images: float32 (B, 3, img_size, img_size) in 0..255) -> float32 (B, C,
+    img_size/s, img_size/s)`` low-res logits (``s`` = the head's finest stride, 4). Callers resize
+    images to ``img_size`` beforehand (antialiased bilinear, :func:`tskd.predict.to_model_input`)
+    and upsample the logits bilinearly to each image's own size before the argmax: together that
+    is exactly ``Student.forward(images).logits`` (up to float rounding), with one resize of the
+    image and one of the C-channel logits.
+    """
+
+    def __init__(self, student: Student, *, channels_last: bool = False) -> None:
+        super().__init__()
+        self.student = student
+        self.channels_last = channels_last
+        if channels_last:  # the FPN head's convolutions run ~2x faster NHWC on CPU at 256 px
+            self.student.decoder.to(memory_format=torch.channels_last)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = (images - self.student.pixel_mean) / self.student.pixel_std
+        logits, _ = self.student.features(x)
+        return logits.contiguous()

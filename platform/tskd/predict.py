@@ -1,0 +1,489 @@
+"""Segment images with a trained or exported student (core: plain PyTorch + onnxruntime).
+
+A *model* is one of
+
+* a run directory ``runs/<experiment>`` (the student with the best test Dice in ``results.json``,
+  or the arm named by ``student=``),
+* a student stage directory ``runs/<experiment>/student_<arm>`` or its ``student.pt`` (the stage's
+  ``manifest.json`` holds the resolved config the student is rebuilt from),
+* an exported file: ``.onnx`` (run by onnxruntime) or a TorchScript ``.pt`` written by
+  :mod:`tskd.export` (its metadata travels inside the file).
+
+Every model is used the same way (:class:`Segmenter`): images are resized (antialiased bilinear)
+to the model's input size, the model returns low-resolution logits, and the logits are upsampled
+bilinearly to each image's own size before the argmax — the same computation as
+``Student.forward(images).logits.argmax(1)`` (see :class:`tskd.models.student.StudentInference`).
+
+Outputs of :func:`predict_items`: ``OUT/masks/<id>.png`` (uint8 label values ``0..C-1``, at the
+input's size) and, with ``overlay=True``, ``OUT/overlays/<id>.png`` (the image with the classes
+tinted). Unreadable images are reported by name and skipped; they never abort a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tskd.data.format import (
+    DATASET_JSON,
+    IMAGE_EXTENSIONS,
+    DatasetInfo,
+    load_dataset_info,
+    read_fov,
+    read_image,
+    read_mask,
+)
+
+__all__ = [
+    "ItemResult", "ModelError", "ModelMeta", "PredictItem", "Segmenter", "find_inputs",
+    "labels_from_logits", "load_model", "load_student_artifact", "overlay_image", "predict_batch",
+    "predict_items", "score_predictions", "student_meta", "test_split_ids", "to_model_input", "tskd_version",
+]
+
+log = logging.getLogger(__name__)
+
+STUDENT_FILE = "student.pt"
+"""File name of a student stage's weights (the same as ``tskd.stages.distill.STUDENT_FILE``)."""
+META_KEY = "tskd"
+"""Name of the metadata entry in an ONNX file's ``metadata_props`` and a TorchScript file's
+extra files (``tskd.json``)."""
+MASKS_DIR, OVERLAYS_DIR = "masks", "overlays"
+EXPECTED_MODELS = ("a run directory runs/<experiment>, a student_<arm> stage directory or its "
+                   "student.pt, an exported .onnx file or a TorchScript .pt from `tskd export`")
+
+#: Overlay colours per class (class 0, the background, is left untinted).
+PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                    [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
+                    [210, 245, 60], [250, 190, 212], [0, 128, 128]], dtype=np.uint8)
+
+
+class ModelError(ValueError):
+    """A model path is missing or of the wrong kind; the message names it and what is expected."""
+
+
+def tskd_version() -> str:
+    try:
+        return metadata.version("tskd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model needs around it: input size, normalisation, classes, provenance.
+
+    ``pixel_mean``/``pixel_std`` are on the 0..255 scale (the model applies them itself);
+    ``student`` is the student config (``model_name``, ``img_size``, ``patch_size``,
+    ``decoder_dim``); ``logits_stride`` is the ratio of input size to logits size.
+    """
+
+    img_size: int
+    num_classes: int
+    class_names: list[str]
+    pixel_mean: list[float]
+    pixel_std: list[float]
+    logits_stride: int
+    student: dict[str, Any] = field(default_factory=dict)
+    tskd_version: str = field(default_factory=tskd_version)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> ModelMeta:
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except TypeError as e:
+            raise ModelError(f"{where}: tskd metadata incomplete ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+
+
+class Segmenter:
+    """A loaded model: ``logits(images float32 (B, 3, S, S) 0..255) -> float32 (B, C, S/s, S/s)``
+    with ``S = meta.img_size`` and ``s = meta.logits_stride``."""
+
+    kind = "abstract"
+
+    def __init__(self, meta: ModelMeta, source: Path) -> None:
+        self.meta, self.source = meta, source
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source}, {self.meta.img_size} px, " \
+               f"{self.meta.num_classes} classes)"
+
+
+class TorchSegmenter(Segmenter):
+    """A :class:`~tskd.models.student.StudentInference` or TorchScript module."""
+
+    kind = "pytorch"
+
+    def __init__(self, module: torch.nn.Module, meta: ModelMeta, source: Path, *,
+                 device: str = "cpu", kind: str = "pytorch") -> None:
+        super().__init__(meta, source)
+        self.device = torch.device(device)
+        self.module = module.to(self.device).eval()
+        self.kind = kind
+
+    @torch.inference_mode()
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+        return self.module(x).float().cpu().numpy()
+
+
+class OnnxSegmenter(Segmenter):
+    """An exported ``.onnx`` model run by onnxruntime (input ``images``, output ``logits``)."""
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, meta: ModelMeta, *, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(meta, path)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelError(f"{path}: --device {device} needs onnxruntime-gpu "
+                                 "(CUDAExecutionProvider); this onnxruntime has "
+                                 f"{ort.get_available_providers()}")
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def _class_names_near(stage_dir: Path, num_classes: int) -> list[str]:
+    """Class names from the run's ``data/splits.json`` or ``results.json`` (else ``class_i``)."""
+    run_dir = stage_dir.parent
+    for path, key in ((run_dir / "data" / "splits.json", "labels"),
+                      (run_dir / "results.json", "classes")):
+        try:
+            labels = json.loads(path.read_text()).get(key) or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        names = [labels.get(str(c)) for c in range(num_classes)]
+        if all(isinstance(n, str) for n in names):
+            return names
+    return [f"class_{c}" for c in range(num_classes)]
+
+
+def load_student_artifact(path: str | Path) -> tuple[torch.nn.Module, ModelMeta]:
+    """The fine-tuned student of a ``student_<arm>`` stage (its directory or ``student.pt``).
+
+    Returns the :class:`~tskd.models.student.Student` in eval mode and its :class:`ModelMeta`.
+    Raises :class:`ModelError` naming the file when the weights or the manifest do not fit.
+    """
+    from tskd.models.student import Student
+
+    path = Path(path)
+    weights = path / STUDENT_FILE if path.is_dir() else path
+    manifest_path = weights.parent / "manifest.json"
+    try:
+        cfg = json.loads(manifest_path.read_text())["config"]["student"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise ModelError(f"{weights}: a student state dict needs its stage's manifest.json "
+                         f"(with config.student) beside it; {manifest_path} is missing or "
+                         "unreadable") from None
+    if cfg.get("arch", "vit") != "vit":
+        raise ModelError(f"{weights}: a student.arch={cfg['arch']!r} student; predict and export "
+                         "support the ViT student (student.arch=vit) so far")
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: wrong kind of file
+        raise ModelError(f"{weights}: not a torch state dict ({type(e).__name__}); expected "
+                         + EXPECTED_MODELS) from None
+    head = "decoder.head.3.weight"
+    if not isinstance(sd, dict) or head not in sd or "backbone.patch_embed.proj.weight" not in sd:
+        some = list(sd)[:3] if isinstance(sd, dict) else type(sd).__name__
+        raise ModelError(f"{weights}: not a tskd student state dict (expected keys backbone.*, "
+                         f"decoder.head.*; found {some}); expected " + EXPECTED_MODELS)
+    num_classes = int(sd[head].shape[0])
+    student = Student(num_classes, int(cfg["img_size"]), model_name=cfg["model_name"],
+                      patch_size=int(cfg["patch_size"]), decoder_dim=int(cfg["decoder_dim"]))
+    try:
+        student.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ModelError(f"{weights}: weights do not fit the student of {manifest_path}: "
+                         f"{str(e).splitlines()[0]}") from None
+    meta = student_meta(student, dict(cfg), _class_names_near(weights.parent, num_classes),
+                        source=str(weights))
+    return student.eval(), meta
+
+
+def student_meta(student: torch.nn.Module, cfg: dict[str, Any], class_names: list[str], *,
+                 source: str = "") -> ModelMeta:
+    """The :class:`ModelMeta` of a :class:`~tskd.models.student.Student` built from ``cfg``."""
+    return ModelMeta(img_size=student.img_size, num_classes=student.num_classes,
+                     class_names=list(class_names),
+                     pixel_mean=student.pixel_mean.flatten().tolist(),
+                     pixel_std=student.pixel_std.flatten().tolist(),
+                     logits_stride=student.decoder.finest_stride, student=cfg, source=source)
+
+
+def best_student_arm(run_dir: Path) -> str:
+    """The student arm with the highest mean test Dice in ``results.json`` (else the only one)."""
+    try:
+        students = json.loads((run_dir / "results.json").read_text()).get("students") or {}
+    except (OSError, json.JSONDecodeError):
+        students = {}
+    scored = {arm: s.get("dice") for arm, s in students.items() if isinstance(s, dict)
+              and isinstance(s.get("dice"), (int, float)) and not math.isnan(s["dice"])
+              and (run_dir / f"student_{arm}" / STUDENT_FILE).is_file()}
+    if scored:
+        return max(scored, key=scored.get)
+    arms = sorted(p.parent.name[len("student_"):] for p in run_dir.glob(f"student_*/{STUDENT_FILE}"))
+    if len(arms) == 1:
+        return arms[0]
+    raise ModelError(f"{run_dir}: no results.json to pick the best student from and "
+                     f"{len(arms)} student stages ({arms}); name one with --student ARM")
+
+
+def resolve_student_dir(path: Path, student: str | None = None) -> Path:
+    """The ``student_<arm>`` stage directory a run dir / stage dir / ``student.pt`` stands for."""
+    if path.is_file():
+        return path.parent
+    if (path / STUDENT_FILE).is_file():
+        return path
+    if any(path.glob(f"student_*/{STUDENT_FILE}")):
+        arm = student or best_student_arm(path)
+        stage = path / f"student_{arm}"
+        if not (stage / STUDENT_FILE).is_file():
+            have = sorted(p.parent.name for p in path.glob(f"student_*/{STUDENT_FILE}"))
+            raise ModelError(f"{path}: no completed student stage student_{arm}; have {have}")
+        log.info("model: %s", stage)
+        return stage
+    raise ModelError(f"{path}: holds no student ({STUDENT_FILE}); expected " + EXPECTED_MODELS)
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n or n.startswith("code/") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _onnx_meta(path: Path) -> ModelMeta:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure: not an ONNX file
+        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}); expected "
+                         + EXPECTED_MODELS) from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if META_KEY not in props:
+        raise ModelError(f"{path}: ONNX model without tskd metadata (metadata_props['{META_KEY}']);"
+                         " expected a model exported by `tskd export`")
+    return ModelMeta.from_dict(json.loads(props[META_KEY]), str(path))
+
+
+def load_model(path: str | Path, *, student: str | None = None, device: str = "cpu",
+               threads: int | None = None) -> Segmenter:
+    """Load any model kind (see the module docstring) as a :class:`Segmenter`.
+
+    Raises :class:`ModelError` for a missing path or a file of the wrong kind, naming what is
+    expected.
+    """
+    from tskd.models.student import StudentInference
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"{path}: no such file or directory; expected " + EXPECTED_MODELS)
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ModelError(f"--device: invalid value {device!r}; allowed: cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not path.suffix == ".onnx" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: no CUDA GPU visible to torch here; use --device cpu")
+    if path.is_file() and path.suffix == ".onnx":
+        return OnnxSegmenter(path, _onnx_meta(path), device=device, threads=threads)
+    if path.is_file() and _is_torchscript(path):
+        extra = {f"{META_KEY}.json": ""}
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        if not extra[f"{META_KEY}.json"]:
+            raise ModelError(f"{path}: TorchScript file without tskd metadata ({META_KEY}.json); "
+                             "expected a model exported by `tskd export`")
+        meta = ModelMeta.from_dict(json.loads(extra[f"{META_KEY}.json"]), str(path))
+        return TorchSegmenter(module, meta, path, device=device, kind="torchscript")
+    if path.is_file() and path.suffix not in (".pt", ".pth"):
+        raise ModelError(f"{path}: unknown model file type {path.suffix!r}; expected "
+                         + EXPECTED_MODELS)
+    stage = resolve_student_dir(path, student)
+    model, meta = load_student_artifact(path if path.is_file() else stage)
+    return TorchSegmenter(StudentInference(model, channels_last=True), meta, stage / STUDENT_FILE,
+                          device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# pre- and post-processing
+# ----------------------------------------------------------------------------------------------
+
+
+def to_model_input(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """``uint8 (H_i, W_i, 3)`` images -> ``float32 (B, 3, size, size)`` in 0..255 (antialiased
+    bilinear resize, as ``Student.preprocess``)."""
+    out = np.empty((len(images), 3, size, size), np.float32)
+    for i, image in enumerate(images):
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        out[i] = x[0].numpy()
+    return out
+
+
+def labels_from_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Low-res ``logits (C, h, w)`` -> ``uint8 (H, W)`` labels: bilinear upsampling, argmax."""
+    x = torch.from_numpy(np.ascontiguousarray(logits))[None]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x[0].argmax(0).to(torch.uint8).numpy()
+
+
+def overlay_image(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``uint8 (H, W, 3)`` image with foreground classes tinted by :data:`PALETTE` (``alpha``)."""
+    colours = PALETTE[labels.astype(np.int64) % len(PALETTE)].astype(np.float32)
+    fg = (labels > 0)[..., None]
+    blended = np.where(fg, (1 - alpha) * image.astype(np.float32) + alpha * colours, image)
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs, the batch loop, scoring
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PredictItem:
+    """One input image: its id (the output file stem) and path."""
+
+    id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    id: str
+    path: str
+    error: str | None = None
+
+
+def find_inputs(path: str | Path) -> tuple[list[PredictItem], DatasetInfo | None]:
+    """The images of one file, a folder (its image files, not recursive) or a tskd dataset.
+
+    Returns the items (sorted by id) and, for a dataset, its :class:`DatasetInfo` (for scoring).
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [PredictItem(path.stem, str(path))], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such image, folder or dataset")
+    if (path / DATASET_JSON).is_file():
+        info = load_dataset_info(path)
+        return [PredictItem(c, str(info.images[c])) for c in info.case_ids], info
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    stems = [p.stem for p in files]
+    return [PredictItem(p.stem if stems.count(p.stem) == 1 else p.name, str(p)) for p in files], None
+
+
+def test_split_ids(info: DatasetInfo, model_source: str | Path) -> list[str]:
+    """The test ids of ``info``: the split of the run the model came from (its
+    ``data/splits.json``, when it names this dataset), else ``dataset.json``'s ``test`` split."""
+    for parent in Path(model_source).resolve().parents[:3]:
+        splits = parent / "data" / "splits.json"
+        if splits.is_file():
+            saved = json.loads(splits.read_text())
+            if Path(saved.get("root", "")).resolve() == Path(info.root).resolve():
+                return list(saved["test"])
+    if info.splits and info.splits.get("test"):
+        return list(info.splits["test"])
+    raise ModelError(f"{info.root}: no test split: the model's run does not name this dataset "
+                     "and dataset.json declares no splits.test")
+
+
+def predict_batch(model: Segmenter, items: Sequence[PredictItem], out_dir: str | Path, *,
+                  overlay: bool = False) -> list[ItemResult]:
+    """Read, segment and write one batch; an unreadable image becomes an :class:`ItemResult`
+    with its error (logged with its path) and the rest of the batch goes on."""
+    out_dir = Path(out_dir)
+    (out_dir / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+    results, good, images = [], [], []
+    for item in items:
+        try:
+            images.append(read_image(item.path))
+            good.append(item)
+        except (OSError, ValueError) as e:
+            log.error("skipping %s: %s", item.path, e)
+            results.append(ItemResult(item.id, item.path, str(e)))
+    if not good:
+        return results
+    logits = model.logits(to_model_input(images, model.meta.img_size))
+    for item, image, lg in zip(good, images, logits):
+        labels = labels_from_logits(lg, image.shape[:2])
+        Image.fromarray(labels).save(out_dir / MASKS_DIR / f"{item.id}.png")
+        if overlay:
+            (out_dir / OVERLAYS_DIR).mkdir(exist_ok=True)
+            Image.fromarray(overlay_image(image, labels)).save(
+                out_dir / OVERLAYS_DIR / f"{item.id}.png")
+        results.append(ItemResult(item.id, item.path))
+    return results
+
+
+def predict_items(model: Segmenter, items: Sequence[PredictItem], out_dir: str | Path, *,
+                  batch_size: int = 8, overlay: bool = False,
+                  progress_every: int = 50) -> list[ItemResult]:
+    """Segment ``items`` in batches, logging progress every ``progress_every`` images."""
+    results: list[ItemResult] = []
+    start, next_report = time.perf_counter(), progress_every
+    for i in range(0, len(items), batch_size):
+        results += predict_batch(model, items[i:i + batch_size], out_dir, overlay=overlay)
+        if len(results) >= next_report or len(results) == len(items):
+            rate = len(results) / max(time.perf_counter() - start, 1e-9)
+            log.info("predict: %d/%d images (%.1f images/s)", len(results), len(items), rate)
+            next_report = len(results) + progress_every
+    return results
+
+
+def score_predictions(info: DatasetInfo, case_ids: Iterable[str], out_dir: str | Path,
+                      ) -> dict[str, Any]:
+    """Dice / HD95 / mIoU of the masks written under ``out_dir/masks`` against the dataset's
+    (at each image's own size, with its field of view and pixel spacing)."""
+    from tskd.metrics import SegmentationMetrics
+
+    metrics = SegmentationMetrics(info.num_classes, class_names=info.class_names,
+                                  spacing=info.spacing)
+    for case_id in case_ids:
+        pred = read_mask(Path(out_dir) / MASKS_DIR / f"{case_id}.png", info.num_classes)
+        target = read_mask(info.masks[case_id], info.labels)
+        fov = read_fov(info, case_id)
+        metrics.update(torch.from_numpy(pred)[None], torch.from_numpy(target)[None],
+                       None if fov is None else torch.from_numpy(fov)[None])
+    return metrics.aggregate()
