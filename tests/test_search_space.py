@@ -130,21 +130,25 @@ def test_to_tune_domains_and_overrides():
     assert (cfg.teacher.lora.rank, cfg.distill.w_logits, cfg.distill.lr) == (3, 0.25, 1e-4)
 
 
-def test_cli_tune_reports_space_errors_before_ray_starts(tmp_path, capsys):
+def test_cli_tune_reports_space_errors_before_ray_starts(tmp_path, capsys, monkeypatch):
     import ray
 
     from tskd.cli import main
+
+    started = []  # (a session-wide Ray of other tests may be up: watch for a new start instead)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(1))
 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(space(params={"distill.w_logit": {"choice": [0.1]}})))
     assert main(["tune", "--space", str(path), "--set", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert f"{path}: params.distill.w_logit: unknown config key; keys of distill:" in err
-    assert not ray.is_initialized()
+    assert started == []
     path.write_text(yaml.safe_dump(space(objective={"metric": "student_ta_kd:val/dice"})))
     assert main(["tune", "--space", str(path), "--set", f"output_dir={tmp_path}",
                  "--set", "students=[ts_kd]"]) == 2
     assert "a metric of one of this experiment's stages" in capsys.readouterr().err
+    assert started == []
 
 
 def test_trials_keep_only_the_objectives_arm():
