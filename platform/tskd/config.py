@@ -647,6 +647,11 @@ def parse_override(text: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: value is not valid YAML: {exc}") from None
+    return nest(key, value)
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """``("a.b", 3)`` -> ``{"a": {"b": 3}}``."""
     node: dict[str, Any] = {}
     cursor = node
     parts = key.split(".")
@@ -696,17 +701,7 @@ def load_config(path: str | Path | None = None,
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
+        data = read_yaml_mapping(path, "config file")
     for text in overrides:
         data = _merge(data, parse_override(text))
     try:
@@ -715,6 +710,21 @@ def load_config(path: str | Path | None = None,
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file of values holds (empty file: ``{}``); errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -31,10 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_type_hints
 
-import yaml
-
-from tskd.config import ConfigError, ExperimentConfig, _from_dict, _merge, config_from_dict
-from tskd.config import to_dict
+from tskd.config import (ConfigError, ExperimentConfig, _from_dict, _merge, config_from_dict,
+                         nest, read_yaml_mapping, to_dict)
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int", "quniform")
 _ARITY = {"uniform": 2, "loguniform": 2, "int": 2, "quniform": 3}
@@ -146,15 +144,9 @@ def load_space(path: str | Path, base: ExperimentConfig | None = None,
             max_t``...), the value and what is allowed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: search space file not found")
+    data = read_yaml_mapping(path, "search space file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return parse_space(data if data is not None else {}, base or ExperimentConfig(),
-                           stages, source=str(path))
+        return parse_space(data, base or ExperimentConfig(), stages, source=str(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -182,7 +174,7 @@ def parse_space(data: Any, base: ExperimentConfig, stages: Iterable[str] | None 
         dist = _parse_distribution(spec, entry)
         for value in dist.representatives():
             try:
-                config_from_dict(_merge(base_dict, _nest(str(key), value)))
+                config_from_dict(_merge(base_dict, nest(str(key), value)))
             except ConfigError as exc:
                 raise ConfigError(f"{entry}: {dist.kind} value {value!r} is not a valid "
                                   f"experiment config: {exc}") from None
@@ -287,11 +279,3 @@ def _parse_distribution(spec: Any, entry: str) -> Distribution:
     return Distribution(kind, list(args))
 
 
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    node: dict[str, Any] = {}
-    cursor = node
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
-    return node

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import yaml
 
-from tskd.config import ConfigError, ExperimentConfig, _merge, config_from_dict, to_dict
+from tskd.config import ConfigError, ExperimentConfig, _merge, config_from_dict, nest, to_dict
 from tskd.search_space import SearchSpace, trial_base
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,7 @@ def trial_config(base: dict[str, Any], sample: dict[str, Any], name: str) -> Exp
     """The experiment config of one trial: ``base`` with the sampled dotted values set."""
     data = dict(base, experiment=name)
     for key, value in sample.items():
-        node: dict[str, Any] = {}
-        cursor = node
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = value
-        data = _merge(data, node)
+        data = _merge(data, nest(key, value))
     return config_from_dict(data)
 
 

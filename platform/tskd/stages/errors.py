@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 from tskd.config import TskdError
 from tskd.data.format import DatasetError
@@ -59,9 +60,8 @@ def _is_ray_wrapper(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] == "ray"
 
 
-def own_error(exc: BaseException) -> BaseException | None:
-    """The first tskd error (``OWN_ERRORS``, not a Ray wrapper class) in ``exc``'s wrapping and
-    cause chain, breadth first; ``exc`` itself if it is one; None if there is none."""
+def _walk(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything in its wrapping and cause chain, breadth first, each once."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -69,28 +69,26 @@ def own_error(exc: BaseException) -> BaseException | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OWN_ERRORS) and not _is_ray_wrapper(e):
-            return e
+        yield e
         todo += _children(e)
-    return None
+
+
+def own_error(exc: BaseException) -> BaseException | None:
+    """The first tskd error (``OWN_ERRORS``, not a Ray wrapper class) in ``exc``'s wrapping and
+    cause chain, breadth first; ``exc`` itself if it is one; None if there is none."""
+    return next((e for e in _walk(exc) if isinstance(e, OWN_ERRORS) and not _is_ray_wrapper(e)),
+                None)
 
 
 def write_error_log(path: Path, exc: BaseException) -> Path:
     """Write ``exc``'s full traceback (chained causes included) and the traceback text of every
     worker failure Ray captured to ``path``; return ``path``."""
     parts = ["".join(traceback.format_exception(exc))]
-    seen: set[int] = set()
-    todo = [exc]
-    while todo:
-        e = todo.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _walk(exc):
         text = getattr(e, "_traceback_str", None)
         if isinstance(text, str):
             parts.append(f"--- worker traceback ({type(getattr(e, '_base_exc', e)).__name__}) ---\n"
                          + text)
-        todo += _children(e)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts))
