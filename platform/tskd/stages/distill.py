@@ -145,7 +145,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         sums: dict[str, float] = {}
         n = 0
         for batch in shard.iter_torch_batches(batch_size=d["batch_size"],
-                                              dtypes={"image": torch.float32}, device=device,
+                                              dtypes={"id": torch.int64,
+                                                      "image": torch.float32}, device=device,
                                               local_shuffle_buffer_size=4 * d["batch_size"],
                                               local_shuffle_seed=config["seed"] + epoch):
             # one flip per sample, the same for the teacher's and the student's view; the
@@ -190,7 +191,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = {"teacher": teacher, "student": to_dict(cfg.student), "distill": distill,
               "num_classes": num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
               "ray": to_dict(cfg.ray)}
-    dataset = read_transfer_set(transfer_dir).select_columns(["image"])
+    # the id column lets ray.deterministic sort the rows (Parquet holds them in the order the
+    # sampler tasks finished), so every run streams the same batches to the same workers
+    dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
     log.info("distilling (%s) on %d transfer images for %d epochs", arm, n_transfer,
              cfg.distill.epochs)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
