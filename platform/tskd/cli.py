@@ -155,6 +155,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         DatasetError: the dataset is invalid (the data stage would fail the same way).
     """
     check_paths(cfg)
+    check_student_block(cfg)
     num_classes = 2
     if cfg.data.root is not None:
         from tskd.data.format import validate_dataset
@@ -166,6 +167,27 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if cfg.teacher.checkpoint is not None:
         check_teacher_checkpoint(Path(cfg.teacher.checkpoint).expanduser(), cfg.teacher.arch,
                                  img_size=cfg.teacher.img_size, num_classes=num_classes)
+
+
+def check_student_block(cfg: ExperimentConfig) -> None:
+    """``distill.student_block`` names a block of the configured ViT student (built on the
+    ``meta`` device: no memory, no weights).
+
+    Raises:
+        ConfigError: naming the field, the value and the allowed range.
+    """
+    if cfg.student.arch != "vit" or cfg.distill.student_block == -1:
+        return
+    import torch
+
+    from tskd.models.students import build_student
+
+    try:
+        with torch.device("meta"):
+            build_student(to_dict(cfg.student), 2, hidden_block=cfg.distill.student_block)
+    except ValueError as exc:
+        raise ConfigError(f"distill.student_block: invalid value {cfg.distill.student_block!r}; "
+                          f"{exc}") from None
 
 
 def check_teacher_checkpoint(path: Path, arch: str, *, img_size: int, num_classes: int) -> None:

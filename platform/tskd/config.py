@@ -396,7 +396,12 @@ class DistillConfig:
     teacher_features: Literal["neck", "blocks"] = "neck"
     """The teacher's "hidden states": ``neck`` = the image embedding after SAM's neck (256-d),
     ``blocks`` = the last encoder block's tokens before the neck (the encoder's width). The
-    student side is its final normed token map (its stride-16 feature map)."""
+    student side is set by ``student_block``."""
+    student_block: int = -1
+    """The student layer the hidden term compares: for the ``vit`` student, the block whose
+    output tokens (through the final norm) are its hidden state, 0-based, negative counting from
+    the end; -1 = the last block (the final encoder hidden state, the paper's). Other students
+    have one stride-16 feature map and accept only -1."""
     normalize: bool = False
     """Divide each MSE term by a running estimate of its target's variance, so the weights mean
     the same across teachers and datasets (the raw logit term can be 20–40× the hidden term)."""
@@ -544,6 +549,10 @@ class ExperimentConfig:
             _check(self.distill.w_hidden > 0, "distill.w_hidden", self.distill.w_hidden,
                    "a number > 0 while students include 'ta_kd' (task-agnostic KD uses only the "
                    "hidden-state term; drop 'ta_kd' from students to distil with logits only)")
+        if self.student.arch != "vit":
+            _check(self.distill.student_block == -1, "distill.student_block",
+                   self.distill.student_block, f"-1 for student.arch {self.student.arch!r} (it has "
+                   "one hidden map; only the vit student selects a block)")
         if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
             self.reference.student(self.data.image_size).validate("reference")
 

@@ -65,6 +65,33 @@ def test_hidden_is_final_normed_tokens() -> None:
     torch.testing.assert_close(out.hidden, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [3, -4, 0])
+def test_hidden_block_is_that_blocks_normed_tokens(block: int) -> None:
+    """``hidden_block=k``: the hidden map is block k's output tokens through the final norm,
+    computed by hand block by block; the logits are the same as the default student's."""
+    m = Student(3, 64, hidden_block=block).eval()
+    default = Student(3, 64).eval()
+    default.load_state_dict(m.state_dict())
+    x = torch.rand(2, 3, 64, 64) * 255
+    bb = m.backbone
+    with torch.no_grad():
+        out = m(x)
+        t = bb.norm_pre(bb._pos_embed(bb.patch_embed((x - SAM_MEAN) / SAM_STD)))
+        for i, blk in enumerate(bb.blocks):
+            t = blk(t)
+            if i == block % len(bb.blocks):
+                kept = bb.norm(t)
+        ref = kept[:, 1:].reshape(2, 4, 4, 192).permute(0, 3, 1, 2)
+        torch.testing.assert_close(out.hidden, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits, default(x).logits)
+    assert not torch.allclose(out.hidden, default(x).hidden)
+
+
+def test_hidden_block_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"hidden_block 12 is outside the 12 blocks.*-12 \.\. 11"):
+        Student(3, 64, hidden_block=12)
+
+
 def test_gradient_flows_to_all_parameters() -> None:
     m = Student(3, 64)
     out = m(torch.rand(2, 3, 64, 64) * 255)

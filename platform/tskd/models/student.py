@@ -38,7 +38,8 @@ class StudentOutput(NamedTuple):
 
     Attributes:
         logits: ``float32 (B, C, H, W)`` class logits at the input resolution.
-        hidden: ``float32 (B, D, H/p, W/p)`` final normed backbone tokens as an NCHW map
+        hidden: ``float32 (B, D, H/p, W/p)`` the tokens of block ``hidden_block`` (default: the
+            last) through the final norm, as an NCHW map
             (prefix tokens removed); ``D`` is the backbone's embed dim, ``p`` the patch size and
             ``H, W`` the backbone's ``img_size``.
     """
@@ -117,6 +118,10 @@ class Student(nn.Module):
         pretrained: load timm's pretrained weights through ``timm.create_model(pretrained=True)``
             (needs the weights in timm's/HF's cache or network access).
         decoder_dim: channels of the FPN laterals and the head.
+        hidden_block: the backbone block whose output tokens are ``hidden`` (0-based; negative
+            counts from the end; -1 = the last block, the final encoder hidden state). The final
+            norm is applied to it as to the last block (timm's ``forward_intermediates(norm=True)``);
+            the head always reads the last block. Only distillation's hidden term uses it.
 
     ``forward(images: float32 (B, 3, H, W) in 0..255) -> StudentOutput(logits (B, C, H, W),
     hidden (B, D, img_size/p, img_size/p))``.
@@ -131,6 +136,7 @@ class Student(nn.Module):
         patch_size: int = 16,
         pretrained: bool = False,
         decoder_dim: int = 128,
+        hidden_block: int = -1,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -145,7 +151,12 @@ class Student(nn.Module):
         )
         if not hasattr(self.backbone, "forward_intermediates") or not hasattr(self.backbone, "blocks"):
             raise ValueError(f"{model_name!r} is not a timm ViT with forward_intermediates")
-        self._last_block = len(self.backbone.blocks) - 1
+        depth = len(self.backbone.blocks)
+        if not -depth <= hidden_block < depth:
+            raise ValueError(f"hidden_block {hidden_block} is outside the {depth} blocks of {model_name!r} "
+                             f"(allowed: {-depth} .. {depth - 1})")
+        self._last_block = depth - 1
+        self._hidden_block = hidden_block % depth
         self.decoder = _SimpleFeaturePyramidFPN(self.hidden_dim, patch_size, decoder_dim, num_classes)
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
@@ -183,11 +194,17 @@ class Student(nn.Module):
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised ``x: (B, 3, img_size, img_size)`` -> (low-res logits ``(B, C, img_size/s,
         img_size/s)`` at the head's finest stride ``s``, hidden ``(B, D, img_size/p, img_size/p)``)."""
-        # final block's tokens through the final norm, prefix tokens removed, as NCHW
-        (hidden,) = self.backbone.forward_intermediates(
-            x, indices=[self._last_block], norm=True, output_fmt="NCHW", intermediates_only=True
+        # block tokens through the final norm, prefix tokens removed, as NCHW
+        if self._hidden_block == self._last_block:
+            (final,) = self.backbone.forward_intermediates(
+                x, indices=[self._last_block], norm=True, output_fmt="NCHW", intermediates_only=True
+            )
+            return self.decoder(final), final
+        hidden, final = self.backbone.forward_intermediates(
+            x, indices=[self._hidden_block, self._last_block], norm=True, output_fmt="NCHW",
+            intermediates_only=True,
         )
-        return self.decoder(hidden), hidden
+        return self.decoder(final), hidden
 
     def forward(self, images: Tensor) -> StudentOutput:
         """``images: float32 (B, 3, H, W)`` 0..255 -> ``StudentOutput`` (see class docstring)."""

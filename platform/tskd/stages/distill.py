@@ -125,7 +125,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
     teacher = place_teacher(config, device)
-    student = build_student(config["student"], config["num_classes"]).to(device)
+    student = build_student(config["student"], config["num_classes"],
+                            hidden_block=d["student_block"]).to(device)
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
                 w_hidden=d["w_hidden"], logits_loss=d["logits_loss"],
                 logits_target=d["logits_target"], normalize=d["normalize"]).to(device)
