@@ -272,15 +272,30 @@ def _table_footer(results: dict[str, Any]) -> str:
 
 
 def _init_ray(cfg: ExperimentConfig) -> None:
+    """Start a local Ray or connect to ``ray.address``; Ray's routine logging stays off the
+    console (:mod:`tskd.stages.console`) and its log directory is printed.
+
+    Inside a ``ray job submit`` job the job's runtime env applies (``cluster/runtime_env.yaml``
+    sets the same ``worker_process_setup_hook``); a runtime env given here would replace it.
+    """
     import ray
+
+    from tskd.stages.console import quiet_ray_process, ray_init_kwargs, session_log_dir
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by `ray job submit`
+        ray.init(address=address, **({} if in_job else ray_init_kwargs()))
     else:
         log.info("starting a local Ray")
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, **ray_init_kwargs())
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which quiet_ray_process adjusts
+
+    quiet_ray_process()
+    logs = session_log_dir()
+    if logs:
+        log.info("Ray's own logs: %s", logs)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -463,7 +478,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         from tskd.stages.deploy import predict_with_ray
 
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        from tskd.stages.console import ray_init_kwargs
+
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 **ray_init_kwargs())
         try:
             results = predict_with_ray(model.source,
                                        items, args.output, student=args.student,
