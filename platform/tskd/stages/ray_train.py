@@ -171,9 +171,15 @@ def is_rank_zero() -> bool:
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-    """``ray.train.report`` on every rank; rank 0 attaches ``state`` as a checkpoint."""
+    """``ray.train.report`` on every rank; rank 0 attaches ``state`` as a checkpoint. The same
+    numbers go to the live metrics (:mod:`tskd.stages.live_metrics`)."""
     import ray.train
     from ray.train import Checkpoint
+
+    from tskd.stages.live_metrics import export
+
+    ctx = ray.train.get_context()
+    export(ctx.get_experiment_name(), ctx.get_world_rank(), metrics)
 
     if state is not None and is_rank_zero():
         with tempfile.TemporaryDirectory() as tmp:
