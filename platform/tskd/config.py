@@ -328,6 +328,9 @@ class StudentConfig:
     """``vit`` only."""
     decoder_dim: int = 128
     """``vit`` only: channels of the FPN head."""
+    head_stride: int = 4
+    """``vit`` only: stride of the FPN head's finest level, where it makes the logits (ViTDet's
+    4; 8 or 16 make a lighter, faster head whose logits are upsampled further)."""
 
     @property
     def input_multiple(self) -> int:
@@ -351,6 +354,9 @@ class StudentConfig:
         _check(self.img_size % self.patch_size == 0 and self.img_size >= 4 * self.patch_size,
                f"{path}.img_size", self.img_size,
                f"a multiple of patch_size={self.patch_size}, >= {4 * self.patch_size}")
+        allowed = [s for s in (4, 8, 16) if s <= self.patch_size]
+        _check(self.head_stride in allowed, f"{path}.head_stride", self.head_stride,
+               f"one of {allowed} (<= patch_size={self.patch_size})")
 
 
 KD_PRESETS: dict[str, dict[str, Any]] = {

@@ -87,6 +87,26 @@ def test_hidden_block_is_that_blocks_normed_tokens(block: int) -> None:
     assert not torch.allclose(out.hidden, default(x).hidden)
 
 
+@pytest.mark.parametrize("head_stride", [8, 16])
+def test_head_stride_sets_the_logits_grid(head_stride: int) -> None:
+    """The head makes its logits at ``head_stride`` (pyramid levels from there to 2p) and the
+    output is that map upsampled bilinearly to the input size."""
+    m = Student(3, 64, head_stride=head_stride, decoder_dim=32).eval()
+    x = torch.rand(2, 3, 64, 64) * 255
+    with torch.no_grad():
+        low, hidden = m.features(m.preprocess(x))
+        out = m(x)
+    assert m.decoder.finest_stride == head_stride
+    assert low.shape == (2, 3, 64 // head_stride, 64 // head_stride)
+    # levels at strides head_stride .. 16 (x2 each), plus the max-pooled 32
+    assert len(m.decoder.stages) == {8: 3, 16: 2}[head_stride]
+    torch.testing.assert_close(out.logits, F.interpolate(low, size=(64, 64), mode="bilinear",
+                                                         align_corners=False))
+    default = Student(3, 64, decoder_dim=32)
+    n = sum(p.numel() for p in m.decoder.parameters())
+    assert n < sum(p.numel() for p in default.decoder.parameters())
+
+
 def test_hidden_block_out_of_range() -> None:
     with pytest.raises(ValueError, match=r"hidden_block 12 is outside the 12 blocks.*-12 \.\. 11"):
         Student(3, 64, hidden_block=12)

@@ -3,10 +3,12 @@
 The backbone is ``timm.create_model(model_name, img_size=img_size, patch_size=patch_size,
 num_classes=0)``. Only the **final-layer tokens** feed the head (ViTDet "simple feature
 pyramid"): from the final normed token map at stride ``p`` (the patch size) the head builds maps
-at strides ``4, 8, ..., p`` (transposed convolutions, ×2 each) and ``2p`` (max-pool), projects each
-to ``decoder_dim`` with a lateral 1×1 convolution, fuses them top-down (FPN) into the stride-4 map
-(stride ``p`` if ``p < 4``), applies a small conv/GroupNorm/GELU head and upsamples the class logits
-bilinearly to the input resolution.
+at strides ``s, 2s, ..., p`` (transposed convolutions, ×2 each; ``s`` = ``head_stride``, ViTDet's
+4 by default) and ``2p`` (max-pool), projects each to ``decoder_dim`` with a lateral 1×1
+convolution, fuses them top-down (FPN) into the stride-``s`` map (stride ``p`` if ``p < s``),
+applies a small conv/GroupNorm/GELU head and upsamples the class logits bilinearly to the input
+resolution. Most of the head's cost is its 3×3 convolution at stride ``s``: ``head_stride=8``
+with a smaller ``decoder_dim`` is the fast variant (see benchmarks/README.md).
 
 Tensor contract (see DEVELOPERS.md): images are ``float32 (B, 3, H, W)`` RGB in 0..255; the
 student normalises internally with the ImageNet mean/std (the values SAM uses).
@@ -29,7 +31,7 @@ __all__ = ["Student", "StudentInference", "StudentOutput"]
 
 logger = logging.getLogger(__name__)
 
-#: Stride of the finest pyramid level (ViTDet: 4).
+#: Default stride of the finest pyramid level (ViTDet: 4).
 _FINEST_STRIDE = 4
 
 
@@ -73,11 +75,14 @@ class _SimpleFeaturePyramidFPN(nn.Module):
     stride (4 for ``p >= 4``).
     """
 
-    def __init__(self, embed_dim: int, patch_size: int, decoder_dim: int, num_classes: int) -> None:
+    def __init__(self, embed_dim: int, patch_size: int, decoder_dim: int, num_classes: int,
+                 finest_stride: int = _FINEST_STRIDE) -> None:
         super().__init__()
         if patch_size < 1 or patch_size & (patch_size - 1):
             raise ValueError(f"patch_size must be a power of two for the feature pyramid, got {patch_size}")
-        n_up = int(math.log2(max(patch_size // _FINEST_STRIDE, 1)))
+        if finest_stride < 1 or finest_stride & (finest_stride - 1):
+            raise ValueError(f"head_stride must be a power of two, got {finest_stride}")
+        n_up = int(math.log2(max(patch_size // finest_stride, 1)))
         self.finest_stride = patch_size // 2**n_up
         # levels ordered fine -> coarse: strides p/2**n_up, ..., p, then 2p (max-pool)
         stages: list[nn.Module] = []
@@ -118,6 +123,8 @@ class Student(nn.Module):
         pretrained: load timm's pretrained weights through ``timm.create_model(pretrained=True)``
             (needs the weights in timm's/HF's cache or network access).
         decoder_dim: channels of the FPN laterals and the head.
+        head_stride: stride of the head's finest level, where the logits are made (ViTDet: 4;
+            8 or 16 = a lighter head whose logits are upsampled further).
         hidden_block: the backbone block whose output tokens are ``hidden`` (0-based; negative
             counts from the end; -1 = the last block, the final encoder hidden state). The final
             norm is applied to it as to the last block (timm's ``forward_intermediates(norm=True)``);
@@ -137,6 +144,7 @@ class Student(nn.Module):
         pretrained: bool = False,
         decoder_dim: int = 128,
         hidden_block: int = -1,
+        head_stride: int = _FINEST_STRIDE,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -157,7 +165,8 @@ class Student(nn.Module):
                              f"(allowed: {-depth} .. {depth - 1})")
         self._last_block = depth - 1
         self._hidden_block = hidden_block % depth
-        self.decoder = _SimpleFeaturePyramidFPN(self.hidden_dim, patch_size, decoder_dim, num_classes)
+        self.decoder = _SimpleFeaturePyramidFPN(self.hidden_dim, patch_size, decoder_dim, num_classes,
+                                                finest_stride=head_stride)
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.register_buffer("pixel_mean", mean, persistent=False)

@@ -187,7 +187,7 @@ class MonaiStudent(_Segmenter):
 def _build_vit(cfg: Mapping[str, Any], num_classes: int, hidden_block: int = -1) -> nn.Module:
     student = Student(num_classes, cfg["img_size"], model_name=cfg["model_name"],
                       patch_size=cfg["patch_size"], decoder_dim=cfg["decoder_dim"],
-                      hidden_block=hidden_block)
+                      hidden_block=hidden_block, head_stride=cfg.get("head_stride", 4))
     student.input_multiple = cfg["patch_size"]
     return student
 
