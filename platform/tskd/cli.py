@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE")
 
+    pln = sub.add_parser("plan", help="per-worker memory of distillation per teacher placement "
+                         "(replicated, sharded, cached), for the configured teacher and SAM "
+                         "sam_demo .. vit_h")
+    pln.add_argument("config", nargs="?")
+    pln.add_argument("--workers", type=int, metavar="N", help="default: ray.num_workers")
+    pln.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
+                     help="the student's ZeRO stage (2 and 3 split its gradients and optimiser "
+                          "state across the workers)")
+    pln.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     demo = sub.add_parser("demo-data", help="write the built-in demo dataset to DIR")
     demo.add_argument("dir")
     defaults = ExperimentConfig().data.demo
@@ -330,6 +340,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tskd.memory_plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: invalid value {args.workers}; allowed: an integer >= 1")
+    num_classes = 3  # the demo's background, organ, lesion
+    if cfg.data.root is not None:
+        from tskd.data.format import load_dataset_info
+
+        num_classes = load_dataset_info(Path(cfg.data.root).expanduser()).num_classes
+    workers = args.workers or cfg.ray.num_workers
+    print(format_plan(plan(cfg, workers, zero_stage=args.zero_stage, num_classes=num_classes),
+                      workers))
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from tskd.data.demo import write_demo_dataset
 
@@ -539,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data,
+    commands = {"run": cmd_run, "config": cmd_config, "plan": cmd_plan, "demo-data": cmd_demo_data,
                 "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune,
                 "predict": cmd_predict, "export": cmd_export}
     try:
