@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
                           "state across the workers)")
     pln.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    grd = sub.add_parser("grid", help="run an experiment grid (methods x transfer sizes x "
+                         "label budgets x ranks x teachers x seeds) as Ray Tune trials")
+    grd.add_argument("grid", metavar="GRID.yaml")
+    grd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value of every cell")
+    grd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+
     demo = sub.add_parser("demo-data", help="write the built-in demo dataset to DIR")
     demo.add_argument("dir")
     defaults = ExperimentConfig().data.demo
@@ -357,6 +364,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from tskd.grid import cells, format_grid, load_grid, run_grid
+
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    grid = load_grid(args.grid, overrides)
+    checked: set[tuple] = set()
+    for cell in cells(grid):  # every distinct dataset budget and checkpoint, before Ray starts
+        c = cell.config
+        key = (c.data.root, c.data.n_labels, c.seed, c.teacher.checkpoint, c.teacher.arch)
+        if key not in checked:
+            checked.add(key)
+            check_inputs(c)
+    import ray
+
+    _init_ray(cells(grid)[0].config)
+    try:
+        rows = run_grid(grid)
+    finally:
+        ray.shutdown()
+    print(format_grid(rows))
+    print(f"table: {grid.dir / 'grid.csv'} (also grid.parquet)")
+    failed = [r["cell"] for r in rows if r["status"] != "done"]
+    if failed:
+        print(f"{len(failed)} cell(s) not finished: {', '.join(failed)}; errors in "
+              f"{grid.dir / 'errors'}; run the same command again to retry them")
+    return 1 if failed else 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from tskd.data.demo import write_demo_dataset
 
@@ -566,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "config": cmd_config, "plan": cmd_plan, "demo-data": cmd_demo_data,
+    commands = {"run": cmd_run, "config": cmd_config, "plan": cmd_plan, "grid": cmd_grid, "demo-data": cmd_demo_data,
                 "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune,
                 "predict": cmd_predict, "export": cmd_export}
     try:

@@ -1,0 +1,137 @@
+"""``tskd grid``: expansion and validation; cells on Ray Tune sharing the store (fake stages)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from ray import cloudpickle
+
+from tskd.config import ConfigError, fingerprint, to_dict
+from tskd.grid import cells, load_grid, run_grid
+from tskd.pipeline import Stage
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def _write(tmp_path: Path, grid: dict, name: str = "g.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_cells_are_the_product_of_the_axes(tmp_path):
+    (tmp_path / "base.yaml").write_text("distill: {epochs: 2}\n")
+    path = _write(tmp_path, {"base": "base.yaml", "set": {"output_dir": str(tmp_path / "runs")},
+                             "axes": {"methods": ["scratch", "ts_kd5"],
+                                      "transfer_sizes": [10, 20], "label_budgets": [8, 12],
+                                      "seeds": [0, 1]}})
+    grid = load_grid(path)
+    got = cells(grid)
+    assert len(got) == 2 * 2 * 2 * 2 and len({c.name for c in got}) == 16
+    c = next(c for c in got if c.name == "ts_kd5-n20-l8-s1")
+    cfg = c.config
+    assert cfg.experiment == "g-ts_kd5-n20-l8-s1" and cfg.students == ["ts_kd"]
+    assert (cfg.distill.preset, cfg.distill.logits_loss, cfg.distill.w_logits) == ("ts_kd5", "ce",
+                                                                                   1.0)
+    assert (cfg.transfer.n_images, cfg.data.n_labels, cfg.seed) == (20, 8, 1)
+    assert cfg.distill.epochs == 2  # from the base file
+    assert cfg.output_dir == str(tmp_path / "runs")
+    assert next(c for c in got if c.name.startswith("scratch")).config.students == ["scratch"]
+
+
+@pytest.mark.parametrize("grid, fragment", [
+    ({"axes": {"methods": ["ts_kd", "dino"]}}, "axes.methods: invalid value 'dino'"),
+    ({"axes": {"methods": ["ts_kd"], "sizes": [1]}}, "axes.sizes: invalid value [1]"),
+    ({"axes": {"transfer_sizes": [1]}}, "axes: invalid value"),
+    ({"axes": {"methods": ["ts_kd", "ts_kd"]}}, "a non-empty list of distinct values"),
+    ({"axes": {"methods": ["ts_kd"]}, "concurrency": 2}, "concurrency: invalid value 2"),
+    ({"axes": {"methods": ["ts_kd"], "lora_ranks": [0]}},
+     "cell ts_kd-r0: teacher.lora.rank: invalid value 0"),
+    ({"axes": {"methods": ["ts_kd"]}, "set": {"distill": {"epoch": 3}}}, "distill.epoch"),
+])
+def test_grid_errors_name_the_file_and_the_key(tmp_path, grid, fragment):
+    path = _write(tmp_path, grid)
+    with pytest.raises(ConfigError) as err:
+        load_grid(path)
+    assert str(err.value).startswith(str(path)) and fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("name, n", [("grid_demo.yaml", 12), ("paper_kidneyus.yaml", 27),
+                                      ("paper_autooral.yaml", 27), ("paper_chaos.yaml", 27),
+                                      ("paper_ph2.yaml", 27), ("paper_drive.yaml", 27)])
+def test_shipped_grids_load_and_expand(name, n):
+    grid = load_grid(JOBS / name)
+    assert len(cells(grid)) == n
+
+
+# --- a grid on Ray Tune with fake stages -----------------------------------------------------
+
+def _stage(ctx):
+    cfg = ctx.cfg
+    with open(Path(cfg.output_dir) / "builds.log", "a") as f:
+        f.write(f"{ctx.name} {cfg.data.n_labels} {cfg.students[0]}\n")
+    time.sleep(0.2)
+    if ctx.name == "student" and cfg.students[0] == "ta_kd" and cfg.data.n_labels == 12:
+        raise RuntimeError("planted failure")
+    if ctx.name == "evaluate":
+        arm = cfg.students[0]
+        dice = 0.5 + cfg.data.n_labels / 100 + (0.1 if arm == "ts_kd" else 0.0)
+        results = {"config_fingerprint": fingerprint(to_dict(cfg)),
+                   "metrics": {"convention": "tskd", "hd95_unit": "pixels"},
+                   "teacher": {"dice": 0.9},
+                   "reference": {"dice": 0.7},
+                   "students": {arm: {"dice": dice, "hd95": 3.0, "miou": dice - 0.1,
+                                      "per_class": {"organ": {"dice": dice, "hd95": 3.0,
+                                                              "miou": dice - 0.1}},
+                                      "model": {"size_mb": 21.0}}}}
+        (cfg.run_dir / "results.json").write_text(json.dumps(results))
+    return {}
+
+
+def fake_plan(cfg):
+    return [Stage("data", _stage, (), {"labels": cfg.data.n_labels}),
+            Stage("teacher", _stage, ("data",), {}),
+            Stage("student", _stage, ("teacher",), {"arm": cfg.students[0]}),
+            Stage("evaluate", _stage, ("student",), {"arm": cfg.students[0]})]
+
+
+@pytest.mark.slow
+def test_grid_runs_cells_shares_stages_records_failures_and_skips_finished(tmp_path, ray_local):
+    path = _write(tmp_path, {"set": {"output_dir": str(tmp_path)}, "max_concurrent": 2,
+                             "axes": {"methods": ["ts_kd", "ta_kd", "scratch"],
+                                      "label_budgets": [8, 12]}})
+    grid = load_grid(path)
+    rows = run_grid(grid, planner=fake_plan)
+    by = {r["cell"]: r for r in rows}
+    assert by["ta_kd-l12"]["status"] == "failed"
+    assert "planted failure" in by["ta_kd-l12"]["error"]
+    assert (grid.dir / "errors" / "ta_kd-l12.txt").is_file()
+    done = {c: r for c, r in by.items() if c != "ta_kd-l12"}
+    assert all(r["status"] == "done" for r in done.values())
+    for cell, r in done.items():  # the cell's own numbers, recomputed here
+        arm, labels = cell.split("-l")
+        assert r["dice"] == pytest.approx(0.5 + int(labels) / 100 + (0.1 if arm == "ts_kd" else 0))
+        assert r["dice/organ"] == r["dice"] and r["reference_dice"] == 0.7
+    builds = Counter(tuple(line.split()[:2])
+                     for line in (tmp_path / "builds.log").read_text().splitlines())
+    # one data and one teacher entry per label budget, shared by the three methods
+    assert builds[("data", "8")] == 1 and builds[("teacher", "12")] == 1
+    table = pd.read_csv(grid.dir / "grid.csv")
+    assert len(table) == 6 and set(table["status"]) == {"done", "failed"}
+    assert (grid.dir / "grid.parquet").is_file()
+
+    # again: only the failed cell runs (it fails again); finished cells are not touched
+    before = (tmp_path / "builds.log").read_text().splitlines()
+    rows = run_grid(grid, planner=fake_plan)
+    after = (tmp_path / "builds.log").read_text().splitlines()[len(before):]
+    assert after == ["student 12 ta_kd"]
+    assert [r["cell"] for r in rows if r["status"] == "failed"] == ["ta_kd-l12"]
