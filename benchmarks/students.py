@@ -28,18 +28,12 @@ from pathlib import Path
 
 from real_data import BUDGETS, link_dataset
 
+from tskd.config import STUDENT_PRESETS
+
 REPO = Path(__file__).resolve().parents[1]
 
-STUDENTS = {
-    "vit16": ["student.arch=vit", "student.patch_size=16"],
-    "vit8": ["student.arch=vit", "student.patch_size=8"],
-    "resnet18": ["student.arch=timm_unet", "student.encoder=resnet18"],
-    "efficientnet_b0": ["student.arch=timm_unet", "student.encoder=efficientnet_b0"],
-    "repvit_m0_9": ["student.arch=timm_unet", "student.encoder=repvit_m0_9"],
-    "mobilevit_xxs": ["student.arch=timm_unet", "student.encoder=mobilevit_xxs"],
-    "basic_unet": ["student.arch=basic_unet"],
-    "segresnet": ["student.arch=segresnet"],
-}
+STUDENTS = {name: [f"student.{k}={v}" for k, v in fields.items()]
+            for name, fields in STUDENT_PRESETS.items()}
 
 SMOKE = [
     "data.demo.n_images=40", "data.demo.size=32", "data.image_size=32", "data.n_labels=8",

@@ -48,6 +48,15 @@ def test_cells_are_the_product_of_the_axes(tmp_path):
     assert next(c for c in got if c.name.startswith("scratch")).config.students == ["scratch"]
 
 
+def test_students_axis_sets_the_student(tmp_path):
+    path = _write(tmp_path, {"axes": {"methods": ["ts_kd"], "students": ["vit8", "basic_unet"]}})
+    got = {c.name: c.config.student for c in cells(load_grid(path))}
+    assert (got["ts_kd-vit8"].arch, got["ts_kd-vit8"].patch_size) == ("vit", 8)
+    assert got["ts_kd-basic_unet"].arch == "basic_unet"
+    with pytest.raises(ConfigError, match="axes.students: invalid value 'lstm'"):
+        load_grid(_write(tmp_path, {"axes": {"methods": ["ts_kd"], "students": ["lstm"]}}))
+
+
 @pytest.mark.parametrize("grid, fragment", [
     ({"axes": {"methods": ["ts_kd", "dino"]}}, "axes.methods: invalid value 'dino'"),
     ({"axes": {"methods": ["ts_kd"], "sizes": [1]}}, "axes.sizes: invalid value [1]"),

@@ -359,6 +359,19 @@ class StudentConfig:
                f"one of {allowed} (<= patch_size={self.patch_size})")
 
 
+STUDENT_PRESETS: dict[str, dict[str, Any]] = {
+    # Named students (the grid's ``students`` axis, benchmarks/students.py): student fields.
+    "vit16": {"arch": "vit", "patch_size": 16},
+    "vit8": {"arch": "vit", "patch_size": 8},
+    "resnet18": {"arch": "timm_unet", "encoder": "resnet18"},
+    "efficientnet_b0": {"arch": "timm_unet", "encoder": "efficientnet_b0"},
+    "repvit_m0_9": {"arch": "timm_unet", "encoder": "repvit_m0_9"},
+    "mobilevit_xxs": {"arch": "timm_unet", "encoder": "mobilevit_xxs"},
+    "basic_unet": {"arch": "basic_unet"},
+    "segresnet": {"arch": "segresnet"},
+}
+"""Student name -> the ``student`` fields it sets."""
+
 KD_PRESETS: dict[str, dict[str, Any]] = {
     # The eight KD loss configurations of the paper's Table 8 (weights from its prose; see
     # ../shared/notes/paper-facts.md). TS-KD8 equals the defaults of DistillConfig.

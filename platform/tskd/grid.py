@@ -11,6 +11,7 @@ A grid file holds values only::
       label_budgets: [20, 40]                    # data.n_labels
       lora_ranks: [4]                            # teacher.lora.rank
       teachers: [sam_demo]                       # teacher.arch
+      students: [vit16, resnet18]                # STUDENT_PRESETS names (student.*)
       seeds: [0]
     teacher_checkpoints: {vit_b: /models/sam_vit_b_01ec64.pth}   # per official teacher
     max_concurrent: 2
@@ -45,8 +46,9 @@ from typing import Any
 
 import yaml
 
-from tskd.config import (KD_PRESETS, STUDENT_ARMS, ConfigError, ExperimentConfig, _merge,
-                         config_from_dict, fingerprint, read_yaml_mapping, to_dict)
+from tskd.config import (KD_PRESETS, STUDENT_ARMS, STUDENT_PRESETS, ConfigError,
+                         ExperimentConfig, _merge, config_from_dict, fingerprint,
+                         read_yaml_mapping, to_dict)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ AXES: dict[str, tuple[str, str]] = {
     "label_budgets": ("data.n_labels", "an integer >= 2"),
     "lora_ranks": ("teacher.lora.rank", "an integer >= 1"),
     "teachers": ("teacher.arch", "a SAM architecture"),
+    "students": ("student", "a name of STUDENT_PRESETS"),
     "seeds": ("seed", "an integer"),
 }
 GRID_KEYS = ("base", "set", "name", "axes", "teacher_checkpoints", "max_concurrent",
@@ -145,6 +148,9 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     for m in axes["methods"]:
         if m not in methods():
             raise _fail(path, "axes.methods", m, f"one of {methods()}")
+    for s in axes.get("students", []):
+        if s not in STUDENT_PRESETS:
+            raise _fail(path, "axes.students", s, f"one of {list(STUDENT_PRESETS)}")
     res = data.get("resources_per_cell") or {}
     if not isinstance(res, dict) or set(res) - {"cpu", "gpu"}:
         raise _fail(path, "resources_per_cell", res, "a mapping with cpu and/or gpu")
@@ -185,7 +191,7 @@ def cells(grid: Grid) -> list[Cell]:
 
 def _short(axis: str, value: Any) -> str:
     prefix = {"methods": "", "transfer_sizes": "n", "label_budgets": "l", "lora_ranks": "r",
-              "teachers": "", "seeds": "s"}[axis]
+              "teachers": "", "students": "", "seeds": "s"}[axis]
     return f"{prefix}{value}"
 
 
@@ -196,6 +202,8 @@ def _setting(grid: Grid, axis: str, value: Any) -> dict[str, Any]:
         if value in KD_PRESETS:
             return {"students": ["ts_kd"], "distill": {"preset": value}}
         return {"students": [value]}
+    if axis == "students":
+        return {"student": dict(STUDENT_PRESETS[value])}
     if axis == "teachers":
         teacher: dict[str, Any] = {"arch": value}
         if value in grid.teacher_checkpoints:
@@ -315,7 +323,10 @@ def cell_row(cell: Cell, grid_dir: Path) -> dict[str, Any]:
     teacher = _manifest_metrics(cell.config.run_dir / "teacher")
     row["teacher_mb"] = _teacher_mb(cell.config, len(scores.get("per_class") or {}) + 1)
     row["adapter_mb"] = teacher.get("teacher/adapter_mb")
-    row["student_mb"] = (scores.get("model") or {}).get("size_mb")
+    model = scores.get("model") or {}
+    row["student_mb"] = model.get("size_mb")
+    row["student_params"] = model.get("params")
+    row["student_latency_ms"] = model.get("latency_ms")
     return row
 
 
