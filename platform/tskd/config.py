@@ -430,8 +430,18 @@ class DistillConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     """Linear warm-up (in epochs, may be fractional), then cosine decay."""
+    rung_every: int = 0
+    """Every this many epochs, fine-tune a copy of the student for ``rung_epochs`` epochs on the
+    labels and report its validation Dice (``rung/val_dice``): the intermediate results ASHA
+    compares inside distillation in ``tskd tune`` (``tskd.stages.rungs``). 0: off. Needs
+    validation images (``data.model_selection``)."""
+    rung_epochs: int = 2
+    """Fine-tuning epochs of each rung's copy (``student_finetune``'s batch size and lr)."""
 
     def validate(self, path: str) -> None:
+        _check(self.rung_every >= 0, f"{path}.rung_every", self.rung_every, "an integer >= 0")
+        _check(self.rung_epochs >= 0, f"{path}.rung_epochs", self.rung_epochs,
+               "an integer >= 0")
         _check(self.preset is None or self.preset in KD_PRESETS, f"{path}.preset", self.preset,
                f"null or one of {list(KD_PRESETS)}")
         _check(self.w_logits >= 0, f"{path}.w_logits", self.w_logits, "a number >= 0")
@@ -568,6 +578,9 @@ class ExperimentConfig:
             _check(self.distill.w_hidden > 0, "distill.w_hidden", self.distill.w_hidden,
                    "a number > 0 while students include 'ta_kd' (task-agnostic KD uses only the "
                    "hidden-state term; drop 'ta_kd' from students to distil with logits only)")
+        if self.distill.rung_every > 0:
+            _check(self.data.model_selection, "distill.rung_every", self.distill.rung_every,
+                   "0 while data.model_selection is false (rungs report validation Dice)")
         if self.student.arch != "vit":
             _check(self.distill.student_block == -1, "distill.student_block",
                    self.distill.student_block, f"-1 for student.arch {self.student.arch!r} (it has "

@@ -68,6 +68,10 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     student = to_dict(cfg.student)
     kd = to_dict(cfg.distill)
     kd.pop("preset")  # a name for the values it set: ts_kd8 and the defaults are one stage
+    # rungs fine-tune copies and report; the distilled student is the same with or without
+    # them (tskd.stages.rungs), so a search's best config reuses its trial's distillation
+    kd.pop("rung_every")
+    kd.pop("rung_epochs")
     kd_defaults = to_dict(DistillConfig())
     for arm in cfg.students:
         deps: tuple[str, ...] = ("data",)

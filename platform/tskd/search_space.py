@@ -63,6 +63,11 @@ class SchedulerConfig:
     grace_period: int = 1
     reduction_factor: int = 2
     max_t: int = 4
+    rung_every: int = 0
+    """For an objective on a student (``student_<arm>:...``/``distill_<arm>:...``): every this many
+    distillation epochs a rung reports a short fine-tune's validation Dice as an intermediate
+    result (sets ``distill.rung_every``; ``tskd.stages.rungs``), so ASHA stops trials inside
+    distillation. 0: one result per trial."""
 
 
 @dataclass
@@ -184,11 +189,15 @@ def parse_space(data: Any, base: ExperimentConfig, stages: Iterable[str] | None 
                        params=params, source=source)
 
 
-def trial_base(base: dict[str, Any], objective_stage: str) -> dict[str, Any]:
+def trial_base(base: dict[str, Any], objective_stage: str, rung_every: int = 0
+               ) -> dict[str, Any]:
     """The experiment config (as a dict) a trial starts from. Trials run the pipeline only up to
     the objective's stage, so a student arm other than the objective's never runs: it is dropped
     from ``students``, and with it the checks only that arm needs (task-agnostic KD's hidden
-    term, say, when a KD-weights search samples ``distill.w_hidden = 0``)."""
+    term, say, when a KD-weights search samples ``distill.w_hidden = 0``). ``rung_every``
+    (the scheduler's) sets ``distill.rung_every``."""
+    if rung_every:
+        base = _merge(base, {"distill": {"rung_every": rung_every}})
     for prefix in ("student_", "distill_"):
         arm = objective_stage[len(prefix):] if objective_stage.startswith(prefix) else None
         if arm in base.get("students", ()):
@@ -221,6 +230,10 @@ def _validate_settings(s: SpaceSettings, stages: Iterable[str] | None) -> None:
           "an integer >= 2")
     check(sch.max_t >= sch.grace_period, "scheduler.max_t", sch.max_t,
           f"an integer >= scheduler.grace_period ({sch.grace_period})")
+    check(sch.rung_every >= 0, "scheduler.rung_every", sch.rung_every, "an integer >= 0")
+    check(sch.rung_every == 0 or s.objective.metric.startswith(("student_", "distill_")),
+          "scheduler.rung_every", sch.rung_every,
+          "0 unless the objective is a student's (rungs fall inside distillation)")
 
 
 def _check_key(key: str, entry: str) -> None:

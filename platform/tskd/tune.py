@@ -17,8 +17,12 @@ config that ``tskd run`` accepts.
 Afterwards the best config runs in full as ``<experiment>-best`` (its evaluate stage scores the
 test split; the other stages are the best trial's store entries).
 
-Not yet: intermediate results inside distillation (a trial reports once, when its objective
-stage is done, so ASHA cannot stop it early), a second objective.
+Intermediate results: with ``scheduler.rung_every`` (a student objective) each trial's
+distillation reports a rung every that many epochs (:mod:`tskd.stages.rungs`: a short
+fine-tune's validation Dice), forwarded to Tune as the trial's objective, so ASHA stops poor
+trials inside distillation; then the trial reports its final objective. A trial that reuses
+another's distillation entry replays that entry's rungs first, so every trial's
+``training_iteration`` means the same. Not yet: a second objective (Pareto front).
 """
 
 from __future__ import annotations
@@ -35,11 +39,10 @@ import yaml
 
 from tskd.config import ConfigError, ExperimentConfig, _merge, config_from_dict, nest, to_dict
 from tskd.search_space import SearchSpace, trial_base
+from tskd.stages.rungs import OBJECTIVE
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "objective"
-"""The name every trial reports its objective value under."""
 
 
 @dataclass
@@ -99,6 +102,12 @@ def _trial(sample: dict[str, Any], *, base: dict[str, Any], metric: str, mode: s
     metrics = run_pipeline(cfg, only=[stage], planner=planner)
     view = read_view(cfg.run_dir)
     built = sum(1 for rec in view.values() if _built_by(cfg, rec, name))
+    for distill, rec in view.items():  # a reused distillation's rungs, as if they ran here
+        history = metrics.get(distill, {}).get("rung/history") if distill.startswith(
+            "distill_") else None
+        if history and not _built_by(cfg, rec, name):
+            for i, value in enumerate(history, 1):
+                tune.report({OBJECTIVE: float(value), "rung": i, "replayed": True})
     tune.report({OBJECTIVE: float(metrics[stage][key]), "infeasible": False,
                  "wall_time_s": round(time.time() - started, 2), "built": built,
                  "reused": len(view) - built})
@@ -139,7 +148,8 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
         base["teacher"]["checkpoint"] = str(Path(cfg.teacher.checkpoint).expanduser().resolve())
     mode = space.objective.mode
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=trial_base(base, space.objective_stage),
+        tune.with_parameters(_trial, base=trial_base(base, space.objective_stage,
+                                                     space.scheduler.rung_every),
                              metric=space.objective.metric, mode=mode,
                              planner=planner),
         {"cpu": space.resources_per_trial.cpu, "gpu": space.resources_per_trial.gpu})

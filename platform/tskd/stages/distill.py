@@ -121,6 +121,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     from tskd.losses import KDLoss
     from tskd.stages.live_metrics import StepTimer
+    from tskd.stages.rungs import RUNG_KEY, rung_dice
 
     d = config["distill"]
     device = worker_setup(config["ray"], config["seed"])
@@ -142,7 +143,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                                             total)
     shard = ray.train.get_dataset_shard("transfer")
     size = config["student"]["img_size"]
-    start, timer = time.time(), StepTimer()
+    start, timer, rungs = time.time(), StepTimer(), []
     for epoch in range(1, d["epochs"] + 1):
         sums: dict[str, float] = {}
         n = 0
@@ -175,6 +176,13 @@ def _train_loop(config: dict[str, Any]) -> None:
                      "%.0f s", epoch, d["epochs"], metrics.get("distill/loss", float("nan")),
                      metrics["perf/images_per_s"], 100 * metrics.get("perf/teacher_share", 0.0),
                      100 * metrics["perf/data_stall"], time.time() - start)
+        if d["rung_every"] and epoch % d["rung_every"] == 0 and is_rank_zero():
+            metrics[RUNG_KEY] = rung_dice(unwrap(bundle).student.state_dict(), config, device)
+            rungs.append(metrics[RUNG_KEY])
+            log.info("distill rung at epoch %d: a %d-epoch fine-tune of the student reaches "
+                     "validation Dice %.4f", epoch, d["rung_epochs"], metrics[RUNG_KEY])
+        if rungs:
+            metrics["rung/history"] = list(rungs)
         last = epoch == d["epochs"]
         report(metrics, {"student": unwrap(bundle).student.state_dict()} if last else None)
 
@@ -182,8 +190,10 @@ def _train_loop(config: dict[str, Any]) -> None:
 def run(ctx: StageContext) -> dict[str, Any]:
     from tskd.stages.transfer_set import read_transfer_set
 
+    from tskd.stages.rungs import RUNG_KEY, in_tune_trial, tune_callback
+
     cfg, arm = ctx.cfg, ctx.params["arm"]
-    info, _ = load_data(ctx.inputs["data"])
+    info, splits = load_data(ctx.inputs["data"])
     transfer_dir = ctx.inputs["transfer"]
     n_transfer = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
     distill = to_dict(cfg.distill)
@@ -197,6 +207,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = {"teacher": teacher, "student": to_dict(cfg.student), "distill": distill,
               "num_classes": num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
               "ray": to_dict(cfg.ray)}
+    callbacks = []
+    if cfg.distill.rung_every:
+        f = cfg.student_finetune
+        config["rungs"] = {"info": info, "labelled": list(splits.labelled),
+                           "val": list(splits.val), "image_size": cfg.data.image_size,
+                           "augment": cfg.data.augment, "epochs": cfg.distill.rung_epochs,
+                           "batch_size": f.batch_size, "lr": f.lr,
+                           "weight_decay": f.weight_decay, "seed": cfg.seed}
+        if in_tune_trial():  # each rung is an intermediate result of the trial (ASHA)
+            callbacks.append(tune_callback(RUNG_KEY))
     # the id column lets ray.deterministic sort the rows (Parquet holds them in the order the
     # sampler tasks finished), so every run streams the same batches to the same workers
     dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
@@ -204,9 +224,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
              cfg.distill.epochs)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name=ctx.name, storage=ctx.dir / "ray",
-                               datasets={"transfer": dataset})
+                               datasets={"transfer": dataset}, callbacks=callbacks)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
     shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
-    return {k: v for k, v in result.metrics.items() if k.startswith(("distill/", "kd/"))}
+    return {k: v for k, v in result.metrics.items()
+            if k.startswith(("distill/", "kd/", "rung/history"))}
 

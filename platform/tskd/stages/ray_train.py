@@ -36,7 +36,8 @@ def resolve_backend(ray_cfg: RayConfig) -> str:
 def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_config: dict[str, Any],
                       ray_cfg: RayConfig, name: str, storage: Path,
                       datasets: dict[str, Any] | None = None,
-                      num_workers: int | None = None) -> Any:
+                      num_workers: int | None = None,
+                      callbacks: list[Any] | None = None) -> Any:
     """Run ``train_fn`` on Ray Train workers and return the ``ray.train.Result``.
 
     Args:
@@ -47,6 +48,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         storage: absolute directory for Ray's run state and checkpoints.
         datasets: Ray Data datasets, sharded across workers (``get_dataset_shard``).
         num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
+        callbacks: Ray Train ``UserCallback``s (e.g. :func:`tskd.stages.rungs.tune_callback`).
 
     Raises:
         RuntimeError: the training run failed; Ray's error (which holds the worker's) is chained,
@@ -71,7 +73,8 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         torch_config=TorchConfig(backend=resolve_backend(ray_cfg)),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),
+                             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
+                             callbacks=callbacks or None),
         datasets=datasets,
         dataset_config=data_config,
     )
