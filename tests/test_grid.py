@@ -57,6 +57,17 @@ def test_students_axis_sets_the_student(tmp_path):
         load_grid(_write(tmp_path, {"axes": {"methods": ["ts_kd"], "students": ["lstm"]}}))
 
 
+def test_workers_axis_keeps_the_global_batch(tmp_path):
+    path = _write(tmp_path, {"axes": {"methods": ["ts_kd"], "workers": [1, 2, 4]},
+                             "global_batch": 8})
+    got = {c.name: c.config for c in cells(load_grid(path))}
+    assert {n: (c.ray.num_workers, c.distill.batch_size) for n, c in got.items()} == {
+        "ts_kd-w1": (1, 8), "ts_kd-w2": (2, 4), "ts_kd-w4": (4, 2)}
+    with pytest.raises(ConfigError, match="axes.workers: invalid value 3"):
+        load_grid(_write(tmp_path, {"axes": {"methods": ["ts_kd"], "workers": [1, 3]},
+                                    "global_batch": 8}))
+
+
 @pytest.mark.parametrize("grid, fragment", [
     ({"axes": {"methods": ["ts_kd", "dino"]}}, "axes.methods: invalid value 'dino'"),
     ({"axes": {"methods": ["ts_kd"], "sizes": [1]}}, "axes.sizes: invalid value [1]"),
@@ -76,7 +87,8 @@ def test_grid_errors_name_the_file_and_the_key(tmp_path, grid, fragment):
 
 @pytest.mark.parametrize("name, n", [("grid_demo.yaml", 12), ("paper_kidneyus.yaml", 27),
                                       ("paper_autooral.yaml", 27), ("paper_chaos.yaml", 27),
-                                      ("paper_ph2.yaml", 27), ("paper_drive.yaml", 27)])
+                                      ("paper_ph2.yaml", 27), ("paper_drive.yaml", 27),
+                                      ("scaling_teachers.yaml", 4), ("scaling_workers.yaml", 4)])
 def test_shipped_grids_load_and_expand(name, n):
     grid = load_grid(JOBS / name)
     assert len(cells(grid)) == n

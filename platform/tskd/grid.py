@@ -12,7 +12,9 @@ A grid file holds values only::
       lora_ranks: [4]                            # teacher.lora.rank
       teachers: [sam_demo]                       # teacher.arch
       students: [vit16, resnet18]                # STUDENT_PRESETS names (student.*)
+      workers: [1, 2, 4]                         # ray.num_workers (scaling studies)
       seeds: [0]
+    global_batch: 48           # with a workers axis: distill.batch_size = global_batch / workers
     teacher_checkpoints: {vit_b: /models/sam_vit_b_01ec64.pth}   # per official teacher
     max_concurrent: 2
     resources_per_cell: {cpu: 1, gpu: 0}
@@ -60,10 +62,11 @@ AXES: dict[str, tuple[str, str]] = {
     "lora_ranks": ("teacher.lora.rank", "an integer >= 1"),
     "teachers": ("teacher.arch", "a SAM architecture"),
     "students": ("student", "a name of STUDENT_PRESETS"),
+    "workers": ("ray.num_workers", "an integer >= 1"),
     "seeds": ("seed", "an integer"),
 }
 GRID_KEYS = ("base", "set", "name", "axes", "teacher_checkpoints", "max_concurrent",
-             "resources_per_cell")
+             "resources_per_cell", "global_batch")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Grid:
     max_concurrent: int = 1
     cpu: float = 1.0
     gpu: float = 0.0
+    global_batch: int | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -157,6 +161,14 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
     concurrent = data.get("max_concurrent", 1)
     if not isinstance(concurrent, int) or concurrent < 1:
         raise _fail(path, "max_concurrent", concurrent, "an integer >= 1")
+    global_batch = data.get("global_batch")
+    if global_batch is not None:
+        if not isinstance(global_batch, int) or global_batch < 1:
+            raise _fail(path, "global_batch", global_batch, "an integer >= 1")
+        for n in axes.get("workers", []):
+            if not isinstance(n, int) or n < 1 or global_batch % n:
+                raise _fail(path, "axes.workers", n,
+                            f"integers >= 1 that divide global_batch={global_batch}")
     checkpoints = data.get("teacher_checkpoints") or {}
     if not isinstance(checkpoints, dict):
         raise _fail(path, "teacher_checkpoints", checkpoints, "a mapping teacher -> file")
@@ -165,7 +177,7 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
                 teacher_checkpoints={k: str((path.parent / v).resolve()) if not Path(v).is_absolute()
                                      else str(v) for k, v in checkpoints.items()},
                 max_concurrent=concurrent, cpu=float(res.get("cpu", 1.0)),
-                gpu=float(res.get("gpu", 0.0)))
+                gpu=float(res.get("gpu", 0.0)), global_batch=global_batch)
     cells(grid)  # every cell's config validates now, before Ray starts
     return grid
 
@@ -191,7 +203,7 @@ def cells(grid: Grid) -> list[Cell]:
 
 def _short(axis: str, value: Any) -> str:
     prefix = {"methods": "", "transfer_sizes": "n", "label_budgets": "l", "lora_ranks": "r",
-              "teachers": "", "students": "", "seeds": "s"}[axis]
+              "teachers": "", "students": "", "workers": "w", "seeds": "s"}[axis]
     return f"{prefix}{value}"
 
 
@@ -204,6 +216,9 @@ def _setting(grid: Grid, axis: str, value: Any) -> dict[str, Any]:
         return {"students": [value]}
     if axis == "students":
         return {"student": dict(STUDENT_PRESETS[value])}
+    if axis == "workers" and grid.global_batch is not None:
+        return {"ray": {"num_workers": value},
+                "distill": {"batch_size": grid.global_batch // value}}
     if axis == "teachers":
         teacher: dict[str, Any] = {"arch": value}
         if value in grid.teacher_checkpoints:
