@@ -31,17 +31,19 @@ def names(cfg):
 
 def test_demo_plan_order_and_inputs():
     cfg = load_config()
-    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "transfer", "distill_ts_kd",
-                          "student_ts_kd", "distill_ta_kd", "student_ta_kd", "student_scratch",
-                          "reference", "evaluate"]
+    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "transfer", "targets_ts_kd",
+                          "distill_ts_kd", "student_ts_kd", "targets_ta_kd", "distill_ta_kd",
+                          "student_ta_kd", "student_scratch", "reference", "evaluate"]
     stages = {s.name: s for s in pipeline.plan(cfg)}
     # the label-only reference reads only the data, and evaluate scores it
     assert stages["reference"].deps == ("data",)
     assert stages["reference"].config["reference"]["arch"] == "basic_unet"
     assert stages["evaluate"].deps[-1] == "reference"
-    assert stages["distill_ts_kd"].deps == ("data", "teacher", "transfer")
+    # the demo's targets fit the cache: each distillation reads its arm's cached targets
+    assert stages["distill_ts_kd"].deps == ("data", "teacher", "transfer", "targets_ts_kd")
     # task-agnostic KD reads the un-tuned foundation model, not the LoRA teacher
-    assert stages["distill_ta_kd"].deps == ("data", "teacher_pretrain", "transfer")
+    assert stages["distill_ta_kd"].deps == ("data", "teacher_pretrain", "transfer",
+                                            "targets_ta_kd")
     assert stages["distill_ta_kd"].config["distill"]["w_logits"] == 0.0
     assert stages["distill_ts_kd"].config["distill"]["w_logits"] == 0.2
     assert stages["student_scratch"].deps == ("data",)
@@ -68,7 +70,8 @@ def test_plan_with_official_checkpoint_and_subset(tmp_path):
     cfg = load_config(None, ["teacher.arch=vit_b", f"teacher.checkpoint={ckpt}",
                              "students=[ta_kd]"])
     stages = {s.name: s for s in pipeline.plan(cfg)}
-    assert stages["distill_ta_kd"].deps == ("data", "transfer")
+    assert stages["distill_ta_kd"].deps == ("data", "transfer", "targets_ta_kd")
+    assert stages["targets_ta_kd"].deps == ("data", "transfer")
 
 
 def test_reference_off_and_student_arch_in_the_fingerprinted_config():

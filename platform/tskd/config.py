@@ -430,6 +430,14 @@ class DistillConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     """Linear warm-up (in epochs, may be fractional), then cosine decay."""
+    teacher_placement: Literal["auto", "replicated", "cached"] = "auto"
+    """Where the frozen teacher lives during distillation: ``replicated`` = every worker holds it
+    and runs it on every batch of every epoch; ``cached`` = a ``targets_<arm>`` stage runs it once
+    per transfer image (2 views) and distillation streams the stored fp16 targets
+    (``tskd.stages.teacher_cache``); ``auto`` = ``cached`` when that cache fits
+    ``cache_max_gb``, else ``replicated``."""
+    cache_max_gb: float = 20.0
+    """``auto`` placement: the largest target cache (one arm, GB on disk) to choose ``cached``."""
     rung_every: int = 0
     """Every this many epochs, fine-tune a copy of the student for ``rung_epochs`` epochs on the
     labels and report its validation Dice (``rung/val_dice``): the intermediate results ASHA
@@ -440,6 +448,8 @@ class DistillConfig:
 
     def validate(self, path: str) -> None:
         _check(self.rung_every >= 0, f"{path}.rung_every", self.rung_every, "an integer >= 0")
+        _check(self.cache_max_gb >= 0, f"{path}.cache_max_gb", self.cache_max_gb,
+               "a number >= 0")
         _check(self.rung_epochs >= 0, f"{path}.rung_epochs", self.rung_epochs,
                "an integer >= 0")
         _check(self.preset is None or self.preset in KD_PRESETS, f"{path}.preset", self.preset,

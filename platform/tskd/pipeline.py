@@ -19,7 +19,7 @@ from typing import Any, Callable
 from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
 from tskd.config import DistillConfig, ExperimentConfig, fingerprint, to_dict
 from tskd.stages import (data_stage, distill, evaluate, reference, student_finetune,
-                         teacher_finetune, teacher_pretrain, transfer_set)
+                         teacher_cache, teacher_finetune, teacher_pretrain, transfer_set)
 from tskd.store import Entry, Store, record_use
 from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
@@ -72,7 +72,10 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     # them (tskd.stages.rungs), so a search's best config reuses its trial's distillation
     kd.pop("rung_every")
     kd.pop("rung_epochs")
+    kd.pop("cache_max_gb")  # what it decides is kd["teacher_placement"], resolved below
     kd_defaults = to_dict(DistillConfig())
+    placement = teacher_cache.placement(cfg, _num_classes(cfg)) if kd_arms else "replicated"
+    kd["teacher_placement"] = placement
     for arm in cfg.students:
         deps: tuple[str, ...] = ("data",)
         if arm != "scratch":
@@ -82,8 +85,18 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
             # change it (a search over them builds it once).
             logits_defaults = {k: kd_defaults[k] for k in ("logits_loss", "logits_target")}
             kd_cfg = dict(kd, w_logits=0.0, **logits_defaults) if arm == "ta_kd" else kd
+            targets: tuple[str, ...] = ()
+            if placement == "cached":  # the teacher runs once per transfer image, here
+                targets = (f"targets_{arm}",)
+                stages.append(Stage(
+                    f"targets_{arm}", teacher_cache.run, ("data", *teacher_deps, "transfer"),
+                    {"teacher": teacher_base, "tuned_teacher": arm == "ts_kd",
+                     "features": kd_cfg["teacher_features"],
+                     "logits": arm == "ts_kd" and kd_cfg["w_logits"] > 0,
+                     "batch_size": kd_cfg["batch_size"]},
+                    {"arm": arm}))
             stages.append(Stage(
-                f"distill_{arm}", distill.run, ("data", *teacher_deps, "transfer"),
+                f"distill_{arm}", distill.run, ("data", *teacher_deps, "transfer", *targets),
                 {"student": student, "distill": kd_cfg,
                  "teacher": teacher_base, "tuned_teacher": arm == "ts_kd"},
                 {"arm": arm}))
@@ -120,6 +133,17 @@ def stage_fingerprint(stage: Stage, cfg: ExperimentConfig, inputs: dict[str, Ent
         external_inputs(stage.config),
         None if stage.run in _SINGLE_PROCESS else {"ray.num_workers": cfg.ray.num_workers},
         tskd_version())
+
+
+def _num_classes(cfg: ExperimentConfig) -> int:
+    """Classes of the configured dataset (background included), read from its dataset.json."""
+    if cfg.data.root is None:
+        from tskd.data.demo import DEMO_LABELS
+
+        return len(DEMO_LABELS)
+    from tskd.data.format import load_dataset_info
+
+    return load_dataset_info(Path(cfg.data.root).expanduser()).num_classes
 
 
 def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,

@@ -94,10 +94,40 @@ def place_teacher(config: dict[str, Any], device: torch.device) -> TeacherTarget
                           features=d["teacher_features"]).to(device).eval()
 
 
+def draw_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(n,)`` bool: which samples of a batch are flipped (probability 1/2, independently)."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def apply_flips(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, ...) with the samples where ``flip`` is true flipped along the last axis."""
+    return torch.where(flip.to(x.device).view(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+
+
 def flip_per_sample(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each image of (B, 3, H, W) flipped horizontally with probability 1/2, independently."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+    return apply_flips(images, draw_flips(images.shape[0], generator))
+
+
+class CachedTargets:
+    """The teacher's targets read from a ``targets_<arm>`` cache instead of a live teacher:
+    ``(batch) -> (images, (logits | None, hidden))`` with one view drawn per sample — the same
+    draw :func:`flip_per_sample` makes — so the pairs equal the replicated placement's.
+
+    ``hidden_dim``: channels of the cached hidden states (from the cache's shapes)."""
+
+    def __init__(self, shapes: dict[str, list[int]]) -> None:
+        self.hidden_dim = int(shapes["hidden0"][0])
+        self.logits = "logits0" in shapes
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
+        flip = draw_flips(batch["image"].shape[0])
+        images = apply_flips(batch["image"].permute(0, 3, 1, 2), flip)
+        hidden = torch.where(flip.to(images.device)[:, None, None, None], batch["hidden1"],
+                             batch["hidden0"])
+        logits = torch.where(flip.to(images.device)[:, None, None, None], batch["logits1"],
+                             batch["logits0"]) if self.logits else None
+        return images, (logits, hidden)
 
 
 class Distillation(torch.nn.Module):
@@ -126,7 +156,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     d = config["distill"]
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
-    teacher = place_teacher(config, device)
+    cached = config.get("cache")  # the targets' shapes, when the placement is cached
+    teacher = CachedTargets(cached) if cached else place_teacher(config, device)
     student = build_student(config["student"], config["num_classes"],
                             hidden_block=d["student_block"]).to(device)
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
@@ -144,19 +175,23 @@ def _train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("transfer")
     size = config["student"]["img_size"]
     start, timer, rungs = time.time(), StepTimer(), []
+    dtypes = {"id": torch.int64, "image": torch.float32} | (
+        {k: torch.float32 for k in cached} if cached else {})  # fp16 targets -> fp32
     for epoch in range(1, d["epochs"] + 1):
         sums: dict[str, float] = {}
         n = 0
         for batch in timer.batches(shard.iter_torch_batches(batch_size=d["batch_size"],
-                                              dtypes={"id": torch.int64,
-                                                      "image": torch.float32}, device=device,
+                                              dtypes=dtypes, device=device,
                                               local_shuffle_buffer_size=4 * d["batch_size"],
                                               local_shuffle_seed=config["seed"] + epoch)):
             # one flip per sample, the same for the teacher's and the student's view; the
             # teacher sees the image at its own resolution, the student at its own
-            images = flip_per_sample(batch["image"].permute(0, 3, 1, 2))  # (B, 3, H, W)
-            with timer.teacher():
-                target = teacher(images)
+            if cached:
+                images, target = teacher(batch)
+            else:
+                images = flip_per_sample(batch["image"].permute(0, 3, 1, 2))  # (B, 3, H, W)
+                with timer.teacher():
+                    target = teacher(images)
             if images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bilinear",
                                        align_corners=False)
@@ -187,15 +222,11 @@ def _train_loop(config: dict[str, Any]) -> None:
         report(metrics, {"student": unwrap(bundle).student.state_dict()} if last else None)
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    from tskd.stages.transfer_set import read_transfer_set
-
-    from tskd.stages.rungs import RUNG_KEY, in_tune_trial, tune_callback
-
-    cfg, arm = ctx.cfg, ctx.params["arm"]
-    info, splits = load_data(ctx.inputs["data"])
-    transfer_dir = ctx.inputs["transfer"]
-    n_transfer = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
+def teacher_config(ctx: StageContext, arm: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(teacher, distill) as :func:`place_teacher` reads them, for ``arm``: TS-KD the
+    LoRA-tuned teacher stage, task-agnostic KD the un-tuned base SAM and no logits term."""
+    cfg = ctx.cfg
+    info, _ = load_data(ctx.inputs["data"])
     distill = to_dict(cfg.distill)
     if arm == "ta_kd":
         distill["w_logits"] = 0.0
@@ -203,9 +234,27 @@ def run(ctx: StageContext) -> dict[str, Any]:
                    "arch": cfg.teacher.arch, "img_size": cfg.teacher.img_size}
     else:
         teacher = {"tuned": True, "stage_dir": str(ctx.inputs["teacher"])}
-    num_classes = teacher["num_classes"] = info.num_classes
+    teacher["num_classes"] = info.num_classes
+    return teacher, distill
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from tskd.stages.rungs import RUNG_KEY, in_tune_trial, tune_callback
+    from tskd.stages.teacher_cache import check_cache, expected_cache, read_targets
+    from tskd.stages.transfer_set import read_transfer_set
+
+    cfg, arm = ctx.cfg, ctx.params["arm"]
+    info, splits = load_data(ctx.inputs["data"])
+    transfer_dir = ctx.inputs["transfer"]
+    n_transfer = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
+    cache_dir = ctx.inputs.get(f"targets_{arm}")
+    if cache_dir is None:
+        teacher, distill = teacher_config(ctx, arm)
+    else:  # the cached placement: the teacher never runs here
+        teacher, distill = {}, to_dict(cfg.distill) | ({"w_logits": 0.0} if arm == "ta_kd"
+                                                        else {})
     config = {"teacher": teacher, "student": to_dict(cfg.student), "distill": distill,
-              "num_classes": num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
+              "num_classes": info.num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
               "ray": to_dict(cfg.ray)}
     callbacks = []
     if cfg.distill.rung_every:
@@ -219,9 +268,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
             callbacks.append(tune_callback(RUNG_KEY))
     # the id column lets ray.deterministic sort the rows (Parquet holds them in the order the
     # sampler tasks finished), so every run streams the same batches to the same workers
-    dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
-    log.info("distilling (%s) on %d transfer images for %d epochs", arm, n_transfer,
-             cfg.distill.epochs)
+    if cache_dir is None:
+        dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+    else:
+        cache = check_cache(cache_dir, expected_cache(ctx, arm))
+        config["cache"] = cache["shapes"]
+        dataset = read_targets(cache_dir, check=False)
+    log.info("distilling (%s) on %d transfer images for %d epochs, teacher %s", arm,
+             n_transfer, cfg.distill.epochs, "targets cached" if cache_dir else "replicated")
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name=ctx.name, storage=ctx.dir / "ray",
                                datasets={"transfer": dataset}, callbacks=callbacks)
@@ -229,5 +283,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
     shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
     return {k: v for k, v in result.metrics.items()
-            if k.startswith(("distill/", "kd/", "rung/history"))}
+            if k.startswith(("distill/", "kd/", "rung/history", "perf/"))}
 

@@ -1,0 +1,128 @@
+"""Distillation epoch time per teacher placement, against the floor (a student-only epoch).
+
+    python benchmarks/placements.py [--teacher sam_demo] [--teacher-size 128] [--student-size 128]
+                                    [--images 96] [--batch 8] [--threads 2] [--run-dir RUN]
+
+One process, one thread budget, the same transfer images (random, 0..255) and batch for every
+row, measured in this run:
+
+- ``floor``: the student's training step against fixed targets — what distillation costs when
+  the teacher costs nothing;
+- ``cached``: the student's step against targets read from an in-memory fp16 cache of two views
+  per image (the ``targets_<arm>`` stage's layout), picked per sample as the loop does; the
+  cache's one-off build time is printed beside it;
+- ``replicated``: the teacher's forward on every batch, then the student's step.
+
+Ratios are epoch time / floor epoch time; the issue's goal is ``cached`` ≤ 1.15×. ``--run-dir``
+also prints the data-stall share (time the loop waited for Ray Data) that each ``distill_*``
+stage of a finished ``tskd run`` reported (goal for ``cached``: ≤ 5%). The ``sharded`` placement
+is not built yet. Numbers are as measured, whichever way they fall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="sam_demo")
+    p.add_argument("--teacher-size", type=int, default=128)
+    p.add_argument("--student-size", type=int, default=128)
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up)")
+    p.add_argument("--run-dir", help="a finished tskd run: print its distill stages' data stall")
+    args = p.parse_args()
+
+    from tskd.config import load_config, to_dict
+    from tskd.losses import KDLoss
+    from tskd.models.sam import SamSegmenter, build_sam
+    from tskd.models.students import build_student
+    from tskd.stages.distill import CachedTargets, Distillation, TeacherTargets, flip_per_sample
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"student.img_size={args.student_size}"])
+    teacher = TeacherTargets(SamSegmenter(build_sam(args.teacher, num_classes=3,
+                                                    img_size=args.teacher_size)),
+                             need_logits=True).eval()
+    images = torch.randint(0, 256, (args.images, 3, args.teacher_size, args.teacher_size)).float()
+    batches = [images[i:i + args.batch] for i in range(0, args.images, args.batch)]
+
+    start = time.perf_counter()
+    with torch.no_grad():  # the targets stage: two views per image, fp16
+        views = [teacher(images), teacher(images.flip(-1))]
+    cache_s = time.perf_counter() - start
+    cache = {f"{k}{v}": t.half() for v, (lg, hd) in enumerate(views)
+             for k, t in (("logits", lg), ("hidden", hd))}
+    shapes = {k: list(t.shape[1:]) for k, t in cache.items()}
+    cached = CachedTargets(shapes)
+    fixed = (views[0][0][: args.batch], views[0][1][: args.batch])
+
+    def new_bundle() -> tuple[Distillation, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        student = build_student(to_dict(cfg.student), 3)
+        kd = KDLoss(student.hidden_dim, teacher.hidden_dim)
+        bundle = Distillation(student, kd)
+        return bundle, torch.optim.AdamW(bundle.parameters(), lr=1e-4)
+
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == args.student_size:
+            return x
+        return torch.nn.functional.interpolate(x, size=(args.student_size,) * 2,
+                                               mode="bilinear", align_corners=False)
+
+    def epoch(kind: str, bundle: Distillation, opt: torch.optim.Optimizer) -> float:
+        start = time.perf_counter()
+        for i, x in enumerate(batches):
+            if kind == "floor":
+                target = (fixed[0][: len(x)], fixed[1][: len(x)])
+            elif kind == "cached":
+                j = slice(i * args.batch, i * args.batch + len(x))
+                row = {"image": x.permute(0, 2, 3, 1)} | {k: t[j].float() for k, t in cache.items()}
+                x, target = cached(row)
+            else:
+                x = flip_per_sample(x)
+                with torch.no_grad():
+                    target = teacher(x)
+            loss, _ = bundle(resize(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - start
+
+    print(f"load average at start: {os.getloadavg()} on {os.cpu_count()} CPUs")
+    print(f"teacher {args.teacher} at {args.teacher_size} px, student ViT-Tiny at "
+          f"{args.student_size} px, {args.images} images, batch {args.batch}, "
+          f"{args.threads} threads")
+    times = {}
+    for kind in ("floor", "cached", "replicated"):
+        bundle, opt = new_bundle()
+        epoch(kind, bundle, opt)  # warm-up
+        times[kind] = min(epoch(kind, bundle, opt) for _ in range(args.epochs))
+    for kind, t in times.items():
+        print(f"  {kind:<11} {t:7.2f} s/epoch  {t / times['floor']:5.2f}x floor")
+    print(f"  cache build (2 views, once): {cache_s:.2f} s = {cache_s / times['replicated']:.2f} "
+          "replicated epochs; goal cached <= 1.15x floor: "
+          f"{'met' if times['cached'] <= 1.15 * times['floor'] else 'NOT met'}")
+    print(f"load average at the end: {os.getloadavg()}")
+    if args.run_dir:
+        for manifest in sorted(Path(args.run_dir).glob("distill_*/manifest.json")):
+            m = json.loads(manifest.read_text())
+            placement = m["config"]["distill"].get("teacher_placement")
+            stall = m["metrics"].get("perf/data_stall")
+            print(f"  {m['stage']}: placement {placement}, data stall "
+                  f"{'n/a' if stall is None else f'{100 * stall:.1f}%'} of the last epoch "
+                  f"(goal for cached: <= 5%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Stages ``targets_<arm>``: the teacher's distillation targets, computed once per transfer image.
+
+With ``distill.teacher_placement: cached`` (or ``auto`` when the cache fits
+``distill.cache_max_gb``) distillation never builds the teacher: this stage runs it once over the
+transfer set and distillation streams images and targets together, every epoch.
+
+Setup: the frozen teacher of the arm (TS-KD: the LoRA-tuned SAM, its logits and hidden states;
+task-agnostic KD: the un-tuned SAM, hidden states only — its decoder never runs) on an actor pool
+(``map_batches``; ``transfer.num_actors`` actors of ``transfer.actor_cpus`` CPUs, one GPU each
+with ``ray.use_gpu``). Loop: each transfer image in two views — as it is and flipped
+horizontally, the two views distillation draws per sample — through the teacher at its own
+resolution, exactly as the ``replicated`` placement computes them. Report: Parquet shards under
+``targets/`` with ``id``, ``image`` (uint8, the transfer image) and per view ``v`` ∈ {0, 1}
+``hidden{v}`` (fp16, ``(D, T/16, T/16)``) and, for TS-KD, ``logits{v}`` (fp16, ``(C, T/4, T/4)``),
+plus ``targets.json`` naming the teacher entry, the transfer-set entry, the features and the
+shapes.
+
+Augmentation with a cache: tskd stores a fixed set of views (identity and horizontal flip) per
+image rather than recomputing targets for arbitrary augmentations (FKD stores crop coordinates,
+EdgeSAM its augmentation seed); the distillation loop picks one of the stored views per sample
+with the same draw the replicated placement uses, so the two placements see the same pairs.
+Targets are kept at the teacher's output resolution; the KD loss adapts them to the student as
+it does for a live teacher, so one cache serves every student size. Store entries are keyed by
+the stage's fingerprint (the teacher's and the transfer set's entries, the features, whether
+logits are needed); distillation checks ``targets.json`` against the entries it expects and
+refuses a cache built for another teacher, transfer set or features, naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tskd.artifacts import StageContext, write_json
+from tskd.config import TskdError
+
+log = logging.getLogger(__name__)
+
+TARGETS_DIR = "targets"
+CACHE_FILE = "targets.json"
+VIEWS = 2
+"""Cached views per transfer image: 0 = as it is, 1 = flipped horizontally."""
+
+
+class TeacherCacheError(TskdError):
+    """A target cache that does not belong to the teacher / transfer set a run expects."""
+
+
+class _TeacherActor:
+    """A frozen teacher that turns batches of transfer images into fp16 targets (Ray Data
+    callable class: one teacher per actor)."""
+
+    def __init__(self, config: dict[str, Any], threads: int, use_gpu: bool) -> None:
+        import torch
+
+        from tskd.stages.distill import place_teacher
+        from tskd.stages.ray_train import configure_worker_logging
+
+        torch.set_num_threads(max(1, threads))
+        configure_worker_logging()
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.teacher = place_teacher(config, self.device)
+        self.done = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        start = time.time()
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        images = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W) 0..255
+        out = {"id": np.asarray(batch["id"], np.int64), "image": batch["image"]}
+        for view, x in enumerate((images, images.flip(-1))):
+            logits, hidden = self.teacher(x)
+            out[f"hidden{view}"] = hidden.half().cpu().numpy()
+            if logits is not None:
+                out[f"logits{view}"] = logits.half().cpu().numpy()
+        self.done += len(out["id"])
+        log.info("teacher targets for %d images in %.1f s; %d by this actor", len(out["id"]),
+                 time.time() - start, self.done)
+        return out
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    """Compute and store the arm's targets; see the module docstring."""
+    import json
+
+    import ray.data
+
+    from tskd.stages.distill import teacher_config
+    from tskd.stages.transfer_set import read_transfer_set
+
+    cfg, arm = ctx.cfg, ctx.params["arm"]
+    started = time.time()
+    transfer_dir = Path(ctx.inputs["transfer"])
+    n = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
+    teacher, distill = teacher_config(ctx, arm)
+    t = cfg.transfer
+    dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+    log.info("teacher targets (%s): %d transfer images x %d views on %d actor(s)", arm, n,
+             VIEWS, t.num_actors)
+    targets = dataset.map_batches(
+        _TeacherActor,
+        fn_constructor_kwargs={"config": {"teacher": teacher, "distill": distill},
+                               "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu},
+        batch_size=cfg.distill.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
+        num_gpus=1 if cfg.ray.use_gpu else 0)
+    targets.write_parquet(str(Path(ctx.dir) / TARGETS_DIR))
+    first = next(iter(read_targets(ctx.dir, check=False).take(1)))
+    shapes = {k: list(np.asarray(v).shape) for k, v in first.items() if k.startswith(
+        ("hidden", "logits"))}
+    size = sum(p.stat().st_size for p in (Path(ctx.dir) / TARGETS_DIR).glob("*.parquet"))
+    write_json(Path(ctx.dir) / CACHE_FILE, expected_cache(ctx, arm) | {
+        "n_images": n, "views": VIEWS, "dtype": "float16", "shapes": shapes})
+    return {"targets/n_images": n, "targets/mb": round(size / 2**20, 2),
+            "targets/seconds": round(time.time() - started, 1)}
+
+
+def expected_cache(ctx: StageContext, arm: str) -> dict[str, Any]:
+    """What a cache for this arm must have been built from: the store entries (fingerprints)
+    of its teacher and its transfer set, the teacher features and whether logits are in it."""
+    teacher_stage = "teacher" if arm == "ts_kd" else "teacher_pretrain"
+    teacher_entry = ctx.inputs.get(teacher_stage)
+    return {"arm": arm,
+            "teacher_entry": Path(teacher_entry).resolve().name if teacher_entry else
+            str(ctx.cfg.teacher.checkpoint),
+            "transfer_entry": Path(ctx.inputs["transfer"]).resolve().name,
+            "features": ctx.cfg.distill.teacher_features,
+            "logits": arm == "ts_kd" and ctx.cfg.distill.w_logits > 0}
+
+
+def check_cache(targets_dir: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """``targets.json`` of ``targets_dir`` against ``expected`` (:func:`expected_cache`).
+
+    Returns:
+        The cache's description (shapes, views, image count).
+
+    Raises:
+        TeacherCacheError: naming each field that differs, the cache's value and the expected.
+    """
+    path = Path(targets_dir) / CACHE_FILE
+    try:
+        import json
+
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TeacherCacheError(f"{path}: not a teacher-target cache ({exc})") from None
+    wrong = [f"{k} is {found.get(k)!r}, expected {v!r}" for k, v in expected.items()
+             if found.get(k) != v]
+    if wrong:
+        raise TeacherCacheError(f"{path}: the cached teacher targets belong to another run: "
+                                + "; ".join(wrong) + " (they are recomputed by the "
+                                "targets stage of this run's teacher and transfer set)")
+    return found
+
+
+def read_targets(stage_dir: Path, *, check: bool = True, expected: dict[str, Any] | None = None):
+    """The cache as a ``ray.data.Dataset`` (columns as in the module docstring), after
+    :func:`check_cache` against ``expected`` when given."""
+    import ray.data
+
+    if check and expected is not None:
+        check_cache(Path(stage_dir), expected)
+    return ray.data.read_parquet(str(Path(stage_dir) / TARGETS_DIR))
+
+
+def placement(cfg: Any, num_classes: int) -> str:
+    """``distill.teacher_placement`` resolved: ``auto`` is ``cached`` when the cache of one
+    arm (2 views, fp16) fits ``distill.cache_max_gb``, else ``replicated``."""
+    p = cfg.distill.teacher_placement
+    if p != "auto":
+        return p
+    from tskd.memory_plan import CACHE_VIEWS, teacher_size
+
+    t = teacher_size(cfg.teacher.arch, cfg.teacher.img_size, num_classes,
+                     teacher_features=cfg.distill.teacher_features)
+    sources = cfg.transfer.sources
+    n = (cfg.transfer.n_images if "synthetic" in sources else 0) + (
+        (cfg.transfer.n_unlabelled or cfg.transfer.n_images) if "unlabelled" in sources else 0)
+    per_view = 2 * (num_classes * t.logits_size ** 2 + t.hidden_dim * t.tokens)
+    return "cached" if per_view * CACHE_VIEWS * n <= cfg.distill.cache_max_gb * 2**30 \
+        else "replicated"
+
+
+__all__ = ["CACHE_FILE", "TARGETS_DIR", "TeacherCacheError", "check_cache", "expected_cache",
+           "placement", "read_targets", "run"]
