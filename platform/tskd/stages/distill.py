@@ -119,6 +119,14 @@ class CachedTargets:
     def __init__(self, shapes: dict[str, list[int]]) -> None:
         self.hidden_dim = int(shapes["hidden0"][0])
         self.logits = "logits0" in shapes
+        self.shapes = shapes
+
+    def probe(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Zero targets of the cached shapes for ``images`` (B, ...): a stand-in teacher for
+        probes that only need which parameters a loss reaches."""
+        b = images.shape[0]
+        zeros = lambda key: torch.zeros(b, *self.shapes[key], device=images.device)  # noqa: E731
+        return (zeros("logits0") if self.logits else None), zeros("hidden0")
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple]:
         flip = draw_flips(batch["image"].shape[0])
