@@ -335,7 +335,12 @@ def _rows(run: Run, store: Path | None) -> list[Row]:
             own = [f for f in run.failures if f.stage in (stage, f"distill_{method}")]
             row.error = "; ".join(f"{f.stage}: {f.message}" for f in own) or error or \
                 "not scored (the run has no results.json)"
+            _fill_axes_from_config(row, own_config)
         return row
+
+    own_config = next((m["config"] for m in run.manifests.values()
+                       if isinstance(m.get("config"), dict)
+                       and m["config"].get("experiment") == run.path.name), {})
 
     teacher_man = run.manifests.get("teacher", {})
     teacher = make("teacher", "teacher", "teacher", res.get("teacher"),
@@ -367,6 +372,20 @@ def _rows(run: Run, store: Path | None) -> list[Row]:
     return rows
 
 
+def _fill_axes_from_config(row: Row, config: dict[str, Any]) -> None:
+    """Axes of a model that never ran, from the run's own config (the manifests of the
+    entries this run built carry it): label budget, seed, and the transfer-set size for a
+    student other than scratch."""
+    if not config:
+        return
+    if row.labels is None:
+        row.labels = config.get("data", {}).get("n_labels")
+    if row.seed is None:
+        row.seed = config.get("seed")
+    if row.transfer_size is None and row.kind == "student" and row.method != "scratch":
+        row.transfer_size = config.get("transfer", {}).get("n_images")
+
+
 def _scores(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     if not entry or "dice" not in entry:
         return None
@@ -381,7 +400,9 @@ def read_runs(root: str | Path) -> list[Run]:
 
 def unique_rows(runs: list[Run]) -> list[Row]:
     """All rows, each model once: grid cells that share a store entry (scratch across transfer
-    sizes, one teacher per budget) give the same row; the first run's is kept."""
+    sizes, one teacher per budget) give the same row; the first run's is kept. A failed row is
+    dropped where another run scored the same method at the same axes (scratch in a cell
+    whose transfer set failed was scored by the cell beside it)."""
     seen: set[tuple[str, str, str, str]] = set()
     out: list[Row] = []
     for run in runs:
@@ -391,4 +412,9 @@ def unique_rows(runs: list[Run]) -> list[Row]:
                 continue
             seen.add(key)
             out.append(row)
-    return out
+    scored = {_axes_key(r) for r in out if not r.failed}
+    return [r for r in out if not r.failed or _axes_key(r) not in scored]
+
+
+def _axes_key(r: Row) -> tuple[Any, ...]:
+    return (r.kind, r.method, r.labels, r.transfer_size, r.seed)

@@ -117,7 +117,9 @@ def group_rows(rows: Iterable[Row]) -> list[Group]:
     groups: dict[tuple[Any, ...], Group] = {}
     for r in rows:
         key = (r.method, r.kind, r.arch, r.labels, r.transfer_size, r.rank, r.teacher)
-        groups.setdefault(key, Group(*key, rows=[])).rows.append(r)
+        # a failed model is its own row (its run named), never mixed into a scored mean
+        full = key + (None if not r.failed else r.run,)
+        groups.setdefault(full, Group(*key, rows=[])).rows.append(r)
     return sorted(groups.values(), key=_group_key)
 
 
@@ -196,7 +198,7 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
             seeds = Cell(f"{len(g.ok)}/{len(g.rows)}" if g.failed else str(len(g.rows)), "num")
             if not g.ok:
                 err = g.failed[0].error or "failed"
-                body.append(label + [seeds, Cell(f"failed: {err}", "failed",
+                body.append(label + [seeds, Cell(f"failed ({g.failed[0].run}): {err}", "failed",
                                                  colspan=2 * len(classes) + 3)])
                 row_cls.append("failed")
                 continue
@@ -334,8 +336,9 @@ def seed_tests_table(rows: list[Row]) -> Table | None:
             diff = a - b
             t_p = wil_p = math.nan
             if np.any(diff != 0):
-                t_p = float(stats.ttest_rel(a, b).pvalue)
                 wil_p = float(stats.wilcoxon(a, b).pvalue)
+                if not np.allclose(diff, diff[0], rtol=1e-9, atol=1e-12):  # else no variance
+                    t_p = float(stats.ttest_rel(a, b).pvalue)
             body.append(_label(g) + [Cell(str(g.labels), "num"), Cell(method_name(baseline)),
                                      Cell(str(len(a)), "num"),
                                      _num(float(diff.mean()), 4, **{"data-col": "diff"}),

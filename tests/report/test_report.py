@@ -1,0 +1,224 @@
+"""`tskd report`: the HTML holds the numbers of results.json and the manifests, computed here
+independently (statistics, scipy) from the files the fake runs wrote."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fake_runs import STUDENT_CFG
+
+
+class Tables(HTMLParser):
+    """``tables[id] = [[cell text, ...], ...]`` (body rows, ``<td>`` only) and ``attrs[id]``
+    (the cells' attributes), the ``<img>`` sources and the headings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.attrs: dict[str, list[list[dict[str, str]]]] = {}
+        self.images: list[str] = []
+        self._fig: str | None = None
+        self._cell: dict[str, str] | None = None
+        self._text = ""
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "figure" and "table" in a.get("class", ""):
+            self._fig = a["id"]
+            self.tables[self._fig], self.attrs[self._fig] = [], []
+        elif tag == "tr" and self._fig:
+            self.tables[self._fig].append([])
+            self.attrs[self._fig].append([])
+        elif tag == "td" and self._fig:
+            self._cell, self._text = a, ""
+        elif tag == "img":
+            self.images.append(a.get("src", ""))
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.tables[self._fig][-1].append(self._text.strip())
+            self.attrs[self._fig][-1].append(self._cell)
+            self._cell = None
+        elif tag == "figure":
+            self._fig = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._text += data
+
+
+def parse(path: Path) -> Tables:
+    p = Tables()
+    p.feed(path.read_text())
+    for t in p.tables.values():  # drop the header rows (no <td>)
+        t[:] = [r for r in t if r]
+    for a in p.attrs.values():
+        a[:] = [r for r in a if r]
+    return p
+
+
+def by_method(p: Tables, table: str) -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {}
+    for cells, attrs in zip(p.tables[table], p.attrs[table]):
+        out.setdefault(attrs[0].get("data-method", cells[0]), []).append(cells)
+    return out
+
+
+def load(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def manifest(run: Path, stage: str) -> dict:
+    return json.loads((run / stage / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single_report(single_run, tmp_path_factory):
+    from tskd.report import write_report
+
+    return write_report(single_run, tmp_path_factory.mktemp("out") / "single.html")
+
+
+@pytest.fixture(scope="module")
+def grid_report(grid_root, tmp_path_factory):
+    from tskd.report import write_report
+
+    return write_report(grid_root, tmp_path_factory.mktemp("out") / "grid.html", n_images=2)
+
+
+def test_single_run_tables_hold_results_json(single_run, single_report):
+    res = load(single_run)
+    p = parse(single_report)
+    rows = by_method(p, "paper-labels-40")
+    models = {"teacher": res["teacher"], "reference": res["reference"], **res["students"]}
+    assert set(rows) == set(models)
+    for method, scores in models.items():
+        (cells,) = rows[method]
+        want = ([f"{scores['per_class'][c]['dice']:.4f}" for c in ("organ", "lesion")]
+                + [f"{scores['dice']:.4f}"]
+                + [f"{scores['per_class'][c]['hd95']:.2f}" for c in ("organ", "lesion")]
+                + [f"{scores['hd95']:.2f}", f"{scores['miou']:.4f}"])
+        assert cells[3:] == want, method
+    # transfer-set size only for the methods that distil on it
+    assert rows["ts_kd"][0][1] == "300" and rows["scratch"][0][1] == "–"
+    best = max(res["students"], key=lambda a: res["students"][a]["dice"])
+    bold = [a for a in p.attrs["paper-labels-40"] for c in a if "best" in c.get("class", "")]
+    assert len(bold) == 1 and bold[0][0]["data-method"] == best
+
+
+def test_single_run_compute_memory_and_transfer_tables(single_run, single_report):
+    res = load(single_run)
+    p = parse(single_report)
+    compute = by_method(p, "compute")
+    scratch = res["students"]["scratch"]["dice"]
+    for arm in ("ts_kd", "ta_kd"):
+        (cells,) = compute[arm]
+        gain = (res["students"][arm]["dice"] - scratch) / scratch * 100
+        assert cells[3] == f"{manifest(single_run, f'distill_{arm}')['wall_time_s']:.1f}"
+        assert cells[4] == f"{manifest(single_run, f'student_{arm}')['wall_time_s']:.1f}"
+        assert cells[6] == f"{gain:.1f}"
+    assert compute["scratch"][0][3] == "–" and compute["scratch"][0][6] == "–"
+    mem = {r[0]: r for r in p.tables["memory"]}
+    adapter = manifest(single_run, "teacher")["metrics"]["teacher/adapter_mb"]
+    assert mem["Teacher (LoRA SAM)"][5] == f"{adapter:.3f}"
+    assert mem["Scratch"][4] == f"{res['students']['scratch']['model']['size_mb']:.3f}"
+    ref = mem["Reference (labels only)"]
+    assert ref[1] == "basic_unet" and ref[3] == f"{res['reference']['model']['params']:,}"
+    quality = json.loads((single_run / "transfer" / "quality.json").read_text())
+    (row,) = p.tables["transfer-quality"]
+    assert row[5] == f"{quality['kept']['psnr']['mean']:.2f}" and row[3] == "300"
+    shared = {r[0]: r[3] for r in p.tables["shared-stages"]}
+    assert shared["teacher"] == f"{manifest(single_run, 'teacher')['wall_time_s']:.1f}"
+    # one seed: no paired tests; overlays, transfer samples and the Dice plot are embedded
+    assert "seed-tests" not in p.tables and "failures" not in p.tables
+    pngs = [s for s in p.images if s.startswith("data:image/png;base64,")]
+    assert len(pngs) == len(p.images) == 3  # Dice per method, overlays, transfer samples
+    assert "http" not in single_report.read_text().split("<body>")[1]  # self-contained
+
+
+def test_grid_means_stds_and_paired_tests(grid_root, grid_report):
+    p = parse(grid_report)
+    runs = {f"l{n}_t{t}_s{s}": load(grid_root / f"l{n}_t{t}_s{s}")
+            for n in (40, 80) for t in (100, 200) for s in range(3)}
+    rows = by_method(p, "paper-labels-80")
+    for arm, size in (("ts_kd", "200"), ("ta_kd", "100"), ("scratch", "–")):
+        key = "" if size == "–" else f"_t{size}"
+        vals = [r["students"][arm]["dice"] for n, r in runs.items()
+                if n.startswith(f"l80{key or '_t100'}")]
+        (cells,) = [c for c in rows[arm] if c[1] == size]
+        assert cells[2] == "3"
+        assert cells[5] == f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+    # paired t-test and Wilcoxon of TS-KD vs scratch at 40 labels, 100 images, by seed
+    ts = [runs[f"l40_t100_s{s}"]["students"]["ts_kd"]["dice"] for s in range(3)]
+    sc = [runs[f"l40_t100_s{s}"]["students"]["scratch"]["dice"] for s in range(3)]
+    tests = [c for c, a in zip(p.tables["seed-tests"], p.attrs["seed-tests"])
+             if a[0]["data-method"] == "ts_kd" and c[1] == "100" and c[2] == "40"
+             and c[3] == "Scratch"]
+    (cells,) = tests
+    assert cells[4] == "3"
+    assert cells[5] == f"{np.mean(np.subtract(ts, sc)):.4f}"
+    assert cells[6] == f"{stats.ttest_rel(ts, sc).pvalue:.4f}"
+    assert cells[7] == f"{stats.wilcoxon(ts, sc).pvalue:.4f}"
+    # shared entries counted once: scratch at 80 labels has 3 seeds, not 6 (two sizes)
+    assert len(rows["scratch"]) == 1
+
+
+def test_grid_plots_failed_cell_and_missing_reference(grid_root, grid_report):
+    p = parse(grid_report)
+    # scores, Dice vs labels, Dice vs transfer size, overlays, transfer samples (3 sets)
+    assert len(p.images) == 7
+    failed = [c for c in p.tables["paper-labels-40"] if c[1] == "300"]
+    assert {c[0] for c in failed} == {"TS-KD", "Task-agnostic KD"}
+    assert all("failed (l40_t300_s0)" in c[3] and "near-copy" in c[3] for c in failed)
+    (fail,) = p.tables["failures"]
+    assert fail[:2] == ["l40_t300_s0", "transfer"] and "TransferSetError" in fail[2]
+    # the 20-label cell ran without the reference: the row is still there, saying so
+    ref = by_method(p, "paper-labels-20")["reference"]
+    assert ref[0][3].startswith("not run")
+
+
+def test_overlays_match_an_independent_prediction(single_run, tiny_models, fake_dataset):
+    """predict_overlays tints exactly the pixels where Student.forward's own argmax (which
+    resizes internally) is foreground."""
+    from tskd.data.format import load_dataset_info, read_case
+    from tskd.models.students import build_student
+    from tskd.predict import PALETTE
+    from tskd.report.images import predict_overlays
+
+    info = load_dataset_info(fake_dataset)
+    image = read_case(info, info.case_ids[0])[0]
+    model = build_student(STUDENT_CFG, 3)
+    model.load_state_dict(torch.load(tiny_models["ts_kd"], weights_only=True))
+    model.eval()
+    (overlay,) = predict_overlays(model, STUDENT_CFG["img_size"], [image])
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+        labels = model(x).logits.argmax(1)[0].numpy()
+    assert labels.max() > 0  # the sharpened head predicts some foreground
+    expect = np.where((labels > 0)[..., None],
+                      np.round(0.5 * image + 0.5 * PALETTE[labels].astype(np.float32)), image)
+    agree = np.all(overlay == expect.astype(np.uint8), axis=-1).mean()
+    assert agree > 0.99
+
+
+def test_cli_report_and_errors(single_run, tmp_path, capsys):
+    from tskd.cli import main
+
+    out = tmp_path / "r.html"
+    assert main(["report", str(single_run), "--output", str(out), "--images", "0",
+                 "--transfer-samples", "0"]) == 0
+    assert f"report: {out}" in capsys.readouterr().out
+    assert out.is_file() and "No overlays" in out.read_text()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert main(["report", str(single_run), "--images", "-1"]) == 2
+    assert "--images" in capsys.readouterr().err
