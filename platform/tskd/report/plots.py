@@ -16,9 +16,21 @@ from typing import Sequence
 
 import numpy as np
 
-from tskd.report.tables import Group, method_name
+from tskd.report.tables import METHOD_ORDER, Group, method_key, method_name
 
 DPI = 100
+_PALETTE = ("tab:purple", "tab:gray", "tab:olive", "tab:cyan", "tab:pink", "tab:blue",
+            "tab:orange", "tab:brown", "tab:red", "tab:green")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def colour(method: str) -> str:
+    """One colour per method in every plot (the reference black, the teacher purple)."""
+    if method == "reference":
+        return "black"
+    if method in METHOD_ORDER:
+        return _PALETTE[METHOD_ORDER.index(method) % len(_PALETTE)]
+    return _PALETTE[sum(map(ord, method)) % len(_PALETTE)]
 
 
 def _figure(width: float, height: float):
@@ -85,13 +97,16 @@ def labels_plot(groups: Sequence[Group]) -> str | None:
     lines: dict[tuple[str, int | None], list[Group]] = {}
     for g in scored:
         lines.setdefault((g.method, g.transfer_size), []).append(g)
-    for (method, size), gs in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+    sizes = sorted({g.transfer_size for g in scored if g.transfer_size is not None})
+    for (method, size), gs in sorted(lines.items(),
+                                     key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
         gs = sorted(gs, key=lambda g: g.labels)
         stats = [g.stat("dice") for g in gs]
         ax.errorbar([g.labels for g in gs], [s[0] for s in stats],
                     yerr=[0.0 if not math.isfinite(s[1]) else s[1] for s in stats],
-                    marker="o", capsize=3, label=_line_label(gs[0]),
-                    linestyle="--" if method in ("scratch", "reference", "teacher") else "-")
+                    marker="o" if size is None else MARKERS[sizes.index(size) % len(MARKERS)],
+                    capsize=3, label=_line_label(gs[0]), color=colour(method),
+                    linestyle="--" if size is None else "-")
     ax.set_xlabel("labelled images")
     ax.set_ylabel("mean Dice (test)")
     ax.set_title("Dice against the label budget")
@@ -115,27 +130,24 @@ def transfer_plot(groups: Sequence[Group]) -> str | None:
         by_method: dict[str, list[Group]] = {}
         for g in block:
             by_method.setdefault(g.method, []).append(g)
-        for method, gs in sorted(by_method.items()):
+        for method, gs in sorted(by_method.items(), key=lambda kv: method_key(kv[0])):
             with_size = sorted((g for g in gs if g.transfer_size is not None),
                                key=lambda g: g.transfer_size)
             if with_size:
                 stats = [g.stat("dice") for g in with_size]
                 ax.errorbar([g.transfer_size for g in with_size], [s[0] for s in stats],
                             yerr=[0.0 if not math.isfinite(s[1]) else s[1] for s in stats],
-                            marker="o", capsize=3, label=method_name(method))
+                            marker="o", capsize=3, label=method_name(method),
+                            color=colour(method))
             else:
                 ax.axhline(gs[0].stat("dice")[0], linestyle="--", linewidth=1,
-                           label=method_name(method), color=_flat_colour(method))
+                           label=method_name(method), color=colour(method))
         ax.set_title(f"{budget} labels", fontsize=10)
         ax.set_xlabel("transfer-set images")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean Dice (test)")
     axes[-1].legend(fontsize=7)
     return to_png_base64(fig)
-
-
-def _flat_colour(method: str) -> str:
-    return {"scratch": "grey", "reference": "black", "teacher": "tab:purple"}.get(method, "tab:gray")
 
 
 def image_grid(images: Sequence[Sequence[np.ndarray]], col_titles: Sequence[str],
