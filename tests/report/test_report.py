@@ -222,3 +222,23 @@ def test_cli_report_and_errors(single_run, tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
     assert main(["report", str(single_run), "--images", "-1"]) == 2
     assert "--images" in capsys.readouterr().err
+
+
+
+def test_report_is_core_code_without_ray():
+    """No module of tskd.report imports Ray, DeepSpeed or the stage/CLI layers (lazy imports
+    inside functions included)."""
+    import ast
+
+    import tskd.report
+
+    banned = ("ray", "deepspeed", "tskd.stages", "tskd.pipeline", "tskd.cli", "tskd.store",
+              "tskd.artifacts")
+    pkg = Path(tskd.report.__file__).parent
+    for path in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not any(name == b or name.startswith(b + ".") for b in banned), \
+                    f"{path.name} imports {name}"
