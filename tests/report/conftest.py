@@ -71,4 +71,5 @@ def grid_root(tmp_path_factory, fake_dataset, tiny_models) -> Path:
                          students=tiny_models if show else None)
     grid.run("l40_t300_s0", labels=40, size=300, seed=0, fail_stage="transfer")
     grid.run("l20_t100_s3", labels=20, size=100, seed=3, reference=False)
+    grid.run("l80_t400_s0", labels=80, size=400, seed=0, stop_at="transfer")  # still running
     return root

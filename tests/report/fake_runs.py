@@ -58,9 +58,11 @@ class FakeGrid:
         return path
 
     def run(self, name: str, *, labels: int, size: int, seed: int, reference: bool = True,
-            students: dict[str, Path] | None = None, fail_stage: str | None = None) -> Path:
+            students: dict[str, Path] | None = None, fail_stage: str | None = None,
+            stop_at: str | None = None) -> Path:
         """One cell; ``students``: arm -> a student.pt to copy into its stage (else none);
-        ``fail_stage``: stop before that stage and leave its error log."""
+        ``fail_stage``: stop before that stage and leave its error log; ``stop_at``: stop
+        before that stage without an error (a run still going, or a ``--only`` run)."""
         run_dir = self.root / name
         run_dir.mkdir(parents=True)
         self.config = {"students": list(ARMS), "seed": seed, "data": {"n_labels": labels},
@@ -70,6 +72,8 @@ class FakeGrid:
 
         def add(stage: str, fp: str, upstream: tuple[str, ...], stage_config: dict[str, Any],
                 metrics: dict[str, Any] | None = None, size_axis: int | None = None) -> bool:
+            if stage == stop_at:
+                return False
             if stage == fail_stage:
                 (run_dir / f"{stage}.error.log").write_text(
                     "Traceback (most recent call last):\n  File \"x.py\", line 1, in run\n"

@@ -181,6 +181,9 @@ def test_grid_plots_failed_cell_and_missing_reference(grid_root, grid_report):
     assert all("failed (l40_t300_s0)" in c[3] and "near-copy" in c[3] for c in failed)
     (fail,) = p.tables["failures"]
     assert fail[:2] == ["l40_t300_s0", "transfer"] and "TransferSetError" in fail[2]
+    # a run that has neither finished nor failed is listed, but contributes no row
+    assert not any(c[1] == "400" for t in p.tables.values() for c in t if len(c) > 1)
+    assert "incomplete" in grid_report.read_text()
     # the 20-label cell ran without the reference: the row is still there, saying so
     ref = by_method(p, "paper-labels-20")["reference"]
     assert ref[0][3].startswith("not run")

@@ -33,7 +33,8 @@ class Row:
     """One model scored in one run: a line of the paper's tables.
 
     Attributes:
-        run: the run's name (its path relative to the report's root, ``.`` for the root).
+        run: the run's name (its path relative to the report's root; its directory name when
+            the root is the run).
         method: ``teacher``, ``reference`` or the student arm (``ts_kd`` shows its Table 8
             preset, e.g. ``ts_kd5``, when its distillation settings are not TS-KD8's).
         kind: ``teacher`` | ``student`` | ``reference``.
@@ -105,7 +106,7 @@ class Run:
     """One run directory, read.
 
     Attributes:
-        name: path relative to the report root.
+        name: path relative to the report root (the directory name for the root itself).
         path: the run directory.
         results: its ``results.json`` (None when the run did not finish).
         manifests: stage -> the manifest of the store entry the run used.
@@ -248,7 +249,7 @@ def _teacher_base_mb(entries: dict[str, Path]) -> float | None:
 def read_run(path: str | Path, root: str | Path | None = None) -> Run:
     """Read one run directory (see the module docstring)."""
     path = Path(path)
-    name = "." if root is None or Path(root) == path else path.relative_to(root).as_posix()
+    name = path.name if root is None or Path(root) == path else path.relative_to(root).as_posix()
     results_path = path / RESULTS_FILE
     results = _read_json(results_path)
     entries = _entries(path)
@@ -312,6 +313,10 @@ def _student_arms(run: Run) -> list[str]:
 
 
 def _rows(run: Run, store: Path | None) -> list[Row]:
+    """The run's models; none for a run that neither finished nor failed (still running, a
+    ``--only`` run, a ``tskd tune`` trial that stopped at its objective's stage)."""
+    if not run.results and not run.failures:
+        return []
     res = run.results or {}
     error = "; ".join(f"{f.stage}: {f.message}" for f in run.failures) or None
     rows: list[Row] = []
