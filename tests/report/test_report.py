@@ -245,3 +245,25 @@ def test_report_is_core_code_without_ray():
             for name in names:
                 assert not any(name == b or name.startswith(b + ".") for b in banned), \
                     f"{path.name} imports {name}"
+
+
+def test_tskd_run_ends_with_the_report_command(single_run, tmp_path, capsys, monkeypatch):
+    """`tskd run` prints the command that writes its report (Ray and the pipeline stubbed:
+    the stub leaves the fake run's results.json where the run's would be)."""
+    import shutil
+
+    import ray
+
+    import tskd.pipeline
+    from tskd.cli import main
+
+    def fake_pipeline(cfg, **kwargs):
+        cfg.run_dir.mkdir(parents=True)
+        shutil.copy(single_run / "results.json", cfg.run_dir / "results.json")
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: None)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+    monkeypatch.setattr(tskd.pipeline, "run_pipeline", fake_pipeline)
+    assert main(["run", "--set", f"output_dir={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"report:  tskd report {(tmp_path / 'runs' / 'demo').resolve()}"
