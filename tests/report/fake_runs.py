@@ -1,6 +1,6 @@
-"""Fake run directories for the report tests (used by conftest.py), written by hand in the exact layout `tskd run`
-leaves: ``<root>/store/<stage>/<fp>/manifest.json`` entries, each run's ``stages.json`` (and
-stage links) and ``results.json`` as ``tskd.stages.evaluate`` writes it, a tiny demo dataset
+"""Fake run directories for the report tests (used by conftest.py), written by hand in the
+exact layout `tskd run` leaves: ``<root>/store/<stage>/<fp>/manifest.json`` entries, each run's
+``stages.json`` (and stage links) and ``results.json`` as ``tskd.stages.evaluate`` writes it, a tiny demo dataset
 behind the data stage, tiny students (timm ``test_vit``) and a basic_unet reference in the
 showcase cell, a transfer set in Ray's parquet tensor layout, and one failed cell."""
 
@@ -88,7 +88,8 @@ class FakeGrid:
             return True
 
         sfx = f"l{labels}-s{seed}"
-        ok = add("data", f"data-{sfx}", (), {"data": {"n_labels": labels, "root": str(self.dataset)}})
+        ok = add("data", f"data-{sfx}", (),
+                 {"data": {"n_labels": labels, "root": str(self.dataset)}})
         (entries["data"] / "splits.json").write_text(json.dumps(self.splits(labels)))
         ok &= add("teacher", f"teacher-{sfx}", ("data",),
                   {"arch": "sam_demo", "img_size": 32, "checkpoint": None,

@@ -95,7 +95,7 @@ def build_report(root: str | Path, *, n_images: int = 3, n_transfer: int = 6) ->
         "dataset": first.get("dataset"), "classes": classes, "n_test": first.get("n_test"),
         "metrics": first.get("metrics") or {},
         "seeds": sorted({r.seed for r in rows if r.seed is not None}),
-        "paper_tables": tables.paper_tables(rows, classes, unit or "?"),
+        "paper_tables": tables.paper_tables(rows, classes, unit),
         "figures": figures,
         "compute": [tables.compute_table(rows), tables.shared_stage_table(runs)],
         "memory": tables.memory_table(rows),

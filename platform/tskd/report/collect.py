@@ -368,10 +368,14 @@ def _rows(run: Run, store: Path | None) -> list[Row]:
                          (scores or {}).get("model")))
     ref = res.get("reference")
     ref_man = run.manifests.get("reference")
-    if ref is not None or ref_man is not None or any(f.stage == "reference" for f in run.failures):
-        arch = (ref or {}).get("arch") or (ref_man or {}).get("stage_config", {}).get(
-            "reference", {}).get("arch", "reference")
-        row = make("reference", "reference", "reference", _scores(ref), arch, (ref or {}).get("model"))
+    planned = own_config.get("reference", {}).get("arch") not in (None, "none")
+    if (ref is not None or ref_man is not None or (run.failures and planned)
+            or any(f.stage == "reference" for f in run.failures)):
+        arch = ((ref or {}).get("arch")
+                or (ref_man or {}).get("stage_config", {}).get("reference", {}).get("arch")
+                or own_config.get("reference", {}).get("arch", "reference"))
+        row = make("reference", "reference", "reference", _scores(ref), arch,
+                   (ref or {}).get("model"))
         row.pretrain_s = None
         rows.append(row)
     return rows

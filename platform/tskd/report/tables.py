@@ -182,12 +182,13 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
     for budget in labels:
         block = [g for g in groups if g.labels == budget]
         n_seeds = max(len(g.rows) for g in block)
+        unit = f" ({hd95_unit})" if hd95_unit else ""
         head = [[Cell("Method", header=True), Cell("Transfer set", header=True),
                  Cell("Seeds", header=True)]
                 + [Cell(f"Dice {c}", header=True) for c in classes]
                 + [Cell("Mean Dice", header=True)]
-                + [Cell(f"HD95 {c} ({hd95_unit})", header=True) for c in classes]
-                + [Cell(f"Mean HD95 ({hd95_unit})", header=True), Cell("mIoU", header=True)]]
+                + [Cell(f"HD95 {c}{unit}", header=True) for c in classes]
+                + [Cell(f"Mean HD95{unit}", header=True), Cell("mIoU", header=True)]]
         body, row_cls = [], []
         students = [g for g in block if g.kind == "student" and g.ok]
         best = max((g.stat("dice")[0] for g in students), default=math.nan)
@@ -202,7 +203,7 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
                                                  colspan=2 * len(classes) + 3)])
                 row_cls.append("failed")
                 continue
-            cells = [_stat_cell(g, "dice", c, 4) for c in classes] + [_stat_cell(g, "dice", None, 4)]
+            cells = [_stat_cell(g, "dice", c, 4) for c in [*classes, None]]
             if g.kind == "student" and math.isfinite(best) and g.stat("dice")[0] == best:
                 cells[-1].cls += " best"
             cells += [_stat_cell(g, "hd95", c, 2) for c in classes]
@@ -212,7 +213,8 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
         if not any(g.kind == "reference" for g in block):
             body.append([Cell(method_name("reference"), "method", {"data-method": "reference"}),
                          Cell("–"), Cell("0", "num"),
-                         Cell("not run (reference.arch: none)", "failed",
+                         Cell("not run (reference.arch: none, or its run stopped before it)",
+                              "failed",
                               colspan=2 * len(classes) + 3)])
             row_cls.append("reference missing")
         title = f"{budget} labelled images" if budget is not None else "label budget unknown"
