@@ -156,16 +156,22 @@ def _stat_cell(g: Group, metric: str, cls: str | None, digits: int) -> Cell:
     return Cell(text, "num", attrs)
 
 
-def _label(g: Group) -> list[Cell]:
+def _label(g: Group, teachers: bool = False) -> list[Cell]:
+    """Method name (the reference with its arch; with ``teachers``, a model that depends on
+    the tuned teacher names its arch and rank) and transfer-set size."""
     name = method_name(g.method)
     if g.kind == "reference":
         name = f"{name}: {g.arch}"
+    if teachers and g.rank is not None:
+        name += f" [{g.teacher} r={g.rank}]"
+    elif g.kind == "teacher" and g.rank is not None:
+        name += f" r={g.rank}"
     return [Cell(name, "method", {"data-method": g.method}),
             Cell("–" if g.transfer_size is None else str(g.transfer_size), "num")]
 
 
-def _block_key(g: Group) -> tuple[Any, ...]:
-    return (g.labels,)
+def _several_teachers(groups: Iterable[Group]) -> bool:
+    return len({(g.teacher, g.rank) for g in groups if g.rank is not None}) > 1
 
 
 # ------------------------------------------------------------------------------ Tables 1–5
@@ -190,12 +196,11 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
                 + [Cell(f"HD95 {c}{unit}", header=True) for c in classes]
                 + [Cell(f"Mean HD95{unit}", header=True), Cell("mIoU", header=True)]]
         body, row_cls = [], []
+        teachers = _several_teachers(block)
         students = [g for g in block if g.kind == "student" and g.ok]
         best = max((g.stat("dice")[0] for g in students), default=math.nan)
         for g in block:
-            label = _label(g)
-            if g.kind == "teacher" and g.rank is not None:
-                label[0].text += f" r={g.rank}"
+            label = _label(g, teachers)
             seeds = Cell(f"{len(g.ok)}/{len(g.rows)}" if g.failed else str(len(g.rows)), "num")
             if not g.ok:
                 err = g.failed[0].error or "failed"
@@ -237,16 +242,17 @@ def compute_table(rows: list[Row]) -> Table:
                                             "Pre-training (s)", "Fine-tuning (s)", "Mean Dice",
                                             "Δ Dice vs scratch (%)")]]
     body = []
+    teachers = _several_teachers(groups)
     for g in groups:
         dice = g.stat("dice")[0]
         base = scratch.get(g.labels, math.nan)
         gain = (dice - base) / base * 100 if math.isfinite(base) and base > 0 else math.nan
-        body.append(_label(g) + [Cell("–" if g.labels is None else str(g.labels), "num"),
-                                 _num(g.mean_of("pretrain_s"), 1, **{"data-col": "pretrain_s"}),
-                                 _num(g.mean_of("finetune_s"), 1, **{"data-col": "finetune_s"}),
-                                 _num(dice, 4, **{"data-col": "dice"}),
-                                 _num(gain if g.method != "scratch" else math.nan, 1,
-                                      **{"data-col": "gain"})])
+        body.append(_label(g, teachers) + [
+            Cell("–" if g.labels is None else str(g.labels), "num"),
+            _num(g.mean_of("pretrain_s"), 1, **{"data-col": "pretrain_s"}),
+            _num(g.mean_of("finetune_s"), 1, **{"data-col": "finetune_s"}),
+            _num(dice, 4, **{"data-col": "dice"}),
+            _num(gain if g.method != "scratch" else math.nan, 1, **{"data-col": "gain"})])
     return Table("compute", "Compute (Table 6)", head, body,
                  "Wall time of each model's own stages (the teacher: its LoRA fine-tuning; "
                  "a KD student: its distillation as pre-training), mean over seeds; Δ: mean "
