@@ -88,7 +88,7 @@ class Row:
             return math.nan
         src = self.scores if cls is None else self.scores.get("per_class", {}).get(cls, {})
         value = src.get(name)
-        return float(value) if isinstance(value, (int, float)) and value is not None else math.nan
+        return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 @dataclass
@@ -113,7 +113,8 @@ class Run:
         entries: stage -> that entry's directory.
         rows: one per scored (or failed) model.
         failures: the failed stages.
-        shared_s: wall time of the shared stages (``data``, ``teacher``, ``transfer``, ...).
+        config: the run's own resolved config (from the manifests of the entries this run
+            built: their ``config.experiment`` is the run directory's name), else empty.
     """
 
     name: str
@@ -123,7 +124,7 @@ class Run:
     entries: dict[str, Path] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    shared_s: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -262,9 +263,10 @@ def read_run(path: str | Path, root: str | Path | None = None) -> Run:
             run.failures.append(Failure(name, stage, _last_line(log_path), log_path))
     if run.failures and results_path.is_file():
         run.results = None  # results.json is from an earlier run of this directory
+    run.config = next((m["config"] for m in manifests.values()
+                       if isinstance(m.get("config"), dict)
+                       and m["config"].get("experiment") == path.name), {})
     store = next(iter(entries.values())).parent.parent if entries else None
-    run.shared_s = {s: float(m["wall_time_s"]) for s, m in manifests.items()
-                    if s in SHARED_STAGES and "wall_time_s" in m}
     run.rows = _rows(run, store)
     return run
 
@@ -307,8 +309,7 @@ def _student_arms(run: Run) -> list[str]:
     arms = [s[len("student_"):] for s in run.manifests if s.startswith("student_")]
     arms += [f.stage.split("_", 1)[1] for f in run.failures
              if f.stage.startswith(("student_", "distill_")) and "_" in f.stage]
-    for man in run.manifests.values():  # the run's own config names every arm
-        arms += list(man.get("config", {}).get("students", []))
+    arms += list(run.config.get("students", []))  # the run's own config names every arm
     return list(dict.fromkeys(arms))
 
 
@@ -340,12 +341,8 @@ def _rows(run: Run, store: Path | None) -> list[Row]:
             own = [f for f in run.failures if f.stage in (stage, f"distill_{method}")]
             row.error = "; ".join(f"{f.stage}: {f.message}" for f in own) or error or \
                 "not scored (the run has no results.json)"
-            _fill_axes_from_config(row, own_config)
+            _fill_axes_from_config(row, run.config)
         return row
-
-    own_config = next((m["config"] for m in run.manifests.values()
-                       if isinstance(m.get("config"), dict)
-                       and m["config"].get("experiment") == run.path.name), {})
 
     teacher_man = run.manifests.get("teacher", {})
     teacher = make("teacher", "teacher", "teacher", res.get("teacher"),
@@ -368,12 +365,12 @@ def _rows(run: Run, store: Path | None) -> list[Row]:
                          (scores or {}).get("model")))
     ref = res.get("reference")
     ref_man = run.manifests.get("reference")
-    planned = own_config.get("reference", {}).get("arch") not in (None, "none")
+    planned = run.config.get("reference", {}).get("arch") not in (None, "none")
     if (ref is not None or ref_man is not None or (run.failures and planned)
             or any(f.stage == "reference" for f in run.failures)):
         arch = ((ref or {}).get("arch")
                 or (ref_man or {}).get("stage_config", {}).get("reference", {}).get("arch")
-                or own_config.get("reference", {}).get("arch", "reference"))
+                or run.config.get("reference", {}).get("arch", "reference"))
         row = make("reference", "reference", "reference", _scores(ref), arch,
                    (ref or {}).get("model"))
         row.pretrain_s = None
