@@ -50,5 +50,5 @@ def test_grid_report_renders_without_console_errors(grid_root, tmp_path):
     assert {"paper-labels-20", "paper-labels-40", "paper-labels-80", "compute", "memory",
             "seed-tests", "transfer-quality", "failures"} <= set(tables)
     assert rows >= 6  # teacher, scratch, 2 x TA-KD, 2 x TS-KD, reference
-    assert len(images) == 7 and all(c and w > 100 and shown > 100 for c, w, shown in images)
+    assert len(images) == 6 and all(c and w > 100 and shown > 100 for c, w, shown in images)
     assert shot.stat().st_size > 50_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -135,7 +135,9 @@ def test_single_run_compute_memory_and_transfer_tables(single_run, single_report
     assert ref[1] == "basic_unet" and ref[3] == f"{res['reference']['model']['params']:,}"
     quality = json.loads((single_run / "transfer" / "quality.json").read_text())
     (row,) = p.tables["transfer-quality"]
-    assert row[5] == f"{quality['kept']['psnr']['mean']:.2f}" and row[3] == "300"
+    assert row[1:4] == ["40", "0", "300"]  # labels, seed, configured size
+    assert row[8] == f"{quality['kept']['psnr']['mean']:.2f}"
+    assert row[5] == str(quality["n_sampled"]) and row[6] == "300"  # kept: transfer/n_images
     shared = {r[0]: r[3] for r in p.tables["shared-stages"]}
     assert shared["teacher"] == f"{manifest(single_run, 'teacher')['wall_time_s']:.1f}"
     # one seed: no paired tests; overlays, transfer samples and the Dice plot are embedded
@@ -174,8 +176,10 @@ def test_grid_means_stds_and_paired_tests(grid_root, grid_report):
 
 def test_grid_plots_failed_cell_and_missing_reference(grid_root, grid_report):
     p = parse(grid_report)
-    # scores, Dice vs labels, Dice vs transfer size, overlays, transfer samples (3 sets)
-    assert len(p.images) == 7
+    # scores, Dice vs labels, Dice vs transfer size, overlays, transfer samples (one set per
+    # size: 100 and 200 images)
+    assert len(p.images) == 6
+    assert len(p.tables["transfer-quality"]) == 13  # 2 budgets x 2 sizes x 3 seeds + 1
     failed = [c for c in p.tables["paper-labels-40"] if c[1] == "300"]
     assert {c[0] for c in failed} == {"TS-KD", "Task-agnostic KD"}
     assert all("failed (l40_t300_s0)" in c[3] and "near-copy" in c[3] for c in failed)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tskd.report import tables
 from tskd.report.collect import Row, Run, find_runs, read_run, read_runs, unique_rows
 from tskd.report.tables import Table
 
@@ -43,7 +44,7 @@ def build_report(root: str | Path, *, n_images: int = 3, n_transfer: int = 6) ->
     Raises:
         FileNotFoundError: ``root`` holds no run.
     """
-    from tskd.report import images, plots, tables
+    from tskd.report import images, plots
 
     root = Path(root).expanduser()
     runs = read_runs(root)
@@ -67,15 +68,13 @@ def build_report(root: str | Path, *, n_images: int = 3, n_transfer: int = 6) ->
             figures.append({"title": title, "png": png, "caption": caption})
 
     overlay_png, overlay_note = images.overlays_figure(runs, rows, n_images)
-    transfers, transfer_figs, seen = [], [], set()
-    for run in runs:
-        man = run.manifests.get("transfer")
-        if not man or man.get("fingerprint") in seen:
-            continue
-        seen.add(man.get("fingerprint"))
-        quality = _read(run.entries["transfer"] / "quality.json")
-        transfers.append((run.name, man, quality))
-        if n_transfer > 0 and len(transfer_figs) < 3:
+    transfers = _transfer_sets(runs)
+    transfer_figs = []
+    if n_transfer > 0:  # samples of one set per size (largest budget, lowest seed), at most 3
+        shown: dict[Any, Run] = {}
+        for t in sorted(transfers, key=lambda t: (-(t.labels or 0), t.seed or 0)):
+            shown.setdefault(t.size, t.run)
+        for run in [shown[k] for k in sorted(shown, key=lambda k: (k is None, k or 0))][:3]:
             png, note = images.transfer_figure(run, n_transfer)
             transfer_figs.append({"png": png, "caption": note})
 
@@ -128,6 +127,21 @@ def write_report(root: str | Path, output: str | Path | None = None, **kwargs: A
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(out)
     log.info("report: wrote %s (%.0f kB)", out, out.stat().st_size / 1024)
+    return out
+
+
+def _transfer_sets(runs: list[Run]) -> list[tables.TransferSet]:
+    """Each transfer-set entry once, with the run that first used it."""
+    out, seen = [], set()
+    for run in runs:
+        man = run.manifests.get("transfer")
+        if not man or man.get("fingerprint") in seen:
+            continue
+        seen.add(man.get("fingerprint"))
+        data = run.manifests.get("data", {}).get("stage_config", {}).get("data", {})
+        size = man.get("stage_config", {}).get("transfer", {}).get("n_images")
+        out.append(tables.TransferSet(run, data.get("n_labels"), man.get("seed"), size, man,
+                                      _read(run.entries["transfer"] / "quality.json")))
     return out
 
 

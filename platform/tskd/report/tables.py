@@ -361,18 +361,34 @@ def seed_tests_table(rows: list[Row]) -> Table | None:
 # ------------------------------------------------------------------------------ Table 16, failures
 
 
-def transfer_table(transfers: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> Table:
-    """One row per transfer set: ``(first run, manifest, quality.json)`` (Table 16)."""
-    head = [[Cell(h, header=True) for h in ("Run", "Sources", "Sampled", "Kept", "Dropped",
-                                            "PSNR mean (dB)", "PSNR min–max (dB)", "MSE mean",
-                                            "Near-copies", "Nearest references")]]
+@dataclass
+class TransferSet:
+    """One transfer-set entry: the run that first used it, its label budget, seed, configured
+    size, its stage manifest and its ``quality.json``."""
+
+    run: Run
+    labels: int | None
+    seed: int | None
+    size: int | None
+    manifest: dict[str, Any]
+    quality: dict[str, Any]
+
+
+def transfer_table(transfers: list[TransferSet]) -> Table:
+    """One row per transfer set: its quality report (Table 16)."""
+    head = [[Cell(h, header=True) for h in ("Run", "Labels", "Seed", "Size", "Sources",
+                                            "Sampled", "Kept", "Dropped", "PSNR mean (dB)",
+                                            "PSNR min–max (dB)", "MSE mean", "Near-copies",
+                                            "Nearest references")]]
     body = []
-    for run, man, q in transfers:
+    for t in transfers:
+        man, q = t.manifest, t.quality
         kept = q.get("kept") or {}
         psnr, mse = kept.get("psnr") or {}, kept.get("mse") or {}
         all_ = q.get("all") or {}
         kinds = ", ".join(f"{k}: {v}" for k, v in (q.get("nearest_kind_counts") or {}).items())
-        body.append([Cell(run), Cell(", ".join(q.get("sources", []))),
+        body.append([Cell(t.run.name), Cell(_opt(t.labels), "num"), Cell(_opt(t.seed), "num"),
+                     Cell(_opt(t.size), "num"), Cell(", ".join(q.get("sources", []))),
                      Cell(str(q.get("n_sampled", "–")), "num"),
                      Cell(str(man.get("metrics", {}).get("transfer/n_images",
                                                          q.get("n_kept", "–"))), "num"),
@@ -385,6 +401,10 @@ def transfer_table(transfers: list[tuple[str, dict[str, Any], dict[str, Any]]]) 
                  "Nearest-neighbour PSNR and MSE of the kept synthetic images against the "
                  "privacy references (the labelled training images, their flips and the "
                  "augmented copies); near-copies are counted over all samples.")
+
+
+def _opt(v: Any) -> str:
+    return "–" if v is None else str(v)
 
 
 def failures_table(runs: list[Run], root: Path) -> Table | None:
