@@ -271,3 +271,20 @@ def test_tskd_run_ends_with_the_report_command(single_run, tmp_path, capsys, mon
     assert main(["run", "--set", f"output_dir={tmp_path / 'runs'}"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"report:  tskd report {(tmp_path / 'runs' / 'demo').resolve()}"
+
+
+def test_transfer_samples_are_the_lowest_ids_as_written(single_run):
+    """The reader returns the lowest-id images exactly as the fake transfer stage wrote them
+    (regenerated here from its seed), with their nearest-reference fields."""
+    from fake_runs import IMAGE_SIZE
+
+    from tskd.report.images import read_transfer_samples
+
+    samples = read_transfer_samples(single_run / "transfer", 3)
+    written = np.random.default_rng(300).integers(0, 256, (4, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                                 dtype=np.uint8)
+    assert [s["id"] for s in samples] == [0, 1, 2]
+    for s, img in zip(samples, written):
+        assert s["image"].dtype == np.uint8 and np.array_equal(s["image"], img)
+    assert [s["nn_kind"] for s in samples] == ["train", "hflip", "augmented"]
+    assert [s["nn_psnr"] for s in samples] == [18.5, 19.0, 19.7]

@@ -141,9 +141,15 @@ def read_transfer_samples(stage_dir: Path, n: int) -> list[dict[str, Any]]:
     shape is in the field's extension metadata)."""
     import pyarrow.parquet as pq
 
+    shards = sorted((Path(stage_dir) / "images").glob("*.parquet"))
+    ids = {shard: pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+           for shard in shards}  # the id column only: a large set is never read whole
+    wanted = set(sorted(i for v in ids.values() for i in v)[:n])
     rows: list[dict[str, Any]] = []
-    for shard in sorted((Path(stage_dir) / "images").glob("*.parquet")):
-        table = pq.read_table(shard)
+    for shard in shards:
+        if not wanted.intersection(ids[shard]):
+            continue
+        table = pq.read_table(shard, filters=[("id", "in", sorted(wanted))])
         if table.num_rows == 0:
             continue
         meta = table.schema.field("image").metadata or {}
