@@ -87,31 +87,44 @@ def scores_plot(groups: Sequence[Group], classes: Sequence[str]) -> str | None:
 
 
 def labels_plot(groups: Sequence[Group]) -> str | None:
-    """Mean Dice against the label budget, a line per method × transfer size (Figure 3);
-    None with fewer than two budgets."""
+    """Mean Dice against the label budget (Figure 3): one panel per student method, a line
+    per transfer-set size, and in every panel the scratch student and the label-only
+    reference as dashed lines to compare with; None with fewer than two budgets."""
     scored = [g for g in groups if g.ok and g.labels is not None]
     if len({g.labels for g in scored}) < 2:
         return None
-    fig = _figure(6.5, 4.0)
-    ax = fig.subplots()
-    lines: dict[tuple[str, int | None], list[Group]] = {}
-    for g in scored:
-        lines.setdefault((g.method, g.transfer_size), []).append(g)
+    baselines = ("scratch", "reference")
+    methods = sorted({g.method for g in scored if g.kind == "student"
+                      and g.method not in baselines}, key=method_key) or ["scratch"]
     sizes = sorted({g.transfer_size for g in scored if g.transfer_size is not None})
-    for (method, size), gs in sorted(lines.items(),
-                                     key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
-        gs = sorted(gs, key=lambda g: g.labels)
-        stats = [g.stat("dice") for g in gs]
-        ax.errorbar([g.labels for g in gs], [s[0] for s in stats],
-                    yerr=[0.0 if not math.isfinite(s[1]) else s[1] for s in stats],
-                    marker="o" if size is None else MARKERS[sizes.index(size) % len(MARKERS)],
-                    capsize=3, label=_line_label(gs[0]), color=colour(method),
-                    linestyle="--" if size is None else "-")
-    ax.set_xlabel("labelled images")
-    ax.set_ylabel("mean Dice (test)")
-    ax.set_title("Dice against the label budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    cols = min(4, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig = _figure(3.3 * cols, 3.0 * rows + 0.3)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    for k, method in enumerate(methods):
+        ax = axes[k // cols][k % cols]
+        lines: dict[tuple[str, int | None], list[Group]] = {}
+        for g in scored:
+            if g.method in (method, *baselines):
+                lines.setdefault((g.method, g.transfer_size), []).append(g)
+        for (m, size), gs in sorted(lines.items(),
+                                    key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
+            gs = sorted(gs, key=lambda g: g.labels)
+            stats = [g.stat("dice") for g in gs]
+            ax.errorbar([g.labels for g in gs], [st[0] for st in stats],
+                        yerr=[0.0 if not math.isfinite(st[1]) else st[1] for st in stats],
+                        marker="o" if size is None else MARKERS[sizes.index(size) % len(MARKERS)],
+                        capsize=3, label=_line_label(gs[0]), color=colour(m),
+                        linestyle="--" if m in baselines else "-",
+                        alpha=0.6 + 0.4 * (size is None or size == max(sizes)))
+        ax.set_title(method_name(method), fontsize=10)
+        ax.set_xlabel("labelled images")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for k in range(len(methods), rows * cols):
+        axes[k // cols][k % cols].set_axis_off()
+    for r in range(rows):
+        axes[r][0].set_ylabel("mean Dice (test)")
     return to_png_base64(fig)
 
 
