@@ -73,3 +73,17 @@ def grid_root(tmp_path_factory, fake_dataset, tiny_models) -> Path:
     grid.run("l20_t100_s3", labels=20, size=100, seed=3, reference=False)
     grid.run("l80_t400_s0", labels=80, size=400, seed=0, stop_at="transfer")  # still running
     return root
+
+
+@pytest.fixture(scope="session")
+def single_report(single_run, tmp_path_factory) -> Path:
+    from tskd.report import write_report
+
+    return write_report(single_run, tmp_path_factory.mktemp("out") / "single.html")
+
+
+@pytest.fixture(scope="session")
+def grid_report(grid_root, tmp_path_factory) -> Path:
+    from tskd.report import write_report
+
+    return write_report(grid_root, tmp_path_factory.mktemp("out") / "grid.html", n_images=2)

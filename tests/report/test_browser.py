@@ -33,13 +33,10 @@ def test_the_check_sees_console_errors_and_broken_images(tmp_path):
     assert widths == [0]
 
 
-def test_grid_report_renders_without_console_errors(grid_root, tmp_path):
-    from tskd.report import write_report
-
-    report = write_report(grid_root, tmp_path / "report.html", n_images=2)
+def test_grid_report_renders_without_console_errors(grid_report):
     ARTIFACTS.mkdir(exist_ok=True)
     with Browser() as browser:
-        p = browser.open(report.as_uri())
+        p = browser.open(grid_report.as_uri())
         errors = p.console
         tables = p.evaluate("[...document.querySelectorAll('figure.table')].map(f => f.id)")
         rows = p.evaluate("document.querySelectorAll('#paper-labels-80 tbody tr').length")

@@ -81,20 +81,6 @@ def manifest(run: Path, stage: str) -> dict:
     return json.loads((run / stage / "manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def single_report(single_run, tmp_path_factory):
-    from tskd.report import write_report
-
-    return write_report(single_run, tmp_path_factory.mktemp("out") / "single.html")
-
-
-@pytest.fixture(scope="module")
-def grid_report(grid_root, tmp_path_factory):
-    from tskd.report import write_report
-
-    return write_report(grid_root, tmp_path_factory.mktemp("out") / "grid.html", n_images=2)
-
-
 def test_single_run_tables_hold_results_json(single_run, single_report):
     res = load(single_run)
     p = parse(single_report)
