@@ -167,12 +167,12 @@ def find_runs(root: str | Path, max_depth: int = 3) -> list[Path]:
     todo = [(root, 0)]
     while todo:
         here, depth = todo.pop()
-        for sub in sorted(p for p in here.iterdir() if p.is_dir() and not p.is_symlink()):
+        for sub in sorted(p for p in here.iterdir() if p.is_dir()):
             if sub.name in SKIP_DIRS or sub.name.startswith("."):
                 continue
-            if is_run_dir(sub):
+            if is_run_dir(sub):  # a linked run counts too; links are never searched
                 found.append(sub)
-            elif depth + 1 < max_depth:
+            elif depth + 1 < max_depth and not sub.is_symlink():
                 todo.append((sub, depth + 1))
     if not found:
         raise FileNotFoundError(f"{root}: no run found (a run directory holds {RESULTS_FILE} or "
