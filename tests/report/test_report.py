@@ -274,3 +274,22 @@ def test_transfer_samples_are_the_lowest_ids_as_written(single_run):
         assert s["image"].dtype == np.uint8 and np.array_equal(s["image"], img)
     assert [s["nn_kind"] for s in samples] == ["train", "hflip", "augmented"]
     assert [s["nn_psnr"] for s in samples] == [18.5, 19.0, 19.7]
+
+
+def test_find_runs_takes_runs_not_the_store(tmp_path):
+    from tskd.report import find_runs
+
+    for run in ("demo", "grid/cell_a", "grid/cell_b", ".pre-store/old"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "results.json").write_text("{}")
+    (tmp_path / "grid" / "cell_c").mkdir()
+    (tmp_path / "grid" / "cell_c" / "teacher.error.log").write_text("boom\n")
+    (tmp_path / "store" / "evaluate" / "fp").mkdir(parents=True)  # entries hold results.json
+    (tmp_path / "store" / "evaluate" / "fp" / "results.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "demo")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_runs(tmp_path)]
+    assert found == ["demo", "grid/cell_a", "grid/cell_b", "grid/cell_c", "linked"]
+    assert find_runs(tmp_path / "demo") == [tmp_path / "demo"]
+    with pytest.raises(FileNotFoundError, match="no run found"):
+        find_runs(tmp_path / "notes")
