@@ -178,10 +178,11 @@ def _several_teachers(groups: Iterable[Group]) -> bool:
 
 
 def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Table]:
-    """One table per label budget (and teacher/rank when several): per-class Dice, mean Dice,
-    per-class HD95, mean HD95, mIoU per method × transfer size; mean ± std over seeds. The
-    label-only reference row is always there (``not run`` where the runs had none); failed
-    models are rows marked ``failed`` with their error."""
+    """One table per label budget: per-class Dice, mean Dice, per-class HD95, mean HD95, mIoU
+    per method × transfer size (× teacher and rank, named in the row, where a budget has
+    several); mean ± std over seeds. The label-only reference row is always there (``not
+    run`` where the runs had none); each failed model is a row marked ``failed`` with its run
+    and error."""
     groups = group_rows(rows)
     labels = sorted({g.labels for g in groups}, key=_none_last)
     tables = []
@@ -201,7 +202,7 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
         best = max((g.stat("dice")[0] for g in students), default=math.nan)
         for g in block:
             label = _label(g, teachers)
-            seeds = Cell(f"{len(g.ok)}/{len(g.rows)}" if g.failed else str(len(g.rows)), "num")
+            seeds = Cell(str(len(g.ok)), "num")  # a group is all scored or all failed
             if not g.ok:
                 err = g.failed[0].error or "failed"
                 body.append(label + [seeds, Cell(f"failed ({g.failed[0].run}): {err}", "failed",
@@ -214,13 +215,12 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
             cells += [_stat_cell(g, "hd95", c, 2) for c in classes]
             cells += [_stat_cell(g, "hd95", None, 2), _stat_cell(g, "miou", None, 4)]
             body.append(label + [seeds] + cells)
-            row_cls.append(g.kind + (" partial" if g.failed else ""))
+            row_cls.append(g.kind)
         if not any(g.kind == "reference" for g in block):
             body.append([Cell(method_name("reference"), "method", {"data-method": "reference"}),
                          Cell("–"), Cell("0", "num"),
                          Cell("not run (reference.arch: none, or its run stopped before it)",
-                              "failed",
-                              colspan=2 * len(classes) + 3)])
+                              "failed", colspan=2 * len(classes) + 3)])
             row_cls.append("reference missing")
         title = f"{budget} labelled images" if budget is not None else "label budget unknown"
         caption = ("Test-split scores per method (Tables 1–5 of the paper); "
