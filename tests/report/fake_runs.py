@@ -1,8 +1,8 @@
 """Fake run directories for the report tests (used by conftest.py), written by hand in the
-exact layout `tskd run` leaves: ``<root>/store/<stage>/<fp>/manifest.json`` entries, each run's
-``stages.json`` (and stage links) and ``results.json`` as ``tskd.stages.evaluate`` writes it, a tiny demo dataset
-behind the data stage, tiny students (timm ``test_vit``) and a basic_unet reference in the
-showcase cell, a transfer set in Ray's parquet tensor layout, and one failed cell."""
+exact layout `tskd run` leaves: ``<root>/store/<stage>/<fp>/manifest.json`` entries, each
+run's ``stages.json`` (and stage links) and ``results.json`` as ``tskd.stages.evaluate``
+writes it, a tiny demo dataset behind the data stage, students and a reference copied in where
+a test gives them, a transfer set in Ray's parquet tensor layout, failed and unfinished runs."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ class FakeGrid:
                                            pa.field("nn_psnr", pa.float64()),
                                            pa.field("nn_kind", pa.string()),
                                            pa.field("source", pa.string())]))
-        (entry / "images").mkdir()
+        (entry / "images").mkdir(exist_ok=True)
         pq.write_table(table, entry / "images" / "shard_0.parquet")
         stats = {"mean": 19.375 + size / 1e4, "median": 19.35, "min": 18.5, "max": 20.3,
                  "std": 0.67}

@@ -293,3 +293,36 @@ def test_find_runs_takes_runs_not_the_store(tmp_path):
     assert find_runs(tmp_path / "demo") == [tmp_path / "demo"]
     with pytest.raises(FileNotFoundError, match="no run found"):
         find_runs(tmp_path / "notes")
+
+
+def test_a_tskd_grid_directory_reports_its_cells(tmp_path, fake_dataset):
+    """`tskd report runs/<name>-grid`: the cells are the run directories <name>-<cell> beside
+    it (named by grid.csv and errors/); a cell that failed with only errors/<cell>.txt is
+    failed; other runs under the same output directory are left out."""
+    from fake_runs import FakeGrid
+
+    from tskd.report import build_report, find_runs
+    from tskd.report.collect import read_runs
+
+    runs = tmp_path / "runs"
+    fake = FakeGrid(runs, fake_dataset)
+    fake.run("demo", labels=40, size=100, seed=0)  # not a cell of the grid
+    fake.run("cmp-ts_kd-n100-l40-s0", labels=40, size=100, seed=0)
+    fake.run("cmp-ts_kd-n200-l40-s0", labels=40, size=200, seed=0, stop_at="transfer")
+    grid = runs / "cmp-grid"
+    (grid / "errors").mkdir(parents=True)
+    (grid / "grid.yaml").write_text("name: cmp\naxes: {methods: [ts_kd]}\nbase: {}\n")
+    (grid / "grid.csv").write_text("cell,status\nts_kd-n100-l40-s0,done\n"
+                                   "ts_kd-n200-l40-s0,failed\n")
+    (grid / "errors" / "ts_kd-n200-l40-s0.txt").write_text(
+        "Traceback (most recent call last):\nRuntimeError: out of memory in the sampler\n")
+    assert [p.name for p in find_runs(grid)] == ["cmp-ts_kd-n100-l40-s0", "cmp-ts_kd-n200-l40-s0"]
+    failed = {r.name: r for r in read_runs(grid)}["cmp-ts_kd-n200-l40-s0"]
+    assert [(f.stage, f.message) for f in failed.failures] == [
+        ("cell", "RuntimeError: out of memory in the sampler")]
+    report = build_report(grid, n_images=0, n_transfer=0)
+    rows = report["paper_tables"][0].body
+    ts = [[c.text for c in r] for r in rows if r[0].attrs.get("data-method") == "ts_kd"]
+    assert [r[1] for r in ts] == ["100", "200"]
+    assert ts[1][3] == "failed (cmp-ts_kd-n200-l40-s0): cell: RuntimeError: out of memory " \
+                       "in the sampler"

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 VIEW_FILE = "stages.json"  # tskd.store.VIEW_FILE (not imported: the store module is stage glue)
+GRID_FILE = "grid.yaml"  # written by `tskd grid` into <output_dir>/<name>-grid/
 ERROR_SUFFIX = ".error.log"
 SKIP_DIRS = {"store"}
 """Directory names never searched for runs (the shared store lives beside the runs)."""
@@ -44,6 +45,7 @@ class Row:
         rank: the teacher's LoRA rank (None when the model does not depend on the tuned teacher).
         teacher: the teacher's arch (None when the model depends on no teacher).
         seed: the run's seed.
+        workers: ``ray.num_workers`` the model's stage was built with (a scaling study's axis).
         scores: ``dice``, ``hd95``, ``miou``, ``per_class``, ``n_images`` (None: failed).
         pretrain_s: wall time of the model's own pre-training stage(s) (distillation, ...).
         finetune_s: wall time of its fine-tuning stage (the teacher's LoRA stage for the teacher).
@@ -65,6 +67,7 @@ class Row:
     rank: int | None = None
     teacher: str | None = None
     seed: int | None = None
+    workers: int | None = None
     scores: dict[str, Any] | None = None
     pretrain_s: float | None = None
     finetune_s: float | None = None
@@ -152,8 +155,36 @@ def is_run_dir(path: Path) -> bool:
             or any(path.glob(f"*{ERROR_SUFFIX}")))
 
 
+def grid_cells(grid_dir: Path) -> dict[str, Path] | None:
+    """``tskd grid``'s directory ``<output_dir>/<name>-grid`` (it holds ``grid.yaml``): cell
+    label -> the cell's run directory ``<output_dir>/<name>-<label>`` (the cells of its results
+    table ``grid.csv``, its failed cells ``errors/<label>.txt``, and the run directories named
+    after the grid); None for any other directory."""
+    import csv
+
+    import yaml
+
+    grid_dir = Path(grid_dir)
+    if not (grid_dir / GRID_FILE).is_file():
+        return None
+    try:
+        name = str(yaml.safe_load((grid_dir / GRID_FILE).read_text())["name"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        name = grid_dir.name.removesuffix("-grid")
+    labels: set[str] = set()
+    if (grid_dir / "grid.csv").is_file():
+        with open(grid_dir / "grid.csv", newline="") as f:
+            labels |= {row["cell"] for row in csv.DictReader(f) if row.get("cell")}
+    labels |= {p.stem for p in (grid_dir / "errors").glob("*.txt")}
+    if not labels:  # no table yet: the run directories named after the grid
+        labels = {p.name[len(name) + 1:] for p in grid_dir.parent.glob(f"{name}-*")
+                  if p != grid_dir and is_run_dir(p)}
+    return {label: grid_dir.parent / f"{name}-{label}" for label in sorted(labels)}
+
+
 def find_runs(root: str | Path, max_depth: int = 3) -> list[Path]:
-    """The run directories at or under ``root`` (not inside a run, not in ``store/``), sorted.
+    """The run directories at or under ``root`` (not inside a run, not in ``store/``), sorted;
+    for a ``tskd grid`` directory, its cells' run directories.
 
     Raises:
         FileNotFoundError: ``root`` is not a directory or holds no run.
@@ -163,6 +194,12 @@ def find_runs(root: str | Path, max_depth: int = 3) -> list[Path]:
         raise FileNotFoundError(f"{root}: no such run directory")
     if is_run_dir(root):
         return [root]
+    cells = grid_cells(root)
+    if cells is not None:
+        found = [p for p in cells.values() if p.is_dir()]
+        if not found:
+            raise FileNotFoundError(f"{root}: a grid whose cells have no run directory yet")
+        return found
     found: list[Path] = []
     todo = [(root, 0)]
     while todo:
@@ -250,7 +287,11 @@ def _teacher_base_mb(entries: dict[str, Path]) -> float | None:
 def read_run(path: str | Path, root: str | Path | None = None) -> Run:
     """Read one run directory (see the module docstring)."""
     path = Path(path)
-    name = path.name if root is None or Path(root) == path else path.relative_to(root).as_posix()
+    try:
+        name = path.relative_to(root).as_posix() if root is not None else "."
+    except ValueError:  # a grid's cells lie beside its directory
+        name = "."
+    name = path.name if name == "." else name
     results_path = path / RESULTS_FILE
     results = _read_json(results_path)
     entries = _entries(path)
@@ -266,9 +307,13 @@ def read_run(path: str | Path, root: str | Path | None = None) -> Run:
     run.config = next((m["config"] for m in manifests.values()
                        if isinstance(m.get("config"), dict)
                        and m["config"].get("experiment") == path.name), {})
-    store = next(iter(entries.values())).parent.parent if entries else None
-    run.rows = _rows(run, store)
+    run.rows = _rows(run, _store_of(run))
     return run
+
+
+def _store_of(run: Run) -> Path | None:
+    """The store the run's entries live in (``<store>/<stage>/<fp>``)."""
+    return next(iter(run.entries.values())).parent.parent if run.entries else None
 
 
 def _axes(run: Run, stage: str, store: Path | None) -> dict[str, Any]:
@@ -330,7 +375,8 @@ def _rows(run: Run, store: Path | None) -> list[Row]:
         model = model or {}
         row = Row(run=run.name, method=method, kind=kind, arch=arch, labels=axes["labels"],
                   transfer_size=axes["transfer_size"], rank=axes["rank"],
-                  teacher=axes["teacher"], seed=axes["seed"], scores=scores,
+                  teacher=axes["teacher"], seed=axes["seed"],
+                  workers=man.get("config", {}).get("ray", {}).get("num_workers"), scores=scores,
                   pretrain_s=axes["pretrain_s"], finetune_s=man.get("wall_time_s"),
                   params=model.get("params", metrics.get("student/params")),
                   size_mb=model.get("size_mb", metrics.get("student/size_mb")),
@@ -399,9 +445,23 @@ def _scores(entry: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def read_runs(root: str | Path) -> list[Run]:
-    """Every run at or under ``root`` (:func:`find_runs`), read."""
+    """Every run at or under ``root`` (:func:`find_runs`), read. For a grid directory a cell
+    whose error ``errors/<cell>.txt`` was recorded after its last ``results.json`` is failed
+    (with that error where no stage left its own log)."""
     root = Path(root).expanduser()
-    return [read_run(p, root) for p in find_runs(root)]
+    runs = [read_run(p, root) for p in find_runs(root)]
+    cells = grid_cells(root) or {}
+    errors = {path: root / "errors" / f"{label}.txt" for label, path in cells.items()}
+    for run in runs:
+        err = errors.get(run.path)
+        if err is None or not err.is_file() or run.failures:
+            continue
+        done = run.path / RESULTS_FILE
+        if not done.is_file() or err.stat().st_mtime >= done.stat().st_mtime:
+            run.failures.append(Failure(run.name, "cell", _last_line(err), err))
+            run.results = None
+            run.rows = _rows(run, _store_of(run))
+    return runs
 
 
 def unique_rows(runs: list[Run]) -> list[Row]:
@@ -423,4 +483,4 @@ def unique_rows(runs: list[Run]) -> list[Row]:
 
 
 def _axes_key(r: Row) -> tuple[Any, ...]:
-    return (r.kind, r.method, r.labels, r.transfer_size, r.seed)
+    return (r.kind, r.method, r.arch, r.labels, r.transfer_size, r.seed)

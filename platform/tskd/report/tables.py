@@ -85,6 +85,7 @@ class Group:
     transfer_size: int | None
     rank: int | None
     teacher: str | None
+    workers: int | None
     rows: list[Row]
 
     @property
@@ -116,7 +117,8 @@ def group_rows(rows: Iterable[Row]) -> list[Group]:
     """Rows grouped over seeds, in table order (method, label budget, transfer size, rank)."""
     groups: dict[tuple[Any, ...], Group] = {}
     for r in rows:
-        key = (r.method, r.kind, r.arch, r.labels, r.transfer_size, r.rank, r.teacher)
+        key = (r.method, r.kind, r.arch, r.labels, r.transfer_size, r.rank, r.teacher,
+               r.workers)
         # a failed model is its own row (its run named), never mixed into a scored mean
         full = key + (None if not r.failed else r.run,)
         groups.setdefault(full, Group(*key, rows=[])).rows.append(r)
@@ -125,7 +127,7 @@ def group_rows(rows: Iterable[Row]) -> list[Group]:
 
 def _group_key(g: Group) -> tuple[Any, ...]:
     return (_none_last(g.labels), method_key(g.method), _none_last(g.transfer_size),
-            _none_last(g.rank), g.teacher or "", g.arch)
+            _none_last(g.rank), g.teacher or "", g.arch, _none_last(g.workers))
 
 
 def _none_last(v: Any) -> tuple[int, Any]:
@@ -156,22 +158,36 @@ def _stat_cell(g: Group, metric: str, cls: str | None, digits: int) -> Cell:
     return Cell(text, "num", attrs)
 
 
-def _label(g: Group, teachers: bool = False) -> list[Cell]:
-    """Method name (the reference with its arch; with ``teachers``, a model that depends on
-    the tuned teacher names its arch and rank) and transfer-set size."""
+def _label(g: Group, detail: frozenset[str] = frozenset()) -> list[Cell]:
+    """Method name and transfer-set size. The reference names its arch, the teacher its rank;
+    ``detail`` (:func:`_varying`) adds what tells rows apart where a table mixes several
+    teachers (``teacher``), student architectures (``arch``) or worker counts (``workers``)."""
     name = method_name(g.method)
     if g.kind == "reference":
         name = f"{name}: {g.arch}"
-    if teachers and g.rank is not None:
+    if "teacher" in detail and g.rank is not None:
         name += f" [{g.teacher} r={g.rank}]"
     elif g.kind == "teacher" and g.rank is not None:
         name += f" r={g.rank}"
+    if "arch" in detail and g.kind == "student":
+        name += f" [{g.arch}]"
+    if "workers" in detail and g.workers is not None:
+        name += f" [{g.workers} workers]"
     return [Cell(name, "method", {"data-method": g.method}),
             Cell("–" if g.transfer_size is None else str(g.transfer_size), "num")]
 
 
-def _several_teachers(groups: Iterable[Group]) -> bool:
-    return len({(g.teacher, g.rank) for g in groups if g.rank is not None}) > 1
+def _varying(groups: Iterable[Group]) -> frozenset[str]:
+    """Which of teacher (arch, rank), student arch and worker count vary among ``groups``."""
+    groups = list(groups)
+    out = set()
+    if len({(g.teacher, g.rank) for g in groups if g.rank is not None}) > 1:
+        out.add("teacher")
+    if len({g.arch for g in groups if g.kind == "student"}) > 1:
+        out.add("arch")
+    if len({g.workers for g in groups if g.kind != "teacher" and g.workers is not None}) > 1:
+        out.add("workers")
+    return frozenset(out)
 
 
 # ------------------------------------------------------------------------------ Tables 1–5
@@ -197,11 +213,11 @@ def paper_tables(rows: list[Row], classes: list[str], hd95_unit: str) -> list[Ta
                 + [Cell(f"HD95 {c}{unit}", header=True) for c in classes]
                 + [Cell(f"Mean HD95{unit}", header=True), Cell("mIoU", header=True)]]
         body, row_cls = [], []
-        teachers = _several_teachers(block)
+        detail = _varying(block)
         students = [g for g in block if g.kind == "student" and g.ok]
         best = max((g.stat("dice")[0] for g in students), default=math.nan)
         for g in block:
-            label = _label(g, teachers)
+            label = _label(g, detail)
             seeds = Cell(str(len(g.ok)), "num")  # a group is all scored or all failed
             if not g.ok:
                 err = g.failed[0].error or "failed"
@@ -242,12 +258,12 @@ def compute_table(rows: list[Row]) -> Table:
                                             "Pre-training (s)", "Fine-tuning (s)", "Mean Dice",
                                             "Δ Dice vs scratch (%)")]]
     body = []
-    teachers = _several_teachers(groups)
+    detail = _varying(groups)
     for g in groups:
         dice = g.stat("dice")[0]
         base = scratch.get(g.labels, math.nan)
         gain = (dice - base) / base * 100 if math.isfinite(base) and base > 0 else math.nan
-        body.append(_label(g, teachers) + [
+        body.append(_label(g, detail) + [
             Cell("–" if g.labels is None else str(g.labels), "num"),
             _num(g.mean_of("pretrain_s"), 1, **{"data-col": "pretrain_s"}),
             _num(g.mean_of("finetune_s"), 1, **{"data-col": "finetune_s"}),
