@@ -409,6 +409,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         ray.shutdown()
     print(format_grid(rows))
     print(f"table: {grid.dir / 'grid.csv'} (also grid.parquet)")
+    print(f"report: tskd report {grid.dir}")
     failed = [r["cell"] for r in rows if r["status"] != "done"]
     if failed:
         print(f"{len(failed)} cell(s) not finished: {', '.join(failed)}; errors in "
