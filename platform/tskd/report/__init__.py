@@ -61,7 +61,8 @@ def build_report(root: str | Path, *, n_images: int = 3, n_transfer: int = 6) ->
             ("Dice per method", plots.scores_plot(groups, classes),
              "Mean and per-class test Dice (mean over seeds; bars: sample std)."),
             ("Dice against the label budget (Figure 3)", plots.labels_plot(groups),
-             "Mean test Dice per method and transfer-set size."),
+             "One panel per method, a line per transfer-set size; scratch and the label-only "
+             "reference dashed in every panel (mean over seeds; bars: sample std)."),
             ("Dice against the transfer-set size (Figures 5–9)", plots.transfer_plot(groups),
              "Methods that read no transfer set are horizontal lines.")):
         if png:
