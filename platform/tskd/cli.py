@@ -9,6 +9,7 @@
     tskd tune [CONFIG] --space SPACE.yaml [--set key=value ...] [--resume] [--address ADDR]
     tskd predict MODEL INPUT OUTPUT [--overlay] [--device cuda] [--ray] ...
     tskd export MODEL OUT [--format onnx|torchscript] [--int8] | tskd export RUN_DIR --teacher OUT.pth
+    tskd report RUN_DIR [--output report.html] [--images N]  # HTML report of a run or of runs
 
 Every config error is reported before Ray starts, naming the field, the value and what is
 allowed; so are an invalid dataset and a teacher checkpoint that does not fit ``teacher.arch``.
@@ -110,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     tune.add_argument("--resume", action="store_true",
                       help="resume the interrupted search of this experiment")
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of a run "
+                            "(runs/<exp>) or of a directory of runs (seeds, grid cells)")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--output", "-o", metavar="FILE",
+                        help="the HTML file (default: RUN_DIR/report.html)")
+    report.add_argument("--images", type=int, default=3, metavar="N",
+                        help="test images in the qualitative overlays (0: none; default 3)")
+    report.add_argument("--transfer-samples", type=int, default=6, metavar="N",
+                        help="transfer-set images shown per transfer set (default 6)")
 
     _add_deploy_parsers(sub)
     return parser
@@ -336,6 +347,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if results_path.is_file() and not args.only:
         print(format_table(json.loads(results_path.read_text())))
         print(f"\nresults: {results_path}")
+        print(f"report:  tskd report {cfg.run_dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tskd.report import write_report
+
+    if args.images < 0 or args.transfer_samples < 0:
+        raise ConfigError(f"--images / --transfer-samples: invalid value "
+                          f"{min(args.images, args.transfer_samples)}; allowed: a number >= 0")
+    out = write_report(args.run_dir, args.output, n_images=args.images,
+                       n_transfer=args.transfer_samples)
+    print(f"report: {out}")
     return 0
 
 
@@ -385,6 +409,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         ray.shutdown()
     print(format_grid(rows))
     print(f"table: {grid.dir / 'grid.csv'} (also grid.parquet)")
+    print(f"report: tskd report {grid.dir}")
     failed = [r["cell"] for r in rows if r["status"] != "done"]
     if failed:
         print(f"{len(failed)} cell(s) not finished: {', '.join(failed)}; errors in "
@@ -603,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": cmd_run, "config": cmd_config, "plan": cmd_plan, "grid": cmd_grid, "demo-data": cmd_demo_data,
                 "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune,
-                "predict": cmd_predict, "export": cmd_export}
+                "predict": cmd_predict, "export": cmd_export, "report": cmd_report}
     try:
         return commands[args.command](args)
     except TskdError as exc:
@@ -614,6 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(exc, DatasetError):
             print(f"tskd: {_error_kind(exc)}: {exc}", file=sys.stderr)
+            return 2
+        if args.command == "report" and isinstance(exc, FileNotFoundError):
+            print(f"tskd: report: {exc}", file=sys.stderr)
             return 2
         if args.command in ("predict", "export"):
             from tskd.predict import ModelError
