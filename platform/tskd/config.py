@@ -502,7 +502,7 @@ class MaeConfig:
     base_lr: float = 1.5e-4
     """The learning rate is ``base_lr × global batch / 256`` (MAE's linear scaling rule)."""
     weight_decay: float = 0.05
-    """AdamW (betas 0.9, 0.95); not applied to biases, norms and embeddings, as MAE."""
+    """AdamW (betas 0.9, 0.95); not applied to biases and norms, as MAE's code."""
     warmup_epochs: float = 1.0
     """Linear warm-up (epochs, may be fractional), then cosine decay."""
     mask_ratio: float = 0.75

@@ -53,14 +53,13 @@ def build_objective(method: str, student: torch.nn.Module, p: dict[str, Any]) ->
 
 def build_optimizer(method: str, objective: torch.nn.Module, p: dict[str, Any],
                     lr: float) -> torch.optim.Optimizer:
-    """AdamW as each method's code: MAE betas (0.9, 0.95) and no decay on biases, norms and
-    embeddings (timm's ``param_groups_weight_decay``); MoCo v3 decays every parameter."""
+    """AdamW as each method's code: MAE betas (0.9, 0.95) and no decay on biases and other 1-D
+    parameters (norms) — timm's ``param_groups_weight_decay``, the rule of MAE's
+    ``add_weight_decay``; MoCo v3 decays every parameter."""
     if method == "mae":
         from timm.optim import param_groups_weight_decay
 
-        groups = param_groups_weight_decay(objective, p["weight_decay"],
-                                           no_weight_decay_list=("cls_token", "pos_embed",
-                                                                 "mask_token", "reg_token"))
+        groups = param_groups_weight_decay(objective, p["weight_decay"])
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
     trainable = [q for q in objective.parameters() if q.requires_grad]
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=p["weight_decay"])
@@ -75,7 +74,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     method, p = config["method"], config["pretrain"]
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
-    student = build_student(config["student"], config["num_classes"])
+    student = build_student(config["student"], config["num_classes"]).to(device)
     objective = build_objective(method, student, p)
     if method == "mocov3" and world > 1 and config["ray"].get("use_gpu"):
         objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)  # as MoCo v3
