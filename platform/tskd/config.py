@@ -550,6 +550,10 @@ class MocoV3Config:
     """Hidden width of both heads (MoCo v3: 4096; smaller for the ViT-Tiny demo)."""
     min_crop_scale: float = 0.08
     """Smallest random-resized-crop area of a view, as a share of the image."""
+    freeze_patch_embed: bool = True
+    """Keep the ViT's patch projection at its random init during MoCo v3 (the MoCo v3 ViT
+    recipe's ``--stop-grad-conv1``, which its authors found stabilises training); it is trained
+    in the fine-tuning that follows."""
 
     def validate(self, path: str) -> None:
         _check_loop(self, path, "epochs", "batch_size", "warmup_epochs")

@@ -67,3 +67,13 @@ def test_momentum_encoder_is_an_ema_of_the_base():
     moco.update_momentum_encoder()
     expected = 0.9 * before + 0.1 * moco.backbone.blocks[0].mlp.fc1.weight
     torch.testing.assert_close(moco.momentum_backbone.blocks[0].mlp.fc1.weight, expected)
+
+
+def test_frozen_patch_projection_gets_no_gradient():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                            num_classes=0)
+    moco = MoCoV3(vit, dim=8, mlp_dim=16, freeze_patch_embed=True)
+    moco(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)).backward()
+    assert vit.patch_embed.proj.weight.grad is None
+    assert vit.blocks[0].attn.qkv.weight.grad is not None

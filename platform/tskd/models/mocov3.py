@@ -79,6 +79,8 @@ class MoCoV3(nn.Module):
         mlp_dim: hidden width of both MLPs (4096 in MoCo v3).
         temperature: τ of the InfoNCE (0.2 in the paper).
         momentum: EMA coefficient of the momentum encoder (0.99 in the paper).
+        freeze_patch_embed: keep the patch projection at its random init (MoCo v3's ViT recipe,
+            ``--stop-grad-conv1``, for training stability).
 
     ``forward(x1, x2: normalised (B, 3, S, S)) -> loss`` (scalar). Each call first moves the
     momentum encoder towards the base encoder (MoCo v3 does it in ``forward``, so it sees the
@@ -86,11 +88,14 @@ class MoCoV3(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, *, dim: int = 256, mlp_dim: int = 4096,
-                 temperature: float = 0.2, momentum: float = 0.99) -> None:
+                 temperature: float = 0.2, momentum: float = 0.99,
+                 freeze_patch_embed: bool = False) -> None:
         super().__init__()
         self.temperature, self.momentum = temperature, momentum
         width = int(backbone.embed_dim)
         self.backbone = backbone
+        if freeze_patch_embed:
+            backbone.patch_embed.requires_grad_(False)
         self.projector = build_mlp(3, width, mlp_dim, dim)
         self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
         self.momentum_backbone = copy.deepcopy(backbone)

@@ -48,7 +48,8 @@ def build_objective(method: str, student: torch.nn.Module, p: dict[str, Any]) ->
     from tskd.models.mocov3 import MoCoV3
 
     return MoCoV3(student.backbone, dim=p["dim"], mlp_dim=p["mlp_dim"],
-                  temperature=p["temperature"], momentum=p["momentum"])
+                  temperature=p["temperature"], momentum=p["momentum"],
+                  freeze_patch_embed=p["freeze_patch_embed"])
 
 
 def build_optimizer(method: str, objective: torch.nn.Module, p: dict[str, Any],
