@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
 from tskd.config import DistillConfig, ExperimentConfig, fingerprint, to_dict
-from tskd.stages import (data_stage, distill, evaluate, imagenet_init, pretrain, reference,
+from tskd.stages import (data_stage, distill, evaluate, imagenet_init, reference,
                          student_finetune, teacher_finetune, teacher_pretrain, transfer_set)
+from tskd.stages import pretrain as ssl_pretrain  # (plan() has a local named pretrain)
 from tskd.store import Entry, Store, record_use
 from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
@@ -121,7 +122,7 @@ def _baseline_init_stage(cfg: ExperimentConfig, arm: str, name: str,
     if arm == "imagenet_mae":  # a checkpoint file (its identity is in the fingerprint)
         return Stage(name, imagenet_init.run, ("data",),
                      {"student": student, "imagenet_mae": to_dict(cfg.imagenet_mae)})
-    return Stage(name, pretrain.run, ("data", "transfer"),
+    return Stage(name, ssl_pretrain.run, ("data", "transfer"),
                  {"student": student, arm: to_dict(getattr(cfg, arm))}, {"arm": arm})
 
 
