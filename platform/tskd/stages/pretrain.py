@@ -72,6 +72,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
+    from tskd.stages.live_metrics import StepTimer
+
     method, p = config["method"], config["pretrain"]
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
@@ -96,14 +98,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     if is_rank_zero():
         log.info("%s pre-training: lr %.3g (base %.3g × batch %d / 256), %d steps per epoch",
                  method, lr, p["base_lr"], p["batch_size"] * world, steps_per_epoch)
-    start = time.time()
+    start, timer = time.time(), StepTimer()
     for epoch in range(1, p["epochs"] + 1):
         total, n = 0.0, 0
-        for batch in shard.iter_torch_batches(batch_size=p["batch_size"],
-                                              dtypes={"id": torch.int64,
-                                                      "image": torch.float32}, device=device,
-                                              local_shuffle_buffer_size=4 * p["batch_size"],
-                                              local_shuffle_seed=config["seed"] + epoch):
+        for batch in timer.batches(shard.iter_torch_batches(
+                batch_size=p["batch_size"], dtypes={"id": torch.int64, "image": torch.float32},
+                device=device, local_shuffle_buffer_size=4 * p["batch_size"],
+                local_shuffle_seed=config["seed"] + epoch)):
             images = batch["image"].permute(0, 3, 1, 2)  # (B, 3, H, W) 0..255
             if views is None:  # MAE: the image itself
                 loss = model(preprocess(images)).loss
@@ -120,10 +121,11 @@ def _train_loop(config: dict[str, Any]) -> None:
             n += 1
         elapsed = time.time() - start
         metrics = {"pretrain/loss": total / max(n, 1), "pretrain/train_time_s": elapsed,
-                   "epoch": epoch}
+                   "epoch": epoch} | timer.summary()
         if is_rank_zero():
-            log.info("%s epoch %d/%d loss %.5f (%.0f s)", method, epoch, p["epochs"],
-                     metrics["pretrain/loss"], elapsed)
+            log.info("%s epoch %d/%d loss %.5f, %.1f img/s (data wait %.0f%%), %.0f s", method,
+                     epoch, p["epochs"], metrics["pretrain/loss"], metrics["perf/images_per_s"],
+                     100 * metrics["perf/data_stall"], elapsed)
         last = epoch == p["epochs"]
         report(metrics, {"student": student.state_dict()} if last else None)
 
