@@ -158,3 +158,30 @@ def test_format_table_footer_names_the_conventions():
     assert lines[0].split() == ["model", "Dice", "HD95", "(pixels)", "mIoU", "Dice", "organ"]
     assert lines[-1] == ("samed empty-mask convention, mIoU with background, HD95 in pixels; "
                          "labels per model: 30 train + 10 val; seed 3; config abcdef0123456789")
+
+
+def test_imagenet_mae_checkpoint_is_checked_before_ray(tmp_path, capsys, monkeypatch):
+    import pytest
+    import timm
+    import torch
+
+    from tskd.cli import check_vit_checkpoint
+    from tskd.config import ConfigError, load_config
+
+    _no_ray(monkeypatch)
+    missing = tmp_path / "nope.pth"
+    assert main(["run", "--set", "students=[scratch, imagenet_mae]",
+                 "--set", f"imagenet_mae.checkpoint={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert "imagenet_mae.checkpoint" in err and str(missing) in err
+    # a ViT-Tiny MAE checkpoint (224 px, MAE-lite layout) fits the 128 px student: accepted
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    path = tmp_path / "mae_tiny.pth.tar"
+    torch.save({"model": {f"module.model.{k}": v for k, v in vit.state_dict().items()}}, path)
+    args = ["students=[scratch, imagenet_mae]", f"imagenet_mae.checkpoint={path}"]
+    check_vit_checkpoint(load_config(None, args))
+    # a ViT-Small one does not
+    small = timm.create_model("vit_small_patch16_224", num_classes=0, depth=1)
+    torch.save(small.state_dict(), path)
+    with pytest.raises(ConfigError, match=r"^imagenet_mae.checkpoint: .*mae_tiny.pth.tar"):
+        check_vit_checkpoint(load_config(None, args))

@@ -66,6 +66,13 @@ def test_parse_override_yaml_values():
     ("reference.arch=lstm", "reference.arch", "'none' or one of ['vit'"),
     ("reference.epochs=0", "reference.epochs", "an integer >= 1"),
     ("reference.lr=0", "reference.lr", "a number > 0"),
+    ("students=[scratch, imagenet_mae]", "imagenet_mae.checkpoint", "MAE-lite layout"),
+    ("imagenet_mae.mismatch=drop", "imagenet_mae.mismatch", "'interpolate', 'skip'"),
+    ("mae.mask_ratio=1", "mae.mask_ratio", "(0, 1)"),
+    ("mae.decoder_dim=30", "mae.decoder_dim", "multiple of 4"),
+    ("mocov3.batch_size=1", "mocov3.batch_size", ">= 2"),
+    ("mocov3.momentum=1", "mocov3.momentum", "[0, 1)"),
+    ("mocov3.temperature=0", "mocov3.temperature", "> 0"),
 ])
 def test_errors_name_field_value_and_allowed(override, field, fragment):
     with pytest.raises(ConfigError) as err:
@@ -204,3 +211,26 @@ def test_task_agnostic_kd_needs_the_hidden_term():
     with pytest.raises(ConfigError, match="^distill.w_hidden"):
         load_config(None, ["distill.preset=ts_kd6"])  # logits only
     assert load_config(None, ["distill.preset=ts_kd6", "students=[ts_kd, scratch]"])
+
+
+def test_vit_baselines_are_rejected_for_other_student_archs():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["student.arch=basic_unet", "students=[scratch, mae, mocov3]"])
+    message = str(err.value)
+    assert message.startswith("students:") and "['mae', 'mocov3']" in message
+    assert "student.arch='basic_unet'" in message and "'vit'" in message
+    # the same arms are fine with the ViT student; scratch and KD are fine with any arch
+    assert load_config(None, ["students=[scratch, mae, mocov3]"]).students[1:] == ["mae", "mocov3"]
+    assert load_config(None, ["student.arch=basic_unet", "students=[scratch, ts_kd]"])
+
+
+def test_baseline_defaults_are_the_papers():
+    cfg = load_config()
+    assert cfg.students == ["ts_kd", "ta_kd", "scratch"]  # the baselines are opt-in
+    assert (cfg.mae.mask_ratio, cfg.mae.batch_size, cfg.mae.base_lr, cfg.mae.weight_decay) == (
+        0.75, 64, 1.5e-4, 0.05)
+    m = cfg.mocov3
+    assert (m.batch_size, m.base_lr, m.weight_decay, m.momentum, m.temperature) == (
+        32, 1.5e-4, 0.1, 0.99, 0.2)
+    from tskd.config import scaled_lr
+    assert scaled_lr(1.5e-4, 64) == pytest.approx(3.75e-5)  # MAE: base × 64 / 256

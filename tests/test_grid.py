@@ -156,3 +156,17 @@ def test_grid_runs_cells_shares_stages_records_failures_and_skips_finished(tmp_p
     after = (tmp_path / "builds.log").read_text().splitlines()[len(before):]
     assert after == ["student 12 ta_kd"]
     assert [r["cell"] for r in rows if r["status"] == "failed"] == ["ta_kd-l12"]
+
+
+def test_methods_axis_takes_the_baseline_arms(tmp_path):
+    ckpt = tmp_path / "mae_tiny.pth"
+    ckpt.write_bytes(b"x")
+    path = _write(tmp_path, {"set": {"imagenet_mae": {"checkpoint": str(ckpt)}},
+                             "axes": {"methods": ["imagenet_mae", "mae", "mocov3"],
+                                      "transfer_sizes": [10]}})
+    got = {c.name: c.config for c in cells(load_grid(path))}
+    assert {n: c.students for n, c in got.items()} == {
+        "imagenet_mae-n10": ["imagenet_mae"], "mae-n10": ["mae"], "mocov3-n10": ["mocov3"]}
+    # the ViT-only arms with a CNN student: the cell's config error names the field
+    with pytest.raises(ConfigError, match="students"):
+        load_grid(_write(tmp_path, {"axes": {"methods": ["mae"], "students": ["basic_unet"]}}))

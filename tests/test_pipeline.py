@@ -85,6 +85,46 @@ def test_reference_off_and_student_arch_in_the_fingerprinted_config():
     assert stages["reference"].config["reference"]["epochs"] == 3
 
 
+def test_baseline_arms_plan_their_init_stages(tmp_path):
+    ckpt = tmp_path / "mae_tiny.pth"
+    ckpt.write_bytes(b"x")
+    cfg = load_config(None, ["students=[scratch, imagenet_mae, mae, mocov3]",
+                             f"imagenet_mae.checkpoint={ckpt}", "mae.epochs=2"])
+    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "transfer", "student_scratch",
+                          "init_imagenet_mae", "student_imagenet_mae", "pretrain_mae",
+                          "student_mae", "pretrain_mocov3", "student_mocov3", "reference",
+                          "evaluate"]
+    stages = {s.name: s for s in pipeline.plan(cfg)}
+    # ImageNet-MAE reads only the data (for the classes) and its checkpoint file
+    assert stages["init_imagenet_mae"].deps == ("data",)
+    assert stages["init_imagenet_mae"].config["imagenet_mae"]["checkpoint"] == str(ckpt)
+    # MAE and MoCo v3 pre-train on the transfer set; no teacher
+    assert stages["pretrain_mae"].deps == ("data", "transfer")
+    assert stages["pretrain_mocov3"].deps == ("data", "transfer")
+    assert stages["pretrain_mae"].config["mae"]["epochs"] == 2
+    assert "mocov3" not in stages["pretrain_mae"].config
+    assert stages["pretrain_mocov3"].params == {"arm": "mocov3"}
+    # each fine-tuning reads its init stage, as student_ts_kd reads distill_ts_kd
+    for arm, init in [("imagenet_mae", "init_imagenet_mae"), ("mae", "pretrain_mae"),
+                      ("mocov3", "pretrain_mocov3")]:
+        assert stages[f"student_{arm}"].deps == ("data", init)
+        assert stages[f"student_{arm}"].params == {"arm": arm, "init_stage": init}
+        assert stages[f"student_{arm}"].config == stages["student_scratch"].config
+    assert stages["evaluate"].deps[2:6] == ("student_scratch", "student_imagenet_mae",
+                                            "student_mae", "student_mocov3")
+    # the checkpoint's identity is in the init stage's fingerprint; num_workers is not
+    ext = pipeline.external_inputs(stages["init_imagenet_mae"].config)
+    assert list(ext) == ["imagenet_mae.checkpoint"]
+    fp = pipeline.stage_fingerprint(stages["init_imagenet_mae"], cfg, {})
+    more = load_config(None, ["students=[scratch, imagenet_mae]", f"imagenet_mae.checkpoint={ckpt}",
+                              "ray.num_workers=2"])
+    assert pipeline.stage_fingerprint({s.name: s for s in pipeline.plan(more)}[
+        "init_imagenet_mae"], more, {}) == fp
+    # no transfer set without an arm that learns from it
+    assert "transfer" not in names(load_config(None, ["students=[scratch, imagenet_mae]",
+                                                      f"imagenet_mae.checkpoint={ckpt}"]))
+
+
 def _fake_plan(monkeypatch, fail=False):
     def plan(cfg):
         return [

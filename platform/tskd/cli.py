@@ -171,6 +171,10 @@ def check_paths(cfg: ExperimentConfig) -> None:
     if cfg.teacher.checkpoint is not None and not Path(cfg.teacher.checkpoint).expanduser().is_file():
         raise ConfigError(f"teacher.checkpoint: invalid value {cfg.teacher.checkpoint!r}; "
                           "allowed: an existing SAM checkpoint file")
+    mae = cfg.imagenet_mae.checkpoint
+    if "imagenet_mae" in cfg.students and not Path(str(mae)).expanduser().is_file():
+        raise ConfigError(f"imagenet_mae.checkpoint: invalid value {mae!r}; allowed: an existing "
+                          f"ViT MAE checkpoint file (no file at {Path(str(mae)).expanduser()})")
 
 
 def check_inputs(cfg: ExperimentConfig) -> None:
@@ -195,6 +199,36 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if cfg.teacher.checkpoint is not None:
         check_teacher_checkpoint(Path(cfg.teacher.checkpoint).expanduser(), cfg.teacher.arch,
                                  img_size=cfg.teacher.img_size, num_classes=num_classes)
+    if "imagenet_mae" in cfg.students:
+        check_vit_checkpoint(cfg)
+
+
+def check_vit_checkpoint(cfg: ExperimentConfig) -> None:
+    """``imagenet_mae.checkpoint`` loads into the configured ViT student (with the configured
+    interpolation or skipping): one line naming the field and the file otherwise.
+
+    Raises:
+        ConfigError: unreadable file, or keys/shapes that do not fit the student's ViT.
+    """
+    from tskd.models.students import build_student
+    from tskd.models.vit_checkpoint import read_vit_state_dict, vit_state_dict_into
+
+    path = Path(str(cfg.imagenet_mae.checkpoint)).expanduser()
+    field = "imagenet_mae.checkpoint"
+    try:
+        state = read_vit_state_dict(path)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{field}: cannot read {path} as a ViT checkpoint "
+                          f"({type(exc).__name__}: {first})") from None
+    backbone = build_student(to_dict(cfg.student), 2).backbone  # ViT-Tiny: ~0.1 s to build
+    try:
+        vit_state_dict_into(backbone, state, mismatch=cfg.imagenet_mae.mismatch,
+                            source=str(path))
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
 
 
 def check_student_block(cfg: ExperimentConfig) -> None:

@@ -28,8 +28,13 @@ import yaml
 SAM_ARCHS = ("vit_b", "vit_l", "vit_h", "sam_demo", "sam_tiny")
 """Teacher architectures; must equal the keys of ``tskd.models.sam.SAM_ARCHS`` (tested)."""
 OFFICIAL_SAM_ARCHS = ("vit_b", "vit_l", "vit_h")
-STUDENT_ARMS = ("ts_kd", "ta_kd", "scratch")
-"""Students the pipeline can train: task-specific KD, task-agnostic KD, random init."""
+STUDENT_ARMS = ("ts_kd", "ta_kd", "scratch", "imagenet_mae", "mae", "mocov3")
+"""Students the pipeline can train: task-specific KD, task-agnostic KD, random init, and the
+paper's other baselines: ImageNet-MAE weights, MAE or MoCo v3 pre-training on the transfer set."""
+DEFAULT_ARMS = ("ts_kd", "ta_kd", "scratch")
+"""``students`` by default."""
+VIT_ONLY_ARMS = ("imagenet_mae", "mae", "mocov3")
+"""Arms defined for the ViT student only (``student.arch: vit``)."""
 STUDENT_ARCHS = ("vit", "timm_unet", "basic_unet", "segresnet")
 """Student architectures; must equal ``tskd.models.students.STUDENT_ARCHS`` (tested)."""
 TIMM_ENCODERS = ("resnet18", "resnet34", "efficientnet_b0", "efficientnet_b1", "repvit_m0_9",
@@ -476,6 +481,110 @@ class StudentFinetuneConfig:
 
 
 @dataclass
+class ImagenetMaeConfig:
+    """The ``imagenet_mae`` arm: the student's ViT starts from an ImageNet MAE checkpoint (the
+    paper: MAE-lite's ViT-Tiny, 400 epochs on ImageNet); its FPN head starts at random."""
+
+    checkpoint: str | None = None
+    """A ViT checkpoint in timm layout (plain state dict, or under ``model``/``state_dict``; the
+    official MAE files) or MAE-lite layout (``model`` with ``module.model.`` prefixes). The MAE
+    decoder and any classification head are dropped."""
+    mismatch: Literal["interpolate", "skip"] = "interpolate"
+    """When the checkpoint's position embeddings (input size) or patch embedding (patch size) do
+    not fit the student: ``interpolate`` resamples them (timm ``resample_abs_pos_embed`` /
+    ``resample_patch_embed``); ``skip`` leaves them at random init, as the paper did ("did not
+    load the first layer of tokens"). The stage reports which keys went which way."""
+
+    def validate(self, path: str) -> None:
+        pass
+
+
+@dataclass
+class MaeConfig:
+    """The ``mae`` arm: MAE pre-training of the student's ViT on the transfer set (paper 4.2.1:
+    mask ratio 0.75, batch 64, AdamW base lr 1.5e-4, weight decay 0.05, cosine, 1,600 epochs).
+    Then the usual fine-tuning on the labels."""
+
+    epochs: int = 3
+    """Demo scale (the paper: 1,600)."""
+    batch_size: int = 64
+    """Per worker; the global batch is ``batch_size × ray.num_workers``."""
+    base_lr: float = 1.5e-4
+    """The learning rate is ``base_lr × global batch / 256`` (MAE's linear scaling rule)."""
+    weight_decay: float = 0.05
+    """AdamW (betas 0.9, 0.95); not applied to biases and norms, as MAE's code."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up (epochs, may be fractional), then cosine decay."""
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    """Targets are each patch's pixels normalised by the patch's mean and std (MAE's recipe)."""
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    """A small decoder (MAE-lite's ViT-Tiny used a larger one); discarded after pre-training."""
+
+    def validate(self, path: str) -> None:
+        _check_loop(self, path, "epochs", "batch_size", "warmup_epochs")
+        _check(self.base_lr > 0, f"{path}.base_lr", self.base_lr, "a number > 0")
+        _check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(0.0 < self.mask_ratio < 1.0, f"{path}.mask_ratio", self.mask_ratio,
+               "a number in (0, 1)")
+        _check(self.decoder_depth >= 1, f"{path}.decoder_depth", self.decoder_depth,
+               "an integer >= 1")
+        _check(self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0
+               and self.decoder_dim % 4 == 0, f"{path}.decoder_dim", self.decoder_dim,
+               f"a multiple of 4 and of decoder_heads={self.decoder_heads}")
+
+
+@dataclass
+class MocoV3Config:
+    """The ``mocov3`` arm: MoCo v3 pre-training of the student's ViT on the transfer set (paper
+    4.2.1: batch 32, AdamW base lr 1.5e-4, weight decay 0.1, momentum 0.99, temperature 0.2,
+    cosine, 1,600 epochs). Then the usual fine-tuning on the labels."""
+
+    epochs: int = 3
+    """Demo scale (the paper: 1,600)."""
+    batch_size: int = 32
+    """Per worker; the global batch is ``batch_size × ray.num_workers``."""
+    base_lr: float = 1.5e-4
+    """The learning rate is ``base_lr × global batch / 256`` (MoCo v3's code scales it so)."""
+    weight_decay: float = 0.1
+    warmup_epochs: float = 1.0
+    """Linear warm-up (epochs, may be fractional), then cosine decay."""
+    momentum: float = 0.99
+    """EMA coefficient of the momentum encoder."""
+    temperature: float = 0.2
+    dim: int = 256
+    """Output width of the projection and prediction heads (MoCo v3: 256)."""
+    mlp_dim: int = 1024
+    """Hidden width of both heads (MoCo v3: 4096; smaller for the ViT-Tiny demo)."""
+    min_crop_scale: float = 0.08
+    """Smallest random-resized-crop area of a view, as a share of the image."""
+    freeze_patch_embed: bool = True
+    """Keep the ViT's patch projection at its random init during MoCo v3 (the MoCo v3 ViT
+    recipe's ``--stop-grad-conv1``, which its authors found stabilises training); it is trained
+    in the fine-tuning that follows."""
+
+    def validate(self, path: str) -> None:
+        _check_loop(self, path, "epochs", "batch_size", "warmup_epochs")
+        _check(self.batch_size >= 2, f"{path}.batch_size", self.batch_size,
+               "an integer >= 2 (InfoNCE needs negatives; BatchNorm needs 2 samples)")
+        _check(self.base_lr > 0, f"{path}.base_lr", self.base_lr, "a number > 0")
+        _check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(0.0 <= self.momentum < 1.0, f"{path}.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.temperature > 0, f"{path}.temperature", self.temperature, "a number > 0")
+        _check(self.dim >= 1, f"{path}.dim", self.dim, "an integer >= 1")
+        _check(self.mlp_dim >= 1, f"{path}.mlp_dim", self.mlp_dim, "an integer >= 1")
+        _check(0.0 < self.min_crop_scale <= 1.0, f"{path}.min_crop_scale", self.min_crop_scale,
+               "a number in (0, 1]")
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """MAE's and MoCo v3's linear scaling rule: ``base_lr × global_batch / 256``."""
+    return base_lr * global_batch / 256
+
+
+@dataclass
 class ReferenceConfig:
     """A label-only reference network trained in every run (stage ``reference``): a student
     architecture trained from random init on the same labels, loss (0.2·CE + 0.8·Dice) and
@@ -563,13 +672,16 @@ class ExperimentConfig:
     experiment: str = "demo"
     output_dir: str = "runs"
     seed: int = 0
-    students: list[str] = field(default_factory=lambda: list(STUDENT_ARMS))
+    students: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     student_finetune: StudentFinetuneConfig = field(default_factory=StudentFinetuneConfig)
+    imagenet_mae: ImagenetMaeConfig = field(default_factory=ImagenetMaeConfig)
+    mae: MaeConfig = field(default_factory=MaeConfig)
+    mocov3: MocoV3Config = field(default_factory=MocoV3Config)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -595,6 +707,14 @@ class ExperimentConfig:
             _check(self.distill.student_block == -1, "distill.student_block",
                    self.distill.student_block, f"-1 for student.arch {self.student.arch!r} (it has "
                    "one hidden map; only the vit student selects a block)")
+        vit_only = [s for s in self.students if s in VIT_ONLY_ARMS]
+        _check(not vit_only or self.student.arch == "vit", "students", self.students,
+               f"no {vit_only} with student.arch={self.student.arch!r}: those arms initialise "
+               "a ViT (student.arch 'vit'); drop them or use the ViT student")
+        if "imagenet_mae" in self.students:
+            _check(self.imagenet_mae.checkpoint is not None, "imagenet_mae.checkpoint", None,
+                   "the path of a ViT MAE checkpoint (timm or MAE-lite layout) while students "
+                   "include 'imagenet_mae'")
         if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
             self.reference.student(self.data.image_size).validate("reference")
 

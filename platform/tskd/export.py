@@ -312,6 +312,14 @@ def write_model_card(report: ExportReport, meta: ModelMeta, ctx: dict[str, Any],
                                                  if arm == "ta_kd" else "")
           + f", {distill.get('epochs', 'n/a')} epochs on the transfer set "
           f"({(cfg.get('transfer') or {}).get('n_images', 'n/a')} synthetic images)")
+    baseline = {"imagenet_mae": "ViT initialised from an ImageNet MAE checkpoint "
+                                f"({(cfg.get('imagenet_mae') or {}).get('checkpoint', 'n/a')})",
+                "mae": f"MAE pre-training on the transfer set, "
+                       f"{(cfg.get('mae') or {}).get('epochs', 'n/a')} epochs",
+                "mocov3": f"MoCo v3 pre-training on the transfer set, "
+                          f"{(cfg.get('mocov3') or {}).get('epochs', 'n/a')} epochs"}
+    if arm in baseline:  # not distilled: the paper's other initialisations
+        kd = f"none; arm `{arm}`: {baseline[arm]}, then fine-tuned on the labels"
     int8 = "not exported"
     if report.int8_path is not None:
         dice = report.dice

@@ -18,8 +18,10 @@ from typing import Any, Callable
 
 from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
 from tskd.config import DistillConfig, ExperimentConfig, fingerprint, to_dict
-from tskd.stages import (data_stage, distill, evaluate, reference, student_finetune,
-                         teacher_cache, teacher_finetune, teacher_pretrain, transfer_set)
+from tskd.stages import (data_stage, distill, evaluate, imagenet_init, reference,
+                         student_finetune, teacher_cache, teacher_finetune, teacher_pretrain,
+                         transfer_set)
+from tskd.stages import pretrain as ssl_pretrain  # (plan() has a local named pretrain)
 from tskd.store import Entry, Store, record_use
 from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
@@ -60,8 +62,7 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     stages.append(Stage("teacher", teacher_finetune.run, ("data", *base_deps),
                         {**teacher_base, "decoder": t["decoder"], "lora": t["lora"],
                          "finetune": t["finetune"]}))
-    kd_arms = [s for s in cfg.students if s != "scratch"]
-    if kd_arms:
+    if any(s in TRANSFER_ARMS for s in cfg.students):
         stages.append(Stage("transfer", transfer_set.run, ("data",),
                             {"transfer": to_dict(cfg.transfer),
                              "image_size": cfg.data.image_size}))
@@ -74,11 +75,18 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     kd.pop("rung_epochs")
     kd.pop("cache_max_gb")  # what it decides is kd["teacher_placement"], resolved below
     kd_defaults = to_dict(DistillConfig())
+    kd_arms = [a for a in cfg.students if a in ("ts_kd", "ta_kd")]
     placement = teacher_cache.placement(cfg, _num_classes(cfg)) if kd_arms else "replicated"
     kd["teacher_placement"] = placement
     for arm in cfg.students:
         deps: tuple[str, ...] = ("data",)
-        if arm != "scratch":
+        finetune_params: dict[str, Any] = {"arm": arm}
+        if arm in BASELINE_INIT_STAGES:  # ImageNet-MAE weights, MAE or MoCo v3 pre-training
+            init = BASELINE_INIT_STAGES[arm]
+            stages.append(_baseline_init_stage(cfg, arm, init, student))
+            deps = ("data", init)
+            finetune_params["init_stage"] = init
+        elif arm != "scratch":
             # TS-KD reads the LoRA-tuned teacher; task-agnostic KD the un-tuned base SAM.
             teacher_deps = ("teacher",) if arm == "ts_kd" else base_deps
             # Task-agnostic KD: hidden-state term only, so the logits term's settings do not
@@ -103,7 +111,7 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
             deps = ("data", f"distill_{arm}")
         stages.append(Stage(f"student_{arm}", student_finetune.run, deps,
                             {"student": student, "finetune": to_dict(cfg.student_finetune)},
-                            {"arm": arm}))
+                            finetune_params))
     ref: tuple[str, ...] = ()
     if cfg.reference.arch != "none":  # the label-only reference network
         ref = ("reference",)
@@ -116,11 +124,28 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     return stages
 
 
+TRANSFER_ARMS = ("ts_kd", "ta_kd", "mae", "mocov3")
+"""Arms whose student is pre-trained on the transfer set."""
+BASELINE_INIT_STAGES = {"imagenet_mae": "init_imagenet_mae", "mae": "pretrain_mae",
+                        "mocov3": "pretrain_mocov3"}
+"""The paper's other initialisations: arm -> the stage whose ``student.pt`` its fine-tuning
+starts from (``student_finetune`` reads it as it reads ``distill_<arm>``)."""
+
+
+def _baseline_init_stage(cfg: ExperimentConfig, arm: str, name: str,
+                         student: dict[str, Any]) -> Stage:
+    if arm == "imagenet_mae":  # a checkpoint file (its identity is in the fingerprint)
+        return Stage(name, imagenet_init.run, ("data",),
+                     {"student": student, "imagenet_mae": to_dict(cfg.imagenet_mae)})
+    return Stage(name, ssl_pretrain.run, ("data", "transfer"),
+                 {"student": student, arm: to_dict(getattr(cfg, arm))}, {"arm": arm})
+
+
 RUN_FILES = ("results.json",)
 """Files at the top of an entry that the run directory gets a copy of (the evaluate stage writes
 ``runs/<experiment>/results.json`` when it builds; a reused entry's copy is put there too)."""
 
-_SINGLE_PROCESS = {data_stage.run, transfer_set.run, evaluate.run}
+_SINGLE_PROCESS = {data_stage.run, transfer_set.run, evaluate.run, imagenet_init.run}
 """Stage functions whose result does not depend on ``ray.num_workers`` (every other stage is
 assumed to train with that many Ray Train workers: data sharding and the effective batch change)."""
 

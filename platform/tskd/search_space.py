@@ -198,7 +198,7 @@ def trial_base(base: dict[str, Any], objective_stage: str, rung_every: int = 0
     (the scheduler's) sets ``distill.rung_every``."""
     if rung_every:
         base = _merge(base, {"distill": {"rung_every": rung_every}})
-    for prefix in ("student_", "distill_"):
+    for prefix in ("student_", "distill_", "pretrain_", "init_"):
         arm = objective_stage[len(prefix):] if objective_stage.startswith(prefix) else None
         if arm in base.get("students", ()):
             return {**base, "students": [arm]}

@@ -83,6 +83,22 @@ def model_entry(arch: str, stage_dir: Path) -> dict[str, Any]:
                                     for k in ("params", "size_mb", "latency_ms")}}
 
 
+def pretrain_cost(student_stage: Path) -> dict[str, Any] | None:
+    """The compute time of the stage a fine-tuned student started from (``distill_<arm>``,
+    ``pretrain_<arm>``, ``init_imagenet_mae``; None for scratch), read from its manifest in the
+    store: ``{"stage", "wall_time_s", "train_time_s"}`` (``train_time_s``: the training loop
+    alone, where the stage reports it)."""
+    upstream = (read_manifest(student_stage) or {}).get("upstream", {})
+    for name, fp in upstream.items():
+        if name == "data":
+            continue
+        manifest = read_manifest(Path(student_stage).parent.parent / name / fp) or {}
+        metrics = manifest.get("metrics", {})
+        return {"stage": name, "wall_time_s": manifest.get("wall_time_s"),
+                "train_time_s": metrics.get("pretrain/train_time_s")}
+    return None
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     from tskd.metrics import convention_info
     from tskd.stages.student_finetune import load_student
@@ -103,7 +119,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         model = load_student(ctx.inputs[f"student_{arm}"], to_dict(cfg.student),
                              info.num_classes)
         students[arm] = score_on_originals(model, info, test, size, bs, **opts) | model_entry(
-            cfg.student.arch, ctx.inputs[f"student_{arm}"])
+            cfg.student.arch, ctx.inputs[f"student_{arm}"]) | {
+                "pretrain": pretrain_cost(ctx.inputs[f"student_{arm}"])}
     reference = None
     if "reference" in ctx.inputs:
         from tskd.stages.reference import load_reference

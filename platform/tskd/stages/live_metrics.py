@@ -24,8 +24,8 @@ metric                            what                                     tags
 and, on the driver of ``tskd tune``, ``tskd_trials`` (trials by state: running, done, stopped,
 error). The stage loops put the performance figures in their reported metrics under the keys of
 :data:`PERF_KEYS` (measured with :class:`StepTimer`); loss terms are every reported key whose
-first part is a loss family (``train/``, ``distill/``, ``kd/``, ``diffusion/``) and whose value
-is a number.
+first part is a loss family (``train/``, ``distill/``, ``kd/``, ``diffusion/``; and
+``pretrain/loss``) and whose value is a number.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ PERF_KEYS = {
     "perf/teacher_s": "tskd_teacher_forward_seconds",
 }
 
-LOSS_FAMILIES = ("train/", "distill/", "kd/", "diffusion/")
+LOSS_FAMILIES = ("train/", "distill/", "kd/", "diffusion/", "pretrain/loss")
 
 _instruments: dict[str, Any] = {}
 

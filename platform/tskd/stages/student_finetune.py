@@ -55,7 +55,9 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg, arm = ctx.cfg, ctx.params["arm"]
-    init = None if arm == "scratch" else str(ctx.inputs[f"distill_{arm}"] / STUDENT_FILE)
+    # the student to start from: a distill_<arm> stage's, or a baseline's (params init_stage)
+    source = ctx.params.get("init_stage", f"distill_{arm}")
+    init = None if arm == "scratch" else str(ctx.inputs[source] / STUDENT_FILE)
     return fit_student(ctx, to_dict(cfg.student), to_dict(cfg.student_finetune), init, arm)
 
 

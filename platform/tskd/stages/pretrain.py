@@ -1,0 +1,163 @@
+"""Stages ``pretrain_mae`` / ``pretrain_mocov3``: self-supervised pre-training of the student's
+ViT on the transfer set (the paper's MAE and MoCo v3 baselines, Section 4.2.1).
+
+Setup: Ray Data streams the transfer set to Ray Train workers (as ``distill_*`` does); each
+worker builds the student (random init) and wraps its ViT backbone in the objective —
+:class:`tskd.models.mae.MaskedAutoencoder` (``mae``: mask ratio 0.75, loss on normalised pixels
+of the masked patches) or :class:`tskd.models.mocov3.MoCoV3` (``mocov3``: two augmented views
+from :class:`tskd.data.views.TwoViews`, projector + predictor, momentum encoder, symmetric
+InfoNCE). AdamW at ``base_lr × global batch / 256``, linear warm-up then cosine (per step).
+Loop: every batch resized to the student's ``img_size``, one step. Report: the loss per epoch;
+the last epoch's student (ViT pre-trained, FPN head still at random init) is the stage's
+``student.pt``, which ``student_<arm>`` fine-tunes exactly as a distilled student. The time
+spent in the training loop is ``pretrain/train_time_s`` (the manifest's ``wall_time_s`` adds
+Ray's start-up and the dataset sort).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from tskd.artifacts import StageContext
+from tskd.config import scaled_lr, to_dict
+from tskd.models.students import build_student
+from tskd.stages.data_stage import load_data
+from tskd.stages.distill import STUDENT_FILE
+from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
+from tskd.stages.ray_train import unwrap, worker_setup
+
+log = logging.getLogger(__name__)
+
+
+def build_objective(method: str, student: torch.nn.Module, p: dict[str, Any]) -> torch.nn.Module:
+    """The pre-training module around ``student.backbone`` (shared, trained in place)."""
+    if method == "mae":
+        from tskd.models.mae import MaskedAutoencoder
+
+        return MaskedAutoencoder(student.backbone, decoder_dim=p["decoder_dim"],
+                                 decoder_depth=p["decoder_depth"],
+                                 decoder_heads=p["decoder_heads"], mask_ratio=p["mask_ratio"],
+                                 norm_pix_loss=p["norm_pix_loss"])
+    from tskd.models.mocov3 import MoCoV3
+
+    return MoCoV3(student.backbone, dim=p["dim"], mlp_dim=p["mlp_dim"],
+                  temperature=p["temperature"], momentum=p["momentum"],
+                  freeze_patch_embed=p["freeze_patch_embed"])
+
+
+def build_optimizer(method: str, objective: torch.nn.Module, p: dict[str, Any],
+                    lr: float) -> torch.optim.Optimizer:
+    """AdamW as each method's code: MAE betas (0.9, 0.95) and no decay on biases and other 1-D
+    parameters (norms) — timm's ``param_groups_weight_decay``, the rule of MAE's
+    ``add_weight_decay``; MoCo v3 decays every parameter."""
+    if method == "mae":
+        from timm.optim import param_groups_weight_decay
+
+        groups = param_groups_weight_decay(objective, p["weight_decay"])
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    trainable = [q for q in objective.parameters() if q.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=p["weight_decay"])
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: stream the transfer shard, pre-train the student's ViT."""
+    import ray.train
+    import ray.train.torch
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from tskd.stages.live_metrics import StepTimer
+
+    method, p = config["method"], config["pretrain"]
+    device = worker_setup(config["ray"], config["seed"])
+    world = ray.train.get_context().get_world_size()
+    student = build_student(config["student"], config["num_classes"]).to(device)
+    objective = build_objective(method, student, p)
+    if method == "mocov3" and world > 1 and config["ray"].get("use_gpu"):
+        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)  # as MoCo v3
+    model = ray.train.torch.prepare_model(objective.to(device))
+    lr = scaled_lr(p["base_lr"], p["batch_size"] * world)
+    optim = build_optimizer(method, unwrap(model), p, lr)
+    steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (p["batch_size"] * world)))
+    sched = get_cosine_schedule_with_warmup(optim, int(p["warmup_epochs"] * steps_per_epoch),
+                                            p["epochs"] * steps_per_epoch)
+    views = None
+    size = config["student"]["img_size"]
+    if method == "mocov3":
+        from tskd.data.views import TwoViews
+
+        views = TwoViews(size, p["min_crop_scale"])
+    preprocess = student.preprocess  # 0..255 -> normalised, resized to img_size (no parameters)
+    shard = ray.train.get_dataset_shard("transfer")
+    if is_rank_zero():
+        log.info("%s pre-training: lr %.3g (base %.3g × batch %d / 256), %d steps per epoch",
+                 method, lr, p["base_lr"], p["batch_size"] * world, steps_per_epoch)
+    start, timer = time.time(), StepTimer()
+    for epoch in range(1, p["epochs"] + 1):
+        total, n = 0.0, 0
+        for batch in timer.batches(shard.iter_torch_batches(
+                batch_size=p["batch_size"], dtypes={"id": torch.int64, "image": torch.float32},
+                device=device, local_shuffle_buffer_size=4 * p["batch_size"],
+                local_shuffle_seed=config["seed"] + epoch)):
+            images = batch["image"].permute(0, 3, 1, 2)  # (B, 3, H, W) 0..255
+            if views is None:  # MAE: the image itself
+                loss = model(preprocess(images)).loss
+            else:  # MoCo v3: two augmented views (BatchNorm needs 2 samples)
+                if images.shape[0] < 2:
+                    continue
+                v1, v2 = views(images.cpu())
+                loss = model(preprocess(v1.to(device)), preprocess(v2.to(device)))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            total += loss.item()
+            n += 1
+        elapsed = time.time() - start
+        metrics = {"pretrain/loss": total / max(n, 1), "pretrain/train_time_s": elapsed,
+                   "epoch": epoch} | timer.summary()
+        if is_rank_zero():
+            log.info("%s epoch %d/%d loss %.5f, %.1f img/s (data wait %.0f%%), %.0f s", method,
+                     epoch, p["epochs"], metrics["pretrain/loss"], metrics["perf/images_per_s"],
+                     100 * metrics["perf/data_stall"], elapsed)
+        last = epoch == p["epochs"]
+        report(metrics, {"student": student.state_dict()} if last else None)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from tskd.stages.transfer_set import read_transfer_set
+
+    cfg, method = ctx.cfg, ctx.params["arm"]
+    if cfg.student.arch != "vit":  # the driver's config check rejects this first
+        raise ValueError(f"{method} pre-training needs student.arch 'vit', got "
+                         f"{cfg.student.arch!r}")
+    info, _ = load_data(ctx.inputs["data"])
+    transfer_dir = ctx.inputs["transfer"]
+    n_transfer = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
+    p = to_dict(getattr(cfg, method))
+    config = {"method": method, "pretrain": p, "student": to_dict(cfg.student),
+              "num_classes": info.num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
+              "ray": to_dict(cfg.ray)}
+    dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+    log.info("%s pre-training on %d transfer images for %d epochs", method, n_transfer,
+             p["epochs"])
+    started = time.time()
+    result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
+                               name=ctx.name, storage=ctx.dir / "ray",
+                               datasets={"transfer": dataset})
+    state = load_result_state(result)
+    torch.save(state["student"], ctx.dir / STUDENT_FILE)
+    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    metrics = {k: v for k, v in result.metrics.items() if k.startswith("pretrain/")}
+    metrics["pretrain/fit_time_s"] = round(time.time() - started, 3)
+    metrics["pretrain/lr"] = scaled_lr(p["base_lr"], p["batch_size"] * cfg.ray.num_workers)
+    log.info("%s pre-training done: loss %.5f, %.1f s in the loop (%.1f s with Ray's start-up)",
+             method, metrics.get("pretrain/loss", float("nan")),
+             metrics.get("pretrain/train_time_s", float("nan")), metrics["pretrain/fit_time_s"])
+    return metrics
