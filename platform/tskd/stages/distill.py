@@ -7,8 +7,11 @@ its own; the teacher's low-res mask logits and hidden states (``distill.teacher_
 ``no_grad`` at the teacher's resolution, the student at its own; loss ``w_logits · L(student
 logits, teacher logits) + w_hidden · MSE(P(student hidden), teacher hidden)`` (``L`` and the
 logits' resolution match by ``distill.logits_loss`` / ``logits_target``, the Table 8 presets;
-task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine. Report: KD losses per epoch;
-the student of the last epoch is the stage's output ``student.pt``.
+task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine, stepped through the training
+engine (``distill.engine``: DeepSpeed by default, :mod:`tskd.stages.engine`). Report: KD losses
+per epoch, a full-state checkpoint every ``ray.checkpoint_every`` epochs (a restarted worker
+group or re-run resumes from it); the student of the last epoch is the stage's output
+``student.pt``.
 
 The teacher is placed by :func:`place_teacher` — a seam where later issues add a ZeRO-3 sharded
 teacher and a precomputed teacher-target cache.
@@ -30,8 +33,10 @@ from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.models.students import build_student  # the registry; re-exported for other stages
 from tskd.stages.data_stage import load_data
-from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.engine import build_engine
+from tskd.stages.ray_train import (checkpoint, checkpoint_due, fail_point, fit_torch_trainer,
+                                   is_rank_zero, load_result_state, report, resume, run_storage,
+                                   worker_setup)
 from tskd.stages.teacher_pretrain import base_checkpoint
 
 log = logging.getLogger(__name__)
@@ -101,8 +106,8 @@ def flip_per_sample(images: torch.Tensor, generator: torch.Generator | None = No
 
 
 class Distillation(torch.nn.Module):
-    """Student + KD loss (with its learned projection P) as one module, so DDP wraps both and
-    its forward is the training objective: ``forward(images, teacher_out) -> (loss, parts)``."""
+    """Student + KD loss (with its learned projection P) as one module, so the engine wraps both
+    and its forward is the training objective: ``forward(images, teacher_out) -> (loss, parts)``."""
 
     def __init__(self, student: torch.nn.Module, kd: torch.nn.Module) -> None:
         super().__init__()
@@ -115,7 +120,6 @@ class Distillation(torch.nn.Module):
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: stream the transfer shard, distil teacher → student."""
     import ray.train
-    import ray.train.torch
     import torch.nn.functional as F
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -125,25 +129,28 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
     teacher = place_teacher(config, device)
-    student = build_student(config["student"], config["num_classes"]).to(device)
+    student = build_student(config["student"], config["num_classes"])
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
                 w_hidden=d["w_hidden"], logits_loss=d["logits_loss"],
-                logits_target=d["logits_target"], normalize=d["normalize"]).to(device)
+                logits_target=d["logits_target"], normalize=d["normalize"])
+    steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (d["batch_size"] * world)))
     # A zero-weighted term leaves parameters without gradients (task-agnostic KD never trains
     # the student's head), hence find_unused_parameters.
-    bundle = ray.train.torch.prepare_model(
-        Distillation(student, kd), parallel_strategy_kwargs={"find_unused_parameters": True})
-    optim = torch.optim.AdamW(bundle.parameters(), lr=d["lr"], weight_decay=d["weight_decay"])
-    steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (d["batch_size"] * world)))
-    total = d["epochs"] * steps_per_epoch
-    sched = get_cosine_schedule_with_warmup(optim, int(d["warmup_epochs"] * steps_per_epoch),
-                                            total)
+    engine = build_engine(
+        Distillation(student, kd), d["engine"], lr=d["lr"], weight_decay=d["weight_decay"],
+        batch_size=d["batch_size"], steps_per_epoch=steps_per_epoch, epochs=d["epochs"],
+        device=device, find_unused_parameters=True,
+        schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
+            opt, int(d["warmup_epochs"] * per_epoch), total))
+    first, _, _ = resume(engine, "distill")
     shard = ray.train.get_dataset_shard("transfer")
     size = config["student"]["img_size"]
     start = time.time()
-    for epoch in range(1, d["epochs"] + 1):
+    for epoch in range(first, d["epochs"] + 1):
+        fail_point(config, epoch)
         sums: dict[str, float] = {}
         n = 0
+        engine.train()
         for batch in shard.iter_torch_batches(batch_size=d["batch_size"],
                                               dtypes={"id": torch.int64,
                                                       "image": torch.float32}, device=device,
@@ -156,21 +163,24 @@ def _train_loop(config: dict[str, Any]) -> None:
             if images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bilinear",
                                        align_corners=False)
-            loss, parts = bundle(images, target)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
+            loss, parts = engine(images, target)
+            engine.step(loss)
             n += 1
             sums["distill/loss"] = sums.get("distill/loss", 0.0) + loss.item()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         metrics = {k: v / max(n, 1) for k, v in sums.items()} | {"epoch": epoch}
+        if first > 1:
+            metrics["distill/resumed_from_epoch"] = first - 1
         if is_rank_zero():
             log.info("distill epoch %d/%d loss %.5f (%.0f s)", epoch, d["epochs"],
                      metrics.get("distill/loss", float("nan")), time.time() - start)
-        last = epoch == d["epochs"]
-        report(metrics, {"student": unwrap(bundle).student.state_dict()} if last else None)
+        if checkpoint_due(epoch, d["epochs"], config["ray"]["checkpoint_every"]):
+            student_state = {k[len("student."):]: v for k, v in engine.state_dict().items()
+                             if k.startswith("student.")}  # collective under ZeRO-3
+            checkpoint(metrics, engine=engine, epoch=epoch, output={"student": student_state})
+        else:
+            report(metrics)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -196,11 +206,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
     log.info("distilling (%s) on %d transfer images for %d epochs", arm, n_transfer,
              cfg.distill.epochs)
+    storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name=ctx.name, storage=ctx.dir / "ray",
-                               datasets={"transfer": dataset})
+                               name=ctx.name, storage=storage, datasets={"transfer": dataset})
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
     return {k: v for k, v in result.metrics.items() if k.startswith(("distill/", "kd/"))}
 
