@@ -164,10 +164,16 @@ class Engine:
     def lr(self) -> float:
         raise NotImplementedError
 
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """A context in which ``module``'s parameters are whole on every rank (collective under
+        ZeRO-3; a no-op otherwise)."""
+        return contextlib.nullcontext()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole module's ``state_dict`` on CPU, consolidated (collective under ZeRO-3:
         every rank must call it)."""
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        with self.gathered():
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def save(self, directory: Path) -> None:
         """Write the training state (collective: every rank calls it with its own directory;
@@ -315,14 +321,13 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def gathered(self) -> contextlib.AbstractContextManager:
         if self.zero_stage < 3:
-            return super().state_dict()
+            return contextlib.nullcontext()
         import deepspeed
 
-        module = self.engine.module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()),
+                                                 modifier_rank=None)
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=_DS_TAG,
