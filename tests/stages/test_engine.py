@@ -168,3 +168,34 @@ def test_deepspeed_config_is_derived_from_the_typed_section():
         "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+
+
+def test_ddpm_steps_through_the_engine_equal_train_ddpm():
+    """The transfer stage's DDPM loop (DDPMData + ddpm_loss through a torch engine clipping at
+    1, weight decay 0.01, warm-up + cosine) is train_ddpm's, step for step."""
+    import numpy as np
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from tskd.config import DiffusionConfig
+    from tskd.diffusion import (DDPMData, build_scheduler, build_unet, ddpm_loss,
+                                default_warmup, train_ddpm)
+
+    dcfg = DiffusionConfig(image_size=16, block_out_channels=[8, 16], batch_size=3)
+    images = np.random.default_rng(0).integers(0, 255, (5, 16, 16, 3), dtype=np.uint8)
+    steps = 4
+    ref_unet, sched = build_unet(dcfg, seed=1), build_scheduler(dcfg)
+    ref_losses = train_ddpm(ref_unet, sched, images, steps=steps, batch_size=3, lr=1e-3, seed=2)
+    unet = build_unet(dcfg, seed=1)
+    engine = build_engine(unet, to_dict(dcfg.engine), lr=1e-3, weight_decay=0.01, batch_size=3,
+                          steps_per_epoch=steps, epochs=1, device=torch.device("cpu"),
+                          schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
+                              opt, default_warmup(steps), steps))
+    data = DDPMData(images, 16, seed=2, num_train_timesteps=dcfg.num_train_timesteps)
+    losses = []
+    for _ in range(steps):
+        loss = ddpm_loss(engine, sched, *data.next_batch(3))
+        engine.step(loss)
+        losses.append(float(loss))
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for key, value in ref_unet.state_dict().items():
+        torch.testing.assert_close(engine.state_dict()[key], value, **TOL, msg=key)
