@@ -117,6 +117,25 @@ class Distillation(torch.nn.Module):
         return self.kd(self.student(images), teacher_out)
 
 
+def freeze_unreached(bundle: Distillation, teacher: TeacherTargets, size: int) -> list[str]:
+    """Freeze the parameters no loss term reaches (task-agnostic KD: the student's logits head)
+    and return their names: one probe forward/backward on a fixed random batch (its own
+    generator: the global RNG is untouched). Under DeepSpeed every optimised parameter gets a
+    gradient (zeros for unreached ones), so AdamW's weight decay would shrink them; torch's
+    AdamW skips them. Frozen, both engines leave them as initialised."""
+    g = torch.Generator().manual_seed(0)
+    device = next(bundle.parameters()).device
+    images = (torch.rand(2, 3, size, size, generator=g) * 255).to(device)
+    loss, _ = bundle(images, teacher(images))
+    loss.backward()
+    names = [n for n, p in bundle.named_parameters() if p.requires_grad and p.grad is None]
+    for name, param in bundle.named_parameters():
+        param.grad = None
+        if name in names:
+            param.requires_grad_(False)
+    return names
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: stream the transfer shard, distil teacher → student."""
     import ray.train
@@ -134,12 +153,15 @@ def _train_loop(config: dict[str, Any]) -> None:
                 w_hidden=d["w_hidden"], logits_loss=d["logits_loss"],
                 logits_target=d["logits_target"], normalize=d["normalize"])
     steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (d["batch_size"] * world)))
-    # A zero-weighted term leaves parameters without gradients (task-agnostic KD never trains
-    # the student's head), hence find_unused_parameters.
+    bundle = Distillation(student, kd).to(device)
+    unreached = freeze_unreached(bundle, teacher, config["student"]["img_size"])
+    if unreached and is_rank_zero():
+        log.info("distill: %d parameter tensors no loss term reaches stay frozen (e.g. %s)",
+                 len(unreached), unreached[0])
     engine = build_engine(
-        Distillation(student, kd), d["engine"], lr=d["lr"], weight_decay=d["weight_decay"],
+        bundle, d["engine"], lr=d["lr"], weight_decay=d["weight_decay"],
         batch_size=d["batch_size"], steps_per_epoch=steps_per_epoch, epochs=d["epochs"],
-        device=device, find_unused_parameters=True,
+        device=device,
         schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
             opt, int(d["warmup_epochs"] * per_epoch), total))
     first, _, _ = resume(engine, "distill")
