@@ -17,7 +17,8 @@ TOL = dict(rtol=1e-5, atol=1e-6, equal_nan=True)
 agree to float rounding (different processes; reductions in the same order)."""
 
 
-def _setup(tmp_path: Path, *, max_failures: int, fail_epoch: int | None):
+def _setup(tmp_path: Path, *, max_failures: int, fail_epoch: int | None,
+           engine: dict | None = None):
     import ray.data
 
     from tskd.models.sam import build_sam
@@ -28,6 +29,7 @@ def _setup(tmp_path: Path, *, max_failures: int, fail_epoch: int | None):
         torch.save(build_sam("sam_tiny", num_classes=3, img_size=32).state_dict(), base)
     d = to_dict(DistillConfig(epochs=EPOCHS, batch_size=2, lr=1e-3, warmup_epochs=0.5))
     assert d["engine"]["kind"] == "deepspeed" and d["engine"]["zero_stage"] == 2  # defaults
+    d["engine"].update(engine or {})
     ray_cfg = RayConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1,
                         checkpoint_every=1, keep_checkpoints=2, max_failures=max_failures)
     config = {"teacher": {"tuned": False, "checkpoint": str(base), "arch": "sam_tiny",
@@ -45,12 +47,14 @@ def _setup(tmp_path: Path, *, max_failures: int, fail_epoch: int | None):
 
 
 def _distil(tmp_path: Path, name: str, *, storage: Path, max_failures: int = 0,
-            fail_epoch: int | None = None) -> tuple[dict[str, torch.Tensor], int | None]:
+            fail_epoch: int | None = None, engine: dict | None = None
+            ) -> tuple[dict[str, torch.Tensor], int | None]:
     """The distilled student and the epoch the run resumed from (None: it never resumed)."""
     from tskd.stages.distill import _train_loop
     from tskd.stages.ray_train import fit_torch_trainer, load_result_state
 
-    config, ray_cfg, ds = _setup(tmp_path, max_failures=max_failures, fail_epoch=fail_epoch)
+    config, ray_cfg, ds = _setup(tmp_path, max_failures=max_failures, fail_epoch=fail_epoch,
+                                 engine=engine)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=ray_cfg, name=name,
                                storage=storage, datasets={"transfer": ds})
     assert result.metrics["epoch"] == EPOCHS
@@ -84,3 +88,19 @@ def test_rerun_on_the_same_storage_resumes(tmp_path, ray_local):
     assert epoch in (1, 2)
     for key, value in reference.items():
         torch.testing.assert_close(resumed[key], value, **TOL, msg=key)
+
+
+@pytest.mark.slow
+def test_zero3_two_workers_save_a_consolidated_student(tmp_path, ray_local):
+    """ZeRO-3 partitions the student over the 2 workers; the stage's output is still the
+    plain, whole state dict (gathered collectively), equal to plain DDP's student."""
+    from tskd.models.students import build_student
+
+    ddp, _ = _distil(tmp_path, "torch", storage=tmp_path / "ray_a", engine={"kind": "torch",
+                                                                          "zero_stage": 0})
+    zero3, _ = _distil(tmp_path, "zero3", storage=tmp_path / "ray_b", engine={"zero_stage": 3})
+    plain = build_student(to_dict(StudentConfig(img_size=32, decoder_dim=16)), 3).state_dict()
+    assert set(zero3) == set(plain)
+    for key, value in plain.items():
+        assert zero3[key].shape == value.shape, key
+        torch.testing.assert_close(zero3[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
