@@ -6,8 +6,9 @@ One process, one gloo rank (as a one-worker Ray Train run), ``--threads`` intra-
 (default 2). The distillation module of the stage (ViT-Tiny student + FPN head + KD loss with
 its projection) trains on fixed random teacher targets; each engine runs ``--reps`` epochs of
 ``--images / --batch`` steps, interleaved (torch, zero0, zero2, torch, ...) so a machine's load
-drifts over all of them alike. Prints the median epoch time per engine and the ratio to torch;
-engine set-up (``deepspeed.initialize``) is timed apart.
+drifts over all of them alike. Prints the median epoch wall time and CPU time (this process's
+user + system time over all threads: less sensitive to other load on a shared machine) per
+engine and their ratios to torch; engine set-up (``deepspeed.initialize``) is timed apart.
 """
 
 from __future__ import annotations
@@ -64,21 +65,24 @@ def main() -> None:
                                    device=torch.device("cpu"))
         setup[name] = time.perf_counter() - t
     times: dict[str, list[float]] = {n: [] for n in engines}
+    cpu: dict[str, list[float]] = {n: [] for n in engines}
     for rep in range(args.reps + 1):  # the first epoch warms up (not counted)
         for name, engine in built.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for images, target in batches:
                 loss, _ = engine(images, target)
                 engine.step(loss)
             if rep:
                 times[name].append(time.perf_counter() - t)
-    base = statistics.median(times["torch"])
+                cpu[name].append(time.process_time() - c)
+    base, base_cpu = statistics.median(times["torch"]), statistics.median(cpu["torch"])
     print(f"tiny distillation epoch: {steps} steps of batch {args.batch} at {args.size} px, "
           f"{args.threads} threads, median of {args.reps}")
     for name in engines:
-        med = statistics.median(times[name])
-        print(f"  {name:6s} {med:7.2f} s/epoch  {med / base:5.2f}x torch   "
-              f"(set-up {setup[name]:.1f} s)")
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
+        print(f"  {name:6s} wall {med:7.2f} s/epoch ({med / base:4.2f}x torch)  "
+              f"CPU {med_cpu:7.2f} s/epoch ({med_cpu / base_cpu:4.2f}x torch)  "
+              f"set-up {setup[name]:.1f} s")
     dist.destroy_process_group()
 
 
