@@ -92,9 +92,13 @@ def _run(engine, batches):
     return engine.state_dict()
 
 
+SLOW = pytest.mark.slow  # ZeRO-2/3 steps take seconds each on a loaded 2-core machine
+
+
 @pytest.mark.parametrize("engine", [{"kind": "torch"},
                                     {"kind": "deepspeed", "zero_stage": 0},
-                                    {"kind": "deepspeed", "zero_stage": 2}],
+                                    pytest.param({"kind": "deepspeed", "zero_stage": 2},
+                                                 marks=SLOW)],
                          ids=["torch", "zero0", "zero2"])
 def test_engines_distil_the_same_student(process_group, engine):
     model, batches = _distillation()
@@ -128,6 +132,7 @@ def test_gradient_accumulation_equals_the_larger_batch(process_group):
             torch.testing.assert_close(got[key], value, **TOL, msg=f"{kind} {key}")
 
 
+@SLOW
 def test_zero3_state_dict_is_consolidated(process_group):
     model, batches = _distillation()
     expected = _reference(copy.deepcopy(model), batches)
@@ -140,7 +145,9 @@ def test_zero3_state_dict_is_consolidated(process_group):
         torch.testing.assert_close(got[key], expected[key], **TOL, msg=key)
 
 
-@pytest.mark.parametrize("engine", [{"kind": "torch"}, {"kind": "deepspeed", "zero_stage": 2}],
+@pytest.mark.parametrize("engine", [{"kind": "torch"},
+                                    pytest.param({"kind": "deepspeed", "zero_stage": 2},
+                                                 marks=SLOW)],
                          ids=["torch", "zero2"])
 def test_save_and_load_resume_the_same_run(process_group, tmp_path, engine):
     model, batches = _distillation()
