@@ -625,9 +625,12 @@ class RayConfig:
     ``tskd run`` resumes there."""
     keep_checkpoints: int = 2
     """Checkpoints kept per training run (the latest ones)."""
-    max_failures: int = 3
+    max_failures: int = 0
     """Worker-group failures a training run survives (Ray Train ``FailureConfig``): each one
-    restarts the workers from the last checkpoint. 0: the first failure fails the stage."""
+    restarts the workers from the last checkpoint. 0 (default): the first failure fails the
+    stage — Ray 2.60 retries every worker error, also tskd's own deterministic ones (a bad
+    dataset or checkpoint), so a local run does not pay for retries; set it on clusters, where
+    workers get lost (``jobs/kidneyus_vit_b.yaml``: 3). A re-run resumes either way."""
 
     def validate(self, path: str) -> None:
         _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "an integer >= 1")
