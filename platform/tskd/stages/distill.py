@@ -125,9 +125,13 @@ def freeze_unreached(bundle: Distillation, teacher: TeacherTargets, size: int) -
     AdamW skips them. Frozen, both engines leave them as initialised."""
     g = torch.Generator().manual_seed(0)
     device = next(bundle.parameters()).device
+    buffers = {k: v.detach().clone() for k, v in bundle.named_buffers()}  # BN stats, KD vars
     images = (torch.rand(2, 3, size, size, generator=g) * 255).to(device)
     loss, _ = bundle(images, teacher(images))
     loss.backward()
+    with torch.no_grad():
+        for key, value in bundle.named_buffers():
+            value.copy_(buffers[key])
     names = [n for n, p in bundle.named_parameters() if p.requires_grad and p.grad is None]
     for name, param in bundle.named_parameters():
         param.grad = None
