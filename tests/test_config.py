@@ -139,6 +139,9 @@ def test_shipped_job_configs_are_valid():
     paper = load_config(REPO / "jobs" / "kidneyus_vit_b.yaml")
     assert paper.teacher.arch == "vit_b" and paper.teacher.img_size == 1024
     assert paper.distill.epochs == 1600
+    for path, engine in paper.engines().items():  # paper scale: ZeRO-2 + bf16 on GPUs
+        assert (engine.kind, engine.zero_stage, engine.precision) == ("deepspeed", 2, "bf16"), path
+    assert paper.transfer.diffusion.engine.clip_grad_norm == 1.0  # the section's own default
 
 
 def test_arch_names_match_the_model_registry():
@@ -234,3 +237,59 @@ def test_baseline_defaults_are_the_papers():
         32, 1.5e-4, 0.1, 0.99, 0.2)
     from tskd.config import scaled_lr
     assert scaled_lr(1.5e-4, 64) == pytest.approx(3.75e-5)  # MAE: base × 64 / 256
+def test_engine_defaults_distillation_runs_under_deepspeed():
+    cfg = load_config(None, [])
+    assert cfg.distill.engine.kind == "deepspeed" and cfg.distill.engine.zero_stage == 2
+    assert cfg.student_finetune.engine.kind == "torch"
+    # a partial section fills in from the field's default, not the class's
+    cfg = load_config(None, ["distill.engine.gradient_accumulation=2"])
+    assert cfg.distill.engine.kind == "deepspeed" and cfg.distill.engine.gradient_accumulation == 2
+
+
+@pytest.mark.parametrize("override, field, allowed", [
+    ("distill.engine.precision=bf16", "distill.engine.precision", "ray.use_gpu is false"),
+    ("distill.engine.optimizer=fused_adam", "distill.engine.optimizer", "CUDA-only"),
+    ("distill.engine.zero_stage=4", "distill.engine.zero_stage", "[0, 3]"),
+    ("student_finetune.engine.zero_stage=2", "student_finetune.engine.zero_stage",
+     "kind 'torch'"),
+    ("student_finetune.engine.optimizer=cpu_adam", "student_finetune.engine.optimizer",
+     "kind 'torch'"),
+    ("distill.engine.offload_optimizer=true", "distill.engine.optimizer", "'cpu_adam'"),
+    ("distill.engine.offload_params=true", "distill.engine.offload_params", "zero_stage is 3"),
+    ("distill.engine.gradient_accumulation=0", "distill.engine.gradient_accumulation", ">= 1"),
+    ("distill.engine.raw={no_such_key: 1}", "distill.engine.raw.no_such_key",
+     "a DeepSpeed config key"),
+    ("distill.engine.raw={bf16: {enabled: true}}", "distill.engine.raw.bf16",
+     "distill.engine.precision"),
+    ("distill.engine.raw={zero_optimization: {stage: 3}}",
+     "distill.engine.raw.zero_optimization.stage", "distill.engine.zero_stage"),
+    ("reference.engine.raw={steps_per_print: 1}", "reference.engine.raw", "kind 'torch'"),
+    ("ray.max_failures=-1", "ray.max_failures", ">= 0"),
+    ("ray.checkpoint_every=0", "ray.checkpoint_every", ">= 1"),
+])
+def test_engine_errors_name_the_field(override, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(field) and allowed in str(err.value)
+
+
+def test_gpu_engine_settings_are_accepted_with_gpus():
+    cfg = load_config(None, ["ray.use_gpu=true", "distill.engine.precision=bf16",
+                             "distill.engine.optimizer=fused_adam",
+                             "distill.engine.raw={zero_optimization: {reduce_bucket_size: 5}}"])
+    assert cfg.distill.engine.precision == "bf16"
+
+
+def test_raw_keys_are_deepspeed_keys():
+    """Every key ``engine.raw`` accepts is read somewhere in DeepSpeed's source."""
+    import pathlib
+    import re
+
+    import deepspeed
+
+    from tskd.config import DEEPSPEED_KEYS
+
+    text = "".join(p.read_text(errors="ignore")
+                   for p in pathlib.Path(deepspeed.__file__).parent.rglob("*.py"))
+    missing = [k for k in DEEPSPEED_KEYS if not re.search(rf"[\"']{k}[\"']", text)]
+    assert missing == []

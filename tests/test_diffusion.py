@@ -153,3 +153,19 @@ def test_save_load_round_trip(tmp_path, trained):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError):
         load_diffusion(tmp_path / "missing")
+
+
+def test_ddpm_data_resumes_from_its_state():
+    from tskd.diffusion import DDPMData
+
+    images = np.random.default_rng(0).integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
+    a = DDPMData(images, 8, seed=3, num_train_timesteps=10)
+    for _ in range(3):  # 9 draws of 5 images: the state sits mid-permutation
+        a.next_batch(3)
+    state = a.state_dict()
+    expected = [a.next_batch(3) for _ in range(3)]
+    b = DDPMData(images, 8, seed=99, num_train_timesteps=10)
+    b.load_state_dict(state)
+    for got, want in zip((b.next_batch(3) for _ in range(3)), expected):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)

@@ -324,3 +324,44 @@ def test_gc_finds_the_entries_a_changed_config_left_behind(tmp_path, monkeypatch
     pipeline.run_pipeline(load_config(None, [f"output_dir={tmp_path}", "student.img_size=256"]))
     stale = {(e.stage, e.fingerprint) for e in garbage(Store(tmp_path / "store"), tmp_path)}
     assert stale == {("b", before["b"]["fingerprint"]), ("boom", before["boom"]["fingerprint"])}
+
+
+TRAIN_DIRS: list = []
+FAIL = {"now": False}
+
+
+def training_stage(ctx):
+    """Fakes a training stage: its 'checkpoints' live in ctx.train_dir until it succeeds."""
+    TRAIN_DIRS.append(ctx.train_dir)
+    ctx.train_dir.mkdir(parents=True, exist_ok=True)
+    progress = ctx.train_dir / "epochs.txt"
+    done = int(progress.read_text()) if progress.exists() else 0
+    progress.write_text(str(done + 1))  # one epoch more than the last attempt
+    if FAIL["now"]:
+        raise RuntimeError("driver killed")
+    import shutil
+
+    shutil.rmtree(ctx.train_dir)
+    return {"epochs_before": done}
+
+
+def test_a_rerun_stage_gets_the_same_training_dir(tmp_path, monkeypatch):
+    TRAIN_DIRS.clear()
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+
+    def plan(fail):  # the same stage (fingerprint) both times; only FAIL differs
+        FAIL["now"] = fail
+        return lambda c: [pipeline.Stage("t", training_stage, (), {"x": 1})]
+
+    with pytest.raises(RuntimeError, match="driver killed"):
+        pipeline.run_pipeline(cfg, planner=plan(True))
+    metrics = pipeline.run_pipeline(cfg, planner=plan(False))
+    assert metrics["t"] == {"epochs_before": 1}  # it saw the first attempt's progress
+    first, second = TRAIN_DIRS
+    assert first == second and first.parent == tmp_path / "store" / "t"
+    assert first.name.startswith(pipeline.TRAIN_PREFIX) and not first.exists()
+    # --force starts from scratch even when an interrupted attempt left state
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(cfg, planner=plan(True), force=True)
+    assert pipeline.run_pipeline(cfg, planner=plan(False), force=True)["t"] == \
+        {"epochs_before": 0}

@@ -45,6 +45,11 @@ class StageContext:
         inputs: upstream stage name -> its (complete) store entry directory.
         cfg: the whole resolved experiment config.
         params: stage-specific parameters (e.g. ``{"arm": "ts_kd"}``).
+        train_dir: a directory that outlives the temporary entry, one per stage fingerprint
+            (``store/<stage>/.train-<fp>``): Ray Train's run storage, so a stage killed with its
+            driver resumes from its last checkpoint when run again
+            (:func:`tskd.stages.ray_train.run_storage`); the stage removes it when it succeeds.
+            ``None`` (e.g. tests): inside ``dir``.
     """
 
     name: str
@@ -52,6 +57,7 @@ class StageContext:
     inputs: dict[str, Path]
     cfg: ExperimentConfig
     params: dict[str, Any] = field(default_factory=dict)
+    train_dir: Path | None = None
 
 
 def package_versions() -> dict[str, str]:

@@ -81,6 +81,116 @@ def _check_loop(section: Any, path: str, *names: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+DEEPSPEED_KEYS = (
+    "zero_optimization", "gradient_clipping", "gradient_accumulation_steps",
+    "train_micro_batch_size_per_gpu", "train_batch_size", "bf16", "fp16", "torch_autocast",
+    "optimizer", "scheduler", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "prescale_gradients",
+    "gradient_predivide_factor", "communication_data_type", "seq_parallel_communication_data_type",
+    "sparse_gradients", "memory_breakdown", "activation_checkpointing", "flops_profiler",
+    "comms_logger", "tensorboard", "wandb", "csv_monitor", "checkpoint",
+    "data_types", "aio", "compile", "timers", "graph_harvesting", "use_data_before_expert_parallelism",
+    "zero_quantized_weights", "zero_quantized_nontrainable_weights", "elasticity",
+    "autotuning", "data_efficiency", "curriculum_learning", "compression_training",
+    "nebula", "weight_quantization", "pipeline", "amp",
+    "disable_allgather", "dataloader_drop_last", "eigenvalue", "progressive_layer_drop",
+    "quantize_training", "sparse_attention", "hybrid_engine", "tensor_parallel",
+)
+"""Top-level DeepSpeed config keys ``engine.raw`` may hold (checked on the driver; a test checks
+each is a key DeepSpeed reads)."""
+
+_ENGINE_OWNED = {
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "gradient_clipping": "clip_grad_norm",
+    "train_micro_batch_size_per_gpu": "the stage's batch_size",
+    "train_batch_size": "the stage's batch_size",
+    "bf16": "precision", "fp16": "precision", "torch_autocast": "precision",
+    "optimizer": "optimizer",
+    "scheduler": "the stage's learning-rate schedule (lr, warm-up)",
+}
+"""``engine.raw`` keys a typed field derives: naming one in ``raw`` is an error (use the field)."""
+_ZERO_OWNED = {"stage": "zero_stage", "offload_optimizer": "offload_optimizer",
+               "offload_param": "offload_params"}
+
+
+DISTILL_ZERO_STAGE = 2
+
+
+@dataclass
+class EngineConfig:
+    """How a training stage runs its step (:mod:`tskd.stages.engine`): plain PyTorch with DDP
+    (``torch``), or a DeepSpeed engine (``deepspeed``) whose config is derived from these fields
+    (plus ``raw``) and checked here, on the driver."""
+
+    kind: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (``deepspeed`` only): 1 partitions the optimiser state, 2 also
+    the gradients, 3 also the parameters (checkpoints are then consolidated collectively)."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimiser step (the loss is divided by it)."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this before each step; 0 = no clipping."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """``fp32`` (the only choice on CPU), or autocast to ``bf16``/``fp16`` on GPU with fp32
+    master weights (torch: ``torch.autocast`` (+ GradScaler for fp16); deepspeed: its
+    ``torch_autocast`` section)."""
+    optimizer: Literal["adamw", "cpu_adam", "fused_adam"] = "adamw"
+    """``adamw`` = ``torch.optim.AdamW``; ``cpu_adam`` = DeepSpeed's ``DeepSpeedCPUAdam`` (AdamW
+    mode; JIT-built once, ~1 min; needed by ``offload_optimizer``); ``fused_adam`` = torch's
+    fused CUDA AdamW (GPU only)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: optimiser state and step on the CPU (deepspeed, zero_stage >= 1)."""
+    offload_params: bool = False
+    """ZeRO-Infinity parameter offload to the CPU (deepspeed, zero_stage 3)."""
+    raw: dict[str, Any] = field(default_factory=dict)
+    """Escape hatch: DeepSpeed config keys merged over the derived config (top-level keys from
+    ``DEEPSPEED_KEYS``; keys the fields above derive are refused)."""
+
+    def validate(self, path: str, use_gpu: bool | None = None) -> None:
+        ds = self.kind == "deepspeed"
+        _check(0 <= self.zero_stage <= 3, f"{path}.zero_stage", self.zero_stage,
+               "an integer in [0, 3]")
+        _check(ds or self.zero_stage == 0, f"{path}.zero_stage", self.zero_stage,
+               "0 with kind 'torch' (ZeRO needs kind 'deepspeed')")
+        _check(self.gradient_accumulation >= 1, f"{path}.gradient_accumulation",
+               self.gradient_accumulation, "an integer >= 1")
+        _check(self.clip_grad_norm >= 0, f"{path}.clip_grad_norm", self.clip_grad_norm,
+               "a number >= 0 (0 = no clipping)")
+        _check(not (ds and self.precision == "fp16" and self.zero_stage > 0),
+               f"{path}.precision", self.precision,
+               "'fp32' or 'bf16' with zero_stage > 0 (DeepSpeed's autocast scales fp16 losses "
+               "only without ZeRO)")
+        _check(ds or self.optimizer != "cpu_adam", f"{path}.optimizer", self.optimizer,
+               "'adamw' or 'fused_adam' with kind 'torch' (cpu_adam is DeepSpeed's)")
+        _check(not self.offload_optimizer or (ds and self.zero_stage >= 1),
+               f"{path}.offload_optimizer", self.offload_optimizer,
+               "false unless kind is 'deepspeed' and zero_stage >= 1")
+        _check(not self.offload_optimizer or self.optimizer == "cpu_adam",
+               f"{path}.optimizer", self.optimizer,
+               "'cpu_adam' with offload_optimizer (the step runs on the CPU)")
+        _check(not self.offload_params or (ds and self.zero_stage == 3),
+               f"{path}.offload_params", self.offload_params,
+               "false unless kind is 'deepspeed' and zero_stage is 3")
+        _check(ds or not self.raw, f"{path}.raw", self.raw, "{} with kind 'torch'")
+        for key, value in self.raw.items():
+            _check(key in DEEPSPEED_KEYS, f"{path}.raw.{key}", value,
+                   f"a DeepSpeed config key, one of {sorted(DEEPSPEED_KEYS)}")
+            if key in _ENGINE_OWNED:
+                raise ConfigError(f"{path}.raw.{key}: set by {_ENGINE_OWNED[key]} (use "
+                                  f"{path}.{_ENGINE_OWNED[key]}, not raw)")
+            if key == "zero_optimization":
+                _check(isinstance(value, dict), f"{path}.raw.{key}", value, "a mapping")
+                for sub in value:
+                    if sub in _ZERO_OWNED:
+                        raise ConfigError(f"{path}.raw.zero_optimization.{sub}: set by "
+                                          f"{path}.{_ZERO_OWNED[sub]} (use it, not raw)")
+        if use_gpu is not None and not use_gpu:
+            _check(self.precision == "fp32", f"{path}.precision", self.precision,
+                   "'fp32' while ray.use_gpu is false (bf16/fp16 autocast is for GPUs)")
+            _check(self.optimizer != "fused_adam", f"{path}.optimizer", self.optimizer,
+                   "'adamw' or 'cpu_adam' while ray.use_gpu is false (fused Adam is CUDA-only)")
+
+
 @dataclass
 class DemoDataConfig:
     """The built-in procedural ultrasound-like dataset (used when ``data.root`` is null)."""
@@ -187,6 +297,7 @@ class TeacherFinetuneConfig:
     weight_decay: float = 0.1
     warmup_iters: int = 250
     """Linear warm-up iterations, then linear decay to zero."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:
         _check_loop(self, path, "epochs", "batch_size", "lr", "warmup_iters")
@@ -249,6 +360,8 @@ class DiffusionConfig:
     trained) models DDPM at 25 steps matches DDPM at 250 and keeps the data's structure and
     contrast, while DDIM samples stay noise-like even at 100 steps (measured; see
     ``tskd.diffusion.sample_images``)."""
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(clip_grad_norm=1.0))
+    """The DDPM's training step (clipping at 1, as diffusers' examples)."""
     ema_decay: float = 0.0
     """> 0 keeps an EMA of the UNet weights (diffusers ``EMAModel`` with warm-up, capped at this
     decay) and samples from it; 0 disables."""
@@ -450,6 +563,9 @@ class DistillConfig:
     validation images (``data.model_selection``)."""
     rung_epochs: int = 2
     """Fine-tuning epochs of each rung's copy (``student_finetune``'s batch size and lr)."""
+    engine: EngineConfig = field(
+        default_factory=lambda: EngineConfig(kind="deepspeed", zero_stage=DISTILL_ZERO_STAGE))
+    """Distillation runs under DeepSpeed by default (ZeRO stage ``DISTILL_ZERO_STAGE``)."""
 
     def validate(self, path: str) -> None:
         _check(self.rung_every >= 0, f"{path}.rung_every", self.rung_every, "an integer >= 0")
@@ -475,6 +591,7 @@ class StudentFinetuneConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:
         _check_loop(self, path, "epochs", "batch_size", "lr", "warmup_epochs")
@@ -605,6 +722,7 @@ class ReferenceConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def student(self, data_image_size: int) -> StudentConfig:
         """The reference as a :class:`StudentConfig` (for ``tskd.models.students``)."""
@@ -654,6 +772,18 @@ class RayConfig:
     (GPU: with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). Costs a sort of the transfer set per
     training run and, on GPUs, slower deterministic kernels; false streams in arrival order.
     Results still depend on ``torch_threads`` (the default 0 follows the machine's CPUs)."""
+    checkpoint_every: int = 1
+    """Training stages checkpoint their whole state (model, optimiser, scheduler, epoch, RNG)
+    every this many epochs (and at the last), so a restarted worker group or a re-run
+    ``tskd run`` resumes there."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept per training run (the latest ones)."""
+    max_failures: int = 0
+    """Worker-group failures a training run survives (Ray Train ``FailureConfig``): each one
+    restarts the workers from the last checkpoint. 0 (default): the first failure fails the
+    stage — Ray 2.60 retries every worker error, also tskd's own deterministic ones (a bad
+    dataset or checkpoint), so a local run does not pay for retries; set it on clusters, where
+    workers get lost (``jobs/kidneyus_vit_b.yaml``: 3). A re-run resumes either way."""
 
     def validate(self, path: str) -> None:
         _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "an integer >= 1")
@@ -663,6 +793,12 @@ class RayConfig:
                "an integer >= 0")
         _check(not (self.backend == "nccl" and not self.use_gpu), f"{path}.backend",
                self.backend, "'gloo' or 'auto' when use_gpu is false")
+        _check(self.checkpoint_every >= 1, f"{path}.checkpoint_every", self.checkpoint_every,
+               "an integer >= 1")
+        _check(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", self.keep_checkpoints,
+               "an integer >= 1")
+        _check(self.max_failures >= 0, f"{path}.max_failures", self.max_failures,
+               "an integer >= 0")
 
 
 @dataclass
@@ -717,6 +853,16 @@ class ExperimentConfig:
                    "include 'imagenet_mae'")
         if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
             self.reference.student(self.data.image_size).validate("reference")
+        for path, engine in self.engines().items():
+            engine.validate(path, use_gpu=self.ray.use_gpu)
+
+    def engines(self) -> dict[str, EngineConfig]:
+        """Every training stage's engine section, by dotted path."""
+        return {"teacher.finetune.engine": self.teacher.finetune.engine,
+                "transfer.diffusion.engine": self.transfer.diffusion.engine,
+                "distill.engine": self.distill.engine,
+                "student_finetune.engine": self.student_finetune.engine,
+                "reference.engine": self.reference.engine}
 
     @property
     def run_dir(self) -> Path:
@@ -736,6 +882,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
@@ -761,6 +909,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(v, get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
@@ -792,7 +943,15 @@ def _from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys"
                           f"{' of ' + path if path else ''}: {names}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING}
+    kwargs = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and dataclasses.is_dataclass(hints[k]) and k in defaults:
+            # a partial section fills in from the field's own default (e.g. distill.engine's
+            # kind is deepspeed, whatever EngineConfig's class default is)
+            v = _merge(dataclasses.asdict(defaults[k]()), v)
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}{k}")
     return cls(**kwargs)
 
 

@@ -25,7 +25,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from tskd.config import DiffusionConfig
 from tskd.transfer_quality import resize_uint8
 
-__all__ = ["SAMPLERS", "build_unet", "build_scheduler", "train_ddpm", "sample_images",
+__all__ = ["SAMPLERS", "build_unet", "build_scheduler", "train_ddpm", "DDPMData", "ddpm_loss",
+           "build_ema", "check_loss", "default_warmup", "sample_images",
            "sample_with_seeds", "image_seed", "save_diffusion", "load_diffusion",
            "images_to_tensor", "tensor_to_images"]
 
@@ -88,6 +89,59 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+class DDPMData:
+    """The DDPM's training stream: batches drawn without replacement from per-epoch permutations
+    of ``images`` (a batch may span two epochs), with their noise and timesteps, all from one
+    ``torch.Generator`` seeded with ``seed``. :meth:`state_dict` / :meth:`load_state_dict` resume
+    it exactly.
+
+    Args:
+        images: ``uint8 (N, H, W, 3)``; resized to ``size`` once, scaled to [-1, 1].
+    """
+
+    def __init__(self, images: np.ndarray, size: int, *, seed: int, num_train_timesteps: int
+                 ) -> None:
+        if len(images) == 0:
+            raise ValueError("train_ddpm: no images")
+        self.data = images_to_tensor(images, size)
+        self.t_max = int(num_train_timesteps)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.perm, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x0 (B, 3, S, S) in [-1, 1], noise (B, 3, S, S), timesteps (B,) int64)``."""
+        n = len(self.data)
+        parts, need = [], batch_size
+        while need > 0:
+            if self.pos == n:
+                self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
+            take = min(need, n - self.pos)
+            parts.append(self.perm[self.pos:self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        x0 = self.data[torch.cat(parts)]
+        noise = torch.randn(x0.shape, generator=self.gen)
+        t = torch.randint(0, self.t_max, (len(x0),), generator=self.gen)
+        return x0, noise, t
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
+
+
+def ddpm_loss(unet: UNet2DModel, scheduler: DDPMScheduler, x0: torch.Tensor,
+              noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The epsilon-prediction MSE of one batch (tensors on the UNet's device)."""
+    return F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+
+
+def default_warmup(steps: int) -> int:
+    """The DDPM's default linear warm-up: 5% of its steps."""
+    return max(0, round(0.05 * steps))
+
+
 def train_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, images: np.ndarray, *, steps: int,
                batch_size: int, lr: float, seed: int,
                on_step: Callable[[int, float], None] | None = None,
@@ -97,7 +151,7 @@ def train_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, images: np.ndarray, 
 
     Args:
         images: ``uint8 (N, H, W, 3)``; resized to ``unet.config.sample_size`` once, scaled to
-            [-1, 1]. Batches are drawn without replacement from a per-epoch permutation.
+            [-1, 1]. Batches come from :class:`DDPMData`.
         steps: optimiser steps (AdamW, weight decay 0.01 — diffusers' default — grad-norm clip 1).
         warmup_steps: linear warm-up of the cosine schedule; ``None`` = 5% of ``steps``.
         ema_decay: > 0 keeps an exponential moving average of the weights (diffusers
@@ -107,42 +161,22 @@ def train_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, images: np.ndarray, 
 
     Everything random (batches, timesteps, noise) comes from a ``torch.Generator`` seeded with
     ``seed``; the model initialisation is the caller's business (``build_unet(cfg, seed)``).
+    The ``transfer`` stage runs the same steps through its training engine
+    (``tskd.stages.transfer_set``); this is the plain-PyTorch version.
     """
-    if len(images) == 0:
-        raise ValueError("train_ddpm: no images")
     device = torch.device(device)
-    size = int(unet.config.sample_size)
-    data = images_to_tensor(images, size)
-    n = len(data)
-    gen = torch.Generator().manual_seed(int(seed))
+    data = DDPMData(images, int(unet.config.sample_size), seed=seed,
+                    num_train_timesteps=scheduler.config.num_train_timesteps)
     unet.to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(0, round(0.05 * steps)) if warmup_steps is None else int(warmup_steps)
+    warmup = default_warmup(steps) if warmup_steps is None else int(warmup_steps)
     sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup,
                                             num_training_steps=steps)
-    ema = None
-    if ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-        ema = EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3,
-                       foreach=True)
-    t_max = scheduler.config.num_train_timesteps
-    perm, pos = torch.randperm(n, generator=gen), 0
+    ema = build_ema(unet, ema_decay)
     losses: list[float] = []
     for step in range(1, steps + 1):
-        parts, need = [], batch_size
-        while need > 0:  # epochs of a permutation; a batch may span two epochs
-            if pos == n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            take = min(need, n - pos)
-            parts.append(perm[pos:pos + take])
-            pos, need = pos + take, need - take
-        idx = torch.cat(parts)
-        x0 = data[idx].to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, t_max, (len(x0),), generator=gen).to(device)
-        xt = scheduler.add_noise(x0, noise, t)
-        pred = unet(xt, t).sample
-        loss = F.mse_loss(pred, noise)
+        x0, noise, t = (v.to(device) for v in data.next_batch(batch_size))
+        loss = ddpm_loss(unet, scheduler, x0, noise, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -150,16 +184,32 @@ def train_ddpm(unet: UNet2DModel, scheduler: DDPMScheduler, images: np.ndarray, 
         sched.step()
         if ema is not None:
             ema.step(unet.parameters())
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"train_ddpm: loss is {value} at step {step}")
-        losses.append(value)
+        losses.append(check_loss(loss, step))
         if on_step is not None:
-            on_step(step, value)
+            on_step(step, losses[-1])
     if ema is not None:
         ema.copy_to(unet.parameters())
     unet.eval()
     return losses
+
+
+def build_ema(unet: UNet2DModel, ema_decay: float):
+    """diffusers ``EMAModel`` of ``unet``'s weights (warm-up, capped at ``ema_decay``), or
+    ``None`` when ``ema_decay`` is 0."""
+    if ema_decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=2 / 3,
+                    foreach=True)
+
+
+def check_loss(loss: torch.Tensor, step: int) -> float:
+    """The loss as a float; ``FloatingPointError`` if it is not finite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"train_ddpm: loss is {value} at step {step}")
+    return value
 
 
 def image_seed(seed: int, index: int) -> int:

@@ -140,6 +140,9 @@ def _baseline_init_stage(cfg: ExperimentConfig, arm: str, name: str,
     return Stage(name, ssl_pretrain.run, ("data", "transfer"),
                  {"student": student, arm: to_dict(getattr(cfg, arm))}, {"arm": arm})
 
+TRAIN_PREFIX = ".train-"
+"""``store/<stage>/.train-<fp>/``: Ray Train's storage for the entry being built (see
+``StageContext.train_dir``)."""
 
 RUN_FILES = ("results.json",)
 """Files at the top of an entry that the run directory gets a copy of (the evaluate stage writes
@@ -199,7 +202,9 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
     for i, stage in enumerate(stages, 1):
         inputs = {d: entries[d] for d in stage.deps}
         fp = stage_fingerprint(stage, cfg, inputs)
-        entry, built = store.resolve(stage.name, fp, _builder(stage, cfg, fp, inputs),
+        train_dir = store.root / stage.name / f"{TRAIN_PREFIX}{fp}"
+        entry, built = store.resolve(stage.name, fp,
+                                     _builder(stage, cfg, fp, inputs, train_dir, force),
                                      force=force, rebuilt_after=run_started)
         if built:
             log.info("[%d/%d] %s: built %s in %.1f s", i, len(stages), stage.name, fp,
@@ -215,13 +220,21 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
     return metrics
 
 
-def _builder(stage: Stage, cfg: ExperimentConfig, fp: str, inputs: dict[str, Entry]):
-    """The store's build callback: run the stage in the temporary entry, return its manifest."""
+def _builder(stage: Stage, cfg: ExperimentConfig, fp: str, inputs: dict[str, Entry],
+             train_dir: Path, force: bool):
+    """The store's build callback: run the stage in the temporary entry, return its manifest.
+    Training state left in ``train_dir`` by an interrupted build is resumed from (``--force``
+    discards it)."""
     def build(tmp: Path) -> dict[str, Any]:
+        if force:
+            shutil.rmtree(train_dir, ignore_errors=True)
+        if train_dir.is_dir():
+            log.info("%s: resuming the interrupted build's training state (%s)", stage.name,
+                     train_dir)
         log.info("%s: running (%s)", stage.name, fp)
         started = time.time()
         ctx = StageContext(stage.name, tmp, {d: e.path for d, e in inputs.items()}, cfg,
-                           dict(stage.params))
+                           dict(stage.params), train_dir=train_dir)
         result = _run_stage(stage, ctx)
         return stage_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result,
                               started=started,

@@ -62,3 +62,26 @@ def test_flips_are_drawn_per_sample():
     for i in range(64):
         torch.testing.assert_close(out[i], x[i].flip(-1) if draws[i] else x[i], rtol=0, atol=0)
     assert 0 < int(draws.sum()) < 64  # both kinds in one batch
+
+
+def test_unreached_parameters_are_frozen_for_task_agnostic_kd():
+    from tskd.losses import KDLoss
+    from tskd.models.students import build_student
+    from tskd.stages.distill import Distillation, freeze_unreached
+
+    teacher = TeacherTargets(_teacher(32), need_logits=False)
+    torch.manual_seed(0)
+    student = build_student({"arch": "vit", "model_name": "vit_tiny_patch16_224", "img_size": 32,
+                             "patch_size": 16, "decoder_dim": 16, "encoder": "resnet18"}, 3)
+    kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=0.0, w_hidden=1.0,
+                normalize=True)
+    bundle = Distillation(student, kd)
+    state = torch.get_rng_state()
+    frozen = set(freeze_unreached(bundle, teacher, 32))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert torch.isnan(kd.var_hidden)  # the probe left the running variance unset
+    # reference: what the hidden term cannot reach is the FPN decoder (logits only)
+    decoder = {f"student.{n}" for n, _ in student.named_parameters() if n.startswith("decoder.")}
+    assert frozen == decoder and decoder
+    assert all(not p.requires_grad for n, p in bundle.named_parameters() if n in frozen)
+    assert all(p.grad is None for p in bundle.parameters())

@@ -7,8 +7,11 @@ its own; the teacher's low-res mask logits and hidden states (``distill.teacher_
 ``no_grad`` at the teacher's resolution, the student at its own; loss ``w_logits · L(student
 logits, teacher logits) + w_hidden · MSE(P(student hidden), teacher hidden)`` (``L`` and the
 logits' resolution match by ``distill.logits_loss`` / ``logits_target``, the Table 8 presets;
-task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine. Report: KD losses per epoch;
-the student of the last epoch is the stage's output ``student.pt``.
+task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine, stepped through the training
+engine (``distill.engine``: DeepSpeed by default, :mod:`tskd.stages.engine`). Report: KD losses
+per epoch, a full-state checkpoint every ``ray.checkpoint_every`` epochs (a restarted worker
+group or re-run resumes from it); the student of the last epoch is the stage's output
+``student.pt``.
 
 The teacher is placed by :func:`place_teacher` — a seam where later issues add a ZeRO-3 sharded
 teacher and a precomputed teacher-target cache.
@@ -30,8 +33,10 @@ from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.models.students import build_student  # the registry; re-exported for other stages
 from tskd.stages.data_stage import load_data
-from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.engine import build_engine
+from tskd.stages.ray_train import (checkpoint, checkpoint_due, fail_point, fit_torch_trainer,
+                                   is_rank_zero, load_result_state, report, resume, run_storage,
+                                   worker_setup)
 from tskd.stages.teacher_pretrain import base_checkpoint
 
 log = logging.getLogger(__name__)
@@ -139,8 +144,8 @@ class CachedTargets:
 
 
 class Distillation(torch.nn.Module):
-    """Student + KD loss (with its learned projection P) as one module, so DDP wraps both and
-    its forward is the training objective: ``forward(images, teacher_out) -> (loss, parts)``."""
+    """Student + KD loss (with its learned projection P) as one module, so the engine wraps both
+    and its forward is the training objective: ``forward(images, teacher_out) -> (loss, parts)``."""
 
     def __init__(self, student: torch.nn.Module, kd: torch.nn.Module) -> None:
         super().__init__()
@@ -150,10 +155,32 @@ class Distillation(torch.nn.Module):
         return self.kd(self.student(images), teacher_out)
 
 
+def freeze_unreached(bundle: Distillation, teacher: TeacherTargets, size: int) -> list[str]:
+    """Freeze the parameters no loss term reaches (task-agnostic KD: the student's logits head)
+    and return their names: one probe forward/backward on a fixed random batch (its own
+    generator: the global RNG is untouched). Under DeepSpeed every optimised parameter gets a
+    gradient (zeros for unreached ones), so AdamW's weight decay would shrink them; torch's
+    AdamW skips them. Frozen, both engines leave them as initialised."""
+    g = torch.Generator().manual_seed(0)
+    device = next(bundle.parameters()).device
+    buffers = {k: v.detach().clone() for k, v in bundle.named_buffers()}  # BN stats, KD vars
+    images = (torch.rand(2, 3, size, size, generator=g) * 255).to(device)
+    loss, _ = bundle(images, teacher(images))
+    loss.backward()
+    with torch.no_grad():
+        for key, value in bundle.named_buffers():
+            value.copy_(buffers[key])
+    names = [n for n, p in bundle.named_parameters() if p.requires_grad and p.grad is None]
+    for name, param in bundle.named_parameters():
+        param.grad = None
+        if name in names:
+            param.requires_grad_(False)
+    return names
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: stream the transfer shard, distil teacher → student."""
     import ray.train
-    import ray.train.torch
     import torch.nn.functional as F
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -167,27 +194,35 @@ def _train_loop(config: dict[str, Any]) -> None:
     cached = config.get("cache")  # the targets' shapes, when the placement is cached
     teacher = CachedTargets(cached) if cached else place_teacher(config, device)
     student = build_student(config["student"], config["num_classes"],
-                            hidden_block=d["student_block"]).to(device)
+                            hidden_block=d["student_block"])
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
                 w_hidden=d["w_hidden"], logits_loss=d["logits_loss"],
-                logits_target=d["logits_target"], normalize=d["normalize"]).to(device)
-    # A zero-weighted term leaves parameters without gradients (task-agnostic KD never trains
-    # the student's head), hence find_unused_parameters.
-    bundle = ray.train.torch.prepare_model(
-        Distillation(student, kd), parallel_strategy_kwargs={"find_unused_parameters": True})
-    optim = torch.optim.AdamW(bundle.parameters(), lr=d["lr"], weight_decay=d["weight_decay"])
+                logits_target=d["logits_target"], normalize=d["normalize"])
     steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (d["batch_size"] * world)))
-    total = d["epochs"] * steps_per_epoch
-    sched = get_cosine_schedule_with_warmup(optim, int(d["warmup_epochs"] * steps_per_epoch),
-                                            total)
+    bundle = Distillation(student, kd).to(device)
+    unreached = freeze_unreached(bundle, teacher.probe if cached else teacher,
+                                 config["student"]["img_size"])
+    if unreached and is_rank_zero():
+        log.info("distill: %d parameter tensors no loss term reaches stay frozen (e.g. %s)",
+                 len(unreached), unreached[0])
+    engine = build_engine(
+        bundle, d["engine"], lr=d["lr"], weight_decay=d["weight_decay"],
+        batch_size=d["batch_size"], steps_per_epoch=steps_per_epoch, epochs=d["epochs"],
+        device=device,
+        schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
+            opt, int(d["warmup_epochs"] * per_epoch), total))
+    first, loop, _ = resume(engine, "distill")
     shard = ray.train.get_dataset_shard("transfer")
     size = config["student"]["img_size"]
-    start, timer, rungs = time.time(), StepTimer(), []
+    start, timer = time.time(), StepTimer()
+    rungs = list(loop.get("rungs", []))  # rung results before a restart
     dtypes = {"id": torch.int64, "image": torch.float32} | (
         {k: torch.float32 for k in cached} if cached else {})  # fp16 targets -> fp32
-    for epoch in range(1, d["epochs"] + 1):
+    for epoch in range(first, d["epochs"] + 1):
+        fail_point(config, epoch)
         sums: dict[str, float] = {}
         n = 0
+        engine.train()
         for batch in timer.batches(shard.iter_torch_batches(batch_size=d["batch_size"],
                                               dtypes=dtypes, device=device,
                                               local_shuffle_buffer_size=4 * d["batch_size"],
@@ -203,31 +238,39 @@ def _train_loop(config: dict[str, Any]) -> None:
             if images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bilinear",
                                        align_corners=False)
-            loss, parts = bundle(images, target)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
+            loss, parts = engine(images, target)
+            engine.step(loss)
             n += 1
             sums["distill/loss"] = sums.get("distill/loss", 0.0) + loss.item()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         metrics = {k: v / max(n, 1) for k, v in sums.items()} | {"epoch": epoch} \
             | timer.summary()
+        if first > 1:
+            metrics["distill/resumed_from_epoch"] = first - 1
         if is_rank_zero():
             log.info("distill epoch %d/%d loss %.5f, %.1f img/s (teacher %.0f%%, data wait %.0f%%), "
                      "%.0f s", epoch, d["epochs"], metrics.get("distill/loss", float("nan")),
                      metrics["perf/images_per_s"], 100 * metrics.get("perf/teacher_share", 0.0),
                      100 * metrics["perf/data_stall"], time.time() - start)
-        if d["rung_every"] and epoch % d["rung_every"] == 0 and is_rank_zero():
-            metrics[RUNG_KEY] = rung_dice(unwrap(bundle).student.state_dict(), config, device)
+        rung = d["rung_every"] and epoch % d["rung_every"] == 0
+        due = checkpoint_due(epoch, d["epochs"], config["ray"]["checkpoint_every"])
+        student_state = None
+        if rung or due:  # collective under ZeRO-3: every rank gathers
+            student_state = {k[len("student."):]: v for k, v in engine.state_dict().items()
+                             if k.startswith("student.")}
+        if rung and is_rank_zero():
+            metrics[RUNG_KEY] = rung_dice(student_state, config, device)
             rungs.append(metrics[RUNG_KEY])
             log.info("distill rung at epoch %d: a %d-epoch fine-tune of the student reaches "
                      "validation Dice %.4f", epoch, d["rung_epochs"], metrics[RUNG_KEY])
         if rungs:
             metrics["rung/history"] = list(rungs)
-        last = epoch == d["epochs"]
-        report(metrics, {"student": unwrap(bundle).student.state_dict()} if last else None)
+        if due:
+            checkpoint(metrics, engine=engine, epoch=epoch, loop={"rungs": rungs},
+                       output={"student": student_state})
+        else:
+            report(metrics)
 
 
 def teacher_config(ctx: StageContext, arm: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -284,12 +327,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         dataset = read_targets(cache_dir, check=False)
     log.info("distilling (%s) on %d transfer images for %d epochs, teacher %s", arm,
              n_transfer, cfg.distill.epochs, "targets cached" if cache_dir else "replicated")
+    storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name=ctx.name, storage=ctx.dir / "ray",
-                               datasets={"transfer": dataset}, callbacks=callbacks)
+                               name=ctx.name, storage=storage, datasets={"transfer": dataset},
+                               callbacks=callbacks)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
     return {k: v for k, v in result.metrics.items()
             if k.startswith(("distill/", "kd/", "rung/history", "perf/"))}
 

@@ -4,6 +4,15 @@ Driver side: :func:`fit_torch_trainer` builds a ``TorchTrainer`` (Train V2) from
 the same code runs CPU workers with gloo here and GPU workers with NCCL on a cluster.
 Worker side: :func:`worker_setup` (threads, seeds, deterministic algorithms, device), :func:`report` (metrics every rank,
 checkpoint on rank 0), :func:`is_rank_zero`. Driver again: :func:`load_result_state`.
+
+Checkpoints and lost workers: a training loop calls :func:`resume` once (the epoch to start
+from, restored from ``ray.train.get_checkpoint()`` after a worker-group restart or a re-run on
+the same storage) and :func:`checkpoint` every ``ray.checkpoint_every`` epochs: the engine's
+full state (model, optimiser, scheduler), every rank's RNG states, the epoch and the loop's own
+state, and the stage's output (``state.pt``, what :func:`load_result_state` reads). The launcher
+keeps the last ``ray.keep_checkpoints`` and restarts a failed worker group up to
+``ray.max_failures`` times. :func:`run_storage` is the stage's storage path, stable across
+re-runs of the same stage fingerprint, so a re-run ``tskd run`` resumes too.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from tskd.stages.console import TRAIN_LOG_LEVEL
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+LOOP_FILE = "loop.pt"
+RNG_FILE = "rng-rank{rank}.pt"
 
 
 def resolve_backend(ray_cfg: RayConfig) -> str:
@@ -45,7 +56,9 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
             everything it needs, including ``train_config["ray"]`` for :func:`worker_setup`).
         ray_cfg: workers, GPUs, CPUs per worker and backend.
         name: the run name (a folder under ``storage``).
-        storage: absolute directory for Ray's run state and checkpoints.
+        storage: directory for Ray's run state and checkpoints (:func:`run_storage`): a run
+            started again with the same ``storage`` and ``name`` resumes from its latest
+            checkpoint (Ray Train V2 restores its checkpoint manager from there).
         datasets: Ray Data datasets, sharded across workers (``get_dataset_shard``).
         num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
         callbacks: Ray Train ``UserCallback``s (e.g. :func:`tskd.stages.rungs.tune_callback`).
@@ -55,7 +68,8 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
             and :func:`tskd.stages.errors.own_error` finds a tskd error (dataset, config,
             checkpoint) in it.
     """
-    from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig,
+                           RunConfig, ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = num_workers or ray_cfg.num_workers
@@ -71,10 +85,12 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=resolve_backend(ray_cfg)),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
-                             callbacks=callbacks or None),
+        run_config=RunConfig(
+            name=name, storage_path=str(Path(storage).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
+            callbacks=callbacks or None),
         datasets=datasets,
         dataset_config=data_config,
     )
@@ -118,6 +134,12 @@ def _first_line(exc: BaseException) -> str:
         inner = getattr(first, "_base_exc", first)
     text = str(inner).strip().splitlines()
     return f"{type(inner).__name__}: {text[0] if text else ''}"
+
+
+def run_storage(ctx: Any) -> Path:
+    """Where a stage's Ray Train runs keep their state: ``ctx.train_dir`` (stable per stage
+    fingerprint, so a re-run resumes), else a folder of the temporary entry."""
+    return Path(ctx.train_dir) if getattr(ctx, "train_dir", None) else Path(ctx.dir) / "ray"
 
 
 def load_result_state(result: Any) -> dict[str, Any]:
@@ -195,3 +217,94 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel wrapper (or the module itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_due(epoch: int, epochs: int, every: int) -> bool:
+    """Checkpoint after ``epoch``: every ``every`` epochs and after the last."""
+    return epoch == epochs or epoch % max(1, every) == 0
+
+
+def checkpoint(metrics: dict[str, Any], *, engine: Any, epoch: int,
+               loop: dict[str, Any] | None = None, output: dict[str, Any] | None = None) -> None:
+    """Report ``metrics`` with a full-state checkpoint (collective: every rank calls it).
+
+    Every rank writes its part into its own temporary directory (Ray Train puts the ranks'
+    files into one checkpoint): the engine's state (:meth:`Engine.save`), its RNG states; rank 0
+    also ``loop.pt`` (``epoch`` and ``loop``, the loop's own state) and ``state.pt``
+    (``output``: what the stage keeps, read by :func:`load_result_state`).
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    from tskd.stages.live_metrics import export
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    export(ctx.get_experiment_name(), rank, metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save(Path(tmp))
+        torch.save(rng_state(), Path(tmp) / RNG_FILE.format(rank=rank))
+        if rank == 0:
+            torch.save({"epoch": epoch, "loop": loop or {}}, Path(tmp) / LOOP_FILE)
+            if output is not None:
+                torch.save(output, Path(tmp) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def resume(engine: Any, tag: str) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+    """``(first epoch, loop state, output)`` of this run: ``(1, {}, None)`` on a fresh start;
+    after a restart, the engine's and this rank's RNG states are restored from
+    ``ray.train.get_checkpoint()`` and training goes on after the checkpointed epoch."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 1, {}, None
+    rank = ray.train.get_context().get_world_rank()
+    with ckpt.as_directory() as d:
+        d = Path(d)
+        engine.load(d)
+        saved = torch.load(d / LOOP_FILE, map_location="cpu", weights_only=False)
+        rng = d / RNG_FILE.format(rank=rank)
+        if rng.is_file():
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        output = (torch.load(d / STATE_FILE, map_location="cpu", weights_only=False)
+                  if (d / STATE_FILE).is_file() else None)
+    if rank == 0:
+        log.info("%s resumed from epoch %d", tag, saved["epoch"])
+    return int(saved["epoch"]) + 1, saved["loop"], output
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, numpy and torch (CPU and CUDA) RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fail_point(config: dict[str, Any], epoch: int) -> None:
+    """Test hook: ``config["fail_once"] = {"rank", "epoch", "marker"}`` makes that rank's
+    process exit at the start of that epoch, once (the marker file records that it did)."""
+    spec = config.get("fail_once")
+    if not spec or epoch != spec["epoch"]:
+        return
+    import ray.train
+
+    marker = Path(spec["marker"])
+    if ray.train.get_context().get_world_rank() == spec["rank"] and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        log.warning("fail_once: rank %d exits at epoch %d", spec["rank"], epoch)
+        os._exit(1)

@@ -31,7 +31,8 @@ def reference_student(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     ref = to_dict(ctx.cfg.reference)
-    loop = {k: ref[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs")}
+    loop = {k: ref[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                                "engine")}
     return fit_student(ctx, reference_student(ctx.cfg), loop, None,
                        f"label-only reference ({ref['arch']})")
 

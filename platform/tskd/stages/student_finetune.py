@@ -2,6 +2,7 @@
 
 Setup: the student distilled by ``distill_<arm>`` (or, for ``scratch``, a random init — the
 baseline). Loop: 0.2·CE + 0.8·Dice on the augmented labelled subset, AdamW, warm-up then cosine.
+The step runs through ``student_finetune.engine`` (``reference.engine`` for the reference).
 Report: validation Dice every epoch; the student of the best validation epoch is the output
 ``student.pt`` (without validation images, ``data.model_selection`` off: the last epoch's).
 """
@@ -20,7 +21,8 @@ from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
 from tskd.stages.distill import STUDENT_FILE, build_student
-from tskd.stages.ray_train import fit_torch_trainer, load_result_state, worker_setup
+from tskd.stages.engine import build_engine
+from tskd.stages.ray_train import fit_torch_trainer, load_result_state, run_storage, worker_setup
 from tskd.stages.supervised import fit_supervised
 
 log = logging.getLogger(__name__)
@@ -44,13 +46,18 @@ def _train_loop(config: dict[str, Any]) -> None:
                                     seed=config["seed"])
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(train_set, batch_size=f["batch_size"], shuffle=True))
-    model = ray.train.torch.prepare_model(student.to(device))
-    optim = torch.optim.AdamW(model.parameters(), lr=f["lr"], weight_decay=f["weight_decay"])
-    sched = get_cosine_schedule_with_warmup(optim, int(f["warmup_epochs"] * len(loader)),
-                                            f["epochs"] * len(loader))
-    fit_supervised(model, loader, SegmentationDataset(info, config["val"], size), info=info,
-                   optimizer=optim, scheduler=sched, epochs=f["epochs"], device=device,
-                   state_fn=lambda m: {"student": m.state_dict()}, tag="student")
+    engine = build_engine(
+        student, f["engine"], lr=f["lr"], weight_decay=f["weight_decay"],
+        batch_size=f["batch_size"], steps_per_epoch=len(loader), epochs=f["epochs"],
+        device=device,
+        schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
+            opt, int(f["warmup_epochs"] * per_epoch), total))
+    fit_supervised(engine, loader, SegmentationDataset(info, config["val"], size), info=info,
+                   epochs=f["epochs"], device=device, seed=config["seed"],
+                   checkpoint_every=config["ray"]["checkpoint_every"],
+                   state_fn=lambda m: {"student": {k: v.detach().cpu().clone()
+                                                   for k, v in m.state_dict().items()}},
+                   tag="student")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -74,11 +81,12 @@ def fit_student(ctx: StageContext, student: dict[str, Any], finetune: dict[str, 
               "val": list(splits.val), "image_size": cfg.data.image_size,
               "augment": cfg.data.augment, "seed": cfg.seed, "ray": to_dict(cfg.ray)}
     log.info("fine-tuning the %s student on %d labelled images", what, len(splits.labelled))
+    storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name=ctx.name, storage=ctx.dir / "ray")
+                               name=ctx.name, storage=storage)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
     model = load_student(ctx.dir, student, info.num_classes)
     return {"val/dice": state["val/dice"], "student/best_epoch": state["epoch"],
             "train/loss": result.metrics.get("train/loss")} | footprint_metrics(

@@ -3,7 +3,7 @@
 Setup: the base SAM (official checkpoint or the pre-trained demo SAM) with a mask decoder of C
 outputs, LoRA on the q/v slices of every encoder block; the decoder trained as ``teacher.decoder``
 says (``full`` as SAMed, ``lora``, ``frozen``; see :mod:`tskd.lora`), every other weight frozen. Loop: 0.2·CE + 0.8·Dice on the augmented labelled subset, AdamW, linear
-warm-up then polynomial decay (as SAMed). Report: validation Dice per epoch; the adapter of the
+warm-up then polynomial decay (as SAMed), stepped through ``teacher.finetune.engine``. Report: validation Dice per epoch; the adapter of the
 best epoch is kept.
 
 Output: ``lora.pt`` (what was trained: the adapters and the trained decoder weights; its size
@@ -24,8 +24,9 @@ import torch
 from tskd.artifacts import StageContext, write_json
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
+from tskd.stages.engine import build_engine
 from tskd.stages.ray_train import (fit_torch_trainer, is_rank_zero, load_result_state,
-                                   worker_setup)
+                                   run_storage, worker_setup)
 from tskd.stages.supervised import fit_supervised
 from tskd.stages.teacher_pretrain import base_checkpoint
 
@@ -68,7 +69,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     f = config["finetune"]
     device = worker_setup(config["ray"], config["seed"])
-    model = build_teacher(config["teacher"], lora=True).to(device)
+    model = build_teacher(config["teacher"], lora=True)
     if is_rank_zero():
         log.info("teacher LoRA: %d trainable parameters", count_trainable(model))
     info, size = config["info"], config["image_size"]
@@ -76,14 +77,15 @@ def _train_loop(config: dict[str, Any]) -> None:
                                     seed=config["seed"])
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(train_set, batch_size=f["batch_size"], shuffle=True))
-    model = ray.train.torch.prepare_model(model)
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=f["lr"],
-                              weight_decay=f["weight_decay"])
-    total = f["epochs"] * len(loader)
-    sched = get_polynomial_decay_schedule_with_warmup(
-        optim, warmup_steps(f["warmup_iters"], total), total, lr_end=0.0, power=0.9)
-    fit_supervised(model, loader, SegmentationDataset(info, config["val"], size), info=info,
-                   optimizer=optim, scheduler=sched, epochs=f["epochs"], device=device,
+    engine = build_engine(
+        model, f["engine"], lr=f["lr"], weight_decay=f["weight_decay"],
+        batch_size=f["batch_size"], steps_per_epoch=len(loader), epochs=f["epochs"],
+        device=device,
+        schedule=lambda opt, per_epoch, total: get_polynomial_decay_schedule_with_warmup(
+            opt, warmup_steps(f["warmup_iters"], total), total, lr_end=0.0, power=0.9))
+    fit_supervised(engine, loader, SegmentationDataset(info, config["val"], size), info=info,
+                   epochs=f["epochs"], device=device, seed=config["seed"],
+                   checkpoint_every=config["ray"]["checkpoint_every"],
                    state_fn=lambda m: {"lora": lora_state_dict(m)}, tag="teacher")
 
 
@@ -97,12 +99,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
               "labelled": list(splits.labelled), "val": list(splits.val),
               "image_size": cfg.data.image_size, "augment": cfg.data.augment,
               "seed": cfg.seed, "ray": to_dict(cfg.ray)}
+    storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name="teacher", storage=ctx.dir / "ray")
+                               name="teacher", storage=storage)
     state = load_result_state(result)
     torch.save(state["lora"], ctx.dir / LORA_FILE)
     write_json(ctx.dir / TEACHER_FILE, {**spec, "best_epoch": state["epoch"]})
-    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
     return {"val/dice": state["val/dice"], "teacher/best_epoch": state["epoch"],
             "teacher/adapter_mb": round((ctx.dir / LORA_FILE).stat().st_size / 2**20, 3),
             "teacher/trained_params": sum(t.numel() for t in state["lora"].values()),

@@ -71,48 +71,76 @@ class TransferSetError(RuntimeError):
 
 
 def _train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: train the DDPM on the augmented images, checkpoint it on rank 0."""
+    """Ray Train worker: train the DDPM on the augmented images through the training engine
+    (``transfer.diffusion.engine``), checkpointing every ``ray.checkpoint_every`` tenths of its
+    steps (a restart resumes there), the UNet (EMA weights when enabled) in the last one."""
     import ray
+    from diffusers.optimization import get_cosine_schedule_with_warmup
 
-    from tskd.diffusion import build_scheduler, build_unet, train_ddpm
-    from tskd.stages.ray_train import is_rank_zero, report, worker_setup
+    from tskd.diffusion import (DDPMData, build_ema, build_scheduler, build_unet, check_loss,
+                                ddpm_loss, default_warmup)
+    from tskd.stages.engine import build_engine
+    from tskd.stages.ray_train import (checkpoint, checkpoint_due, fail_point, is_rank_zero,
+                                       report, resume, worker_setup)
 
     seed = int(config["seed"])
     device = worker_setup(config["ray"], seed)
     dcfg = DiffusionConfig(**config["diffusion"])
-    images = ray.get(config["images"])
     unet, scheduler = build_unet(dcfg, seed=seed), build_scheduler(dcfg)
     steps = dcfg.train_steps
-    every = max(1, steps // 10)
-    window: list[float] = []
+    every = max(1, steps // 10)  # a "period": logging, reporting and checkpoint unit
+    periods = math.ceil(steps / every)
+    engine = build_engine(
+        unet, config["diffusion"]["engine"], lr=dcfg.lr, weight_decay=0.01,
+        batch_size=dcfg.batch_size, steps_per_epoch=steps, epochs=1, device=device,
+        schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
+            opt, default_warmup(steps), steps))
+    data = DDPMData(ray.get(config["images"]), dcfg.image_size, seed=seed,
+                    num_train_timesteps=dcfg.num_train_timesteps)
+    ema = build_ema(unet, dcfg.ema_decay)
+    first, loop, _ = resume(engine, "ddpm")
+    losses: list[float] = list(loop.get("losses", []))
+    if loop:
+        data.load_state_dict(loop["data"])
+        if ema is not None:
+            ema.load_state_dict(loop["ema"])
     start = time.time()
     rank0 = is_rank_zero()
-
-    def on_step(step: int, loss: float) -> None:
-        window.append(loss)
-        if step % every == 0 and step < steps:
-            mean = float(np.mean(window))
-            window.clear()
-            if rank0:
-                log.info("ddpm step %d/%d loss %.4f (%.0f s)", step, steps, mean,
-                         time.time() - start)
-            report({"diffusion/loss": mean, "step": step})
-
-    losses = train_ddpm(unet, scheduler, images, steps=steps, batch_size=dcfg.batch_size,
-                        lr=dcfg.lr, seed=seed, on_step=on_step, device=device,
-                        ema_decay=dcfg.ema_decay)
-    tail = losses[-every:]
-    if rank0:
-        log.info("ddpm trained: %d steps in %.0f s, loss %.4f (last %d steps)", steps,
-                 time.time() - start, float(np.mean(tail)), len(tail))
-    report({"diffusion/loss": float(np.mean(tail)), "diffusion/final_loss": float(np.mean(tail)),
-            "step": steps},
-           {"unet": {k: v.cpu() for k, v in unet.state_dict().items()}, "losses": losses})
+    engine.train()
+    for period in range(first, periods + 1):
+        fail_point(config, period)
+        for step in range((period - 1) * every + 1, min(steps, period * every) + 1):
+            x0, noise, t = (v.to(device) for v in data.next_batch(dcfg.batch_size))
+            loss = ddpm_loss(engine, scheduler, x0, noise, t)
+            engine.step(loss)
+            if ema is not None:
+                ema.step(engine.module.parameters())
+            losses.append(check_loss(loss, step))
+        step = min(steps, period * every)
+        mean = float(np.mean(losses[-every:]))
+        if rank0:
+            log.info("ddpm step %d/%d loss %.4f (%.0f s)", step, steps, mean,
+                     time.time() - start)
+        metrics = {"diffusion/loss": mean, "step": step}
+        if period == periods:
+            metrics["diffusion/final_loss"] = mean
+            if ema is not None:
+                ema.copy_to(engine.module.parameters())
+        if checkpoint_due(period, periods, config["ray"]["checkpoint_every"]):
+            output = None
+            if period == periods:
+                output = {"unet": engine.state_dict(), "losses": losses}
+            checkpoint(metrics, engine=engine, epoch=period, output=output,
+                       loop={"data": data.state_dict(), "losses": losses,
+                             "ema": ema.state_dict() if ema is not None else None})
+        else:
+            report(metrics)
 
 
 def train_diffusion(images: np.ndarray, cfg: ExperimentConfig, out_dir: Path, storage: Path
                     ) -> dict[str, Any]:
-    """Train the DDPM as a 1-worker Ray Train job and save it to ``out_dir``; return metrics."""
+    """Train the DDPM as a 1-worker Ray Train job and save it to ``out_dir``; return metrics.
+    ``storage``: the run's Ray storage (:func:`tskd.stages.ray_train.run_storage`)."""
     import ray
 
     from tskd.diffusion import build_scheduler, build_unet, save_diffusion
@@ -124,12 +152,10 @@ def train_diffusion(images: np.ndarray, cfg: ExperimentConfig, out_dir: Path, st
               "images": images_ref}
     log.info("training the DDPM (%d px, channels %s) on %d augmented images for %d steps",
              dcfg.image_size, dcfg.block_out_channels, len(images), dcfg.train_steps)
-    try:
-        result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                                   name="ddpm", storage=storage, num_workers=1)
-        state = load_result_state(result)
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
+    result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
+                               name="ddpm", storage=storage, num_workers=1)
+    state = load_result_state(result)
+    shutil.rmtree(storage, ignore_errors=True)  # kept after a failure: a re-run resumes
     unet = build_unet(dcfg)
     unet.load_state_dict(state["unet"])
     save_diffusion(unet, out_dir, build_scheduler(dcfg))
@@ -326,7 +352,9 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed,
                                strength=t.diffusion.augment_strength)
 
-    metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, out / "ray")
+    from tskd.stages.ray_train import run_storage
+
+    metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, run_storage(ctx))
 
     log.info("sampling %d images (%d inference steps, %s%s) on %d actor(s) x %g CPU",
              t.n_images, t.diffusion.num_inference_steps, t.diffusion.sampler,

@@ -1,0 +1,340 @@
+"""The training engine seam: every training stage runs its step through an :class:`Engine`.
+
+A stage builds its model (and loss, when the loss has parameters) as one module, then::
+
+    engine = build_engine(model, cfg["engine"], lr=..., weight_decay=..., batch_size=B,
+                          steps_per_epoch=S, epochs=E, schedule=warmup_cosine(...), device=dev)
+    out = engine(images, ...)   # the module's forward (autocast when precision asks for it)
+    engine.step(loss)           # backward; at an accumulation boundary clip, step, schedule
+    engine.state_dict()         # the whole model's weights, consolidated (collective: ZeRO-3)
+    engine.save(d) / engine.load(d)   # full training state (model, optimiser, scheduler)
+
+``engine.kind`` (:class:`tskd.config.EngineConfig`) picks the implementation:
+
+- ``torch`` (:class:`TorchEngine`): the module, wrapped in ``DistributedDataParallel`` when the
+  process group has more than one rank; a torch optimiser and LR scheduler; gradient accumulation
+  with ``no_sync``; ``torch.autocast`` (+ ``GradScaler`` for fp16).
+- ``deepspeed`` (:class:`DeepSpeedEngine`): ``deepspeed.initialize`` with the config
+  :func:`deepspeed_config` derives (ZeRO 0-3, offload, accumulation, clipping,
+  ``torch_autocast``, ``raw`` merged last). It joins the process group Ray Train set up
+  (``deepspeed.init_distributed`` reuses it; gloo on CPU, NCCL on GPU).
+
+Stages contain no engine-specific code; this module is the only one that imports DeepSpeed (lazily).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Schedule = Callable[[torch.optim.Optimizer, float, int], Any]
+"""``schedule(optimizer, updates_per_epoch, total_updates) -> LR scheduler`` (stepped once per
+optimiser update; with gradient accumulation an update is ``gradient_accumulation`` steps)."""
+
+TORCH_STATE = "engine.pt"
+DEEPSPEED_DIR = "deepspeed"
+_DS_TAG = "state"
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(engine: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of an ``EngineConfig`` (as a dict) for micro-batch ``batch_size``.
+
+    The optimiser is built by :func:`build_engine` and handed to DeepSpeed (so ``optimizer`` is
+    not in the config); ``raw`` is merged last (``tskd.config.EngineConfig.validate`` refuses raw
+    keys the typed fields derive).
+    """
+    zero: dict[str, Any] = {"stage": int(engine["zero_stage"])}
+    if engine["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if engine["offload_params"]:
+        zero["offload_param"] = {"device": "cpu"}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": int(batch_size),
+        "gradient_accumulation_steps": int(engine["gradient_accumulation"]),
+        "gradient_clipping": float(engine["clip_grad_norm"]),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch AdamW under ZeRO
+        "steps_per_print": 2**31 - 1,  # tskd logs per epoch itself
+        "wall_clock_breakdown": False,
+    }
+    if engine["precision"] != "fp32":
+        out["torch_autocast"] = {"enabled": True,
+                                 "dtype": "bfloat16" if engine["precision"] == "bf16"
+                                 else "float16"}
+    return _merge(out, engine.get("raw") or {})
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_optimizer(params: list[torch.nn.Parameter], engine: dict[str, Any], *, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """``engine.optimizer``: torch AdamW, DeepSpeedCPUAdam (AdamW mode) or fused CUDA AdamW."""
+    name = engine["optimizer"]
+    if name == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                             fused=True if name == "fused_adam" else None)
+
+
+def build_engine(model: torch.nn.Module, engine: dict[str, Any], *, lr: float,
+                 weight_decay: float, batch_size: int, steps_per_epoch: int, epochs: int,
+                 device: torch.device, schedule: Schedule | None = None,
+                 find_unused_parameters: bool = False) -> "Engine":
+    """Wrap ``model`` (its trainable parameters are optimised) in the configured engine.
+
+    Args:
+        engine: an ``EngineConfig`` as a dict (``tskd.config.to_dict``).
+        batch_size: the micro-batch per worker.
+        steps_per_epoch: micro-batches per epoch per worker (sets the schedule's length).
+        schedule: builds the LR scheduler from the optimiser (``None``: constant LR).
+        find_unused_parameters: DDP's flag (a term of zero weight leaves parameters unused).
+    """
+    model = model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gas = int(engine["gradient_accumulation"])
+    per_epoch = steps_per_epoch / gas
+    total = max(1, math.floor(steps_per_epoch * epochs / gas))
+
+    def make_scheduler(opt: torch.optim.Optimizer) -> Any:
+        if schedule is None:
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        return schedule(opt, per_epoch, total)
+
+    if engine["kind"] == "deepspeed":
+        return DeepSpeedEngine(model, engine, params=params, lr=lr, weight_decay=weight_decay,
+                               batch_size=batch_size, make_scheduler=make_scheduler)
+    if engine["kind"] != "torch":
+        raise ValueError(f"engine.kind: invalid value {engine['kind']!r}; allowed: torch, "
+                         "deepspeed")
+    optimizer = build_optimizer(params, engine, lr=lr, weight_decay=weight_decay)
+    return TorchEngine(model, engine, optimizer, make_scheduler(optimizer), device,
+                       find_unused_parameters=find_unused_parameters)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class Engine:
+    """What stages use: call it like the module, ``step(loss)``, ``state_dict()``,
+    ``save(dir)``/``load(dir)``, ``train()``/``eval()``, ``module``, ``lr``."""
+
+    kind = ""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    def step(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The plain module (under ZeRO-3 its parameters are partitioned: call it on every
+        rank, DeepSpeed gathers them in its forward)."""
+        raise NotImplementedError
+
+    @property
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """A context in which ``module``'s parameters are whole on every rank (collective under
+        ZeRO-3; a no-op otherwise)."""
+        return contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole module's ``state_dict`` on CPU, consolidated (collective under ZeRO-3:
+        every rank must call it)."""
+        with self.gathered():
+            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def save(self, directory: Path) -> None:
+        """Write the training state (collective: every rank calls it with its own directory;
+        the union of the ranks' files is the checkpoint)."""
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> None:
+        """Restore what :meth:`save` wrote (the union of every rank's files)."""
+        raise NotImplementedError
+
+    def train(self) -> "Engine":
+        self.module.train()
+        return self
+
+    def eval(self) -> "Engine":
+        self.module.eval()
+        return self
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` without frozen parameters (buffers kept): what training changes."""
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()
+            if k not in frozen}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load :func:`trainable_state` back; every key it lacks must be a frozen parameter."""
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    bad = [k for k in missing if k not in frozen] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"checkpoint does not fit the model: {bad[:5]}")
+
+
+class TorchEngine(Engine):
+    """Plain PyTorch: DDP over the process group (more than one rank), AdamW, autocast."""
+
+    kind = "torch"
+
+    def __init__(self, model: torch.nn.Module, engine: dict[str, Any],
+                 optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device, *,
+                 find_unused_parameters: bool = False) -> None:
+        self._module = model
+        self.wrapped: torch.nn.Module = model
+        if _world() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device] if device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(
+                model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+        self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
+        self.gas = int(engine["gradient_accumulation"])
+        self.clip = float(engine["clip_grad_norm"])
+        self.dtype = _AUTOCAST.get(engine["precision"])
+        self.scaler = (torch.amp.GradScaler(device.type) if engine["precision"] == "fp16"
+                       else None)
+        self.micro = 0
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sync = (self.micro + 1) % self.gas == 0 or not hasattr(self.wrapped, "no_sync")
+        context = contextlib.nullcontext() if sync else self.wrapped.no_sync()
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype
+                    else contextlib.nullcontext())
+        with context, autocast:
+            return self.wrapped(*args, **kwargs)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.micro += 1
+        scaled = loss / self.gas
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        if self.micro % self.gas:
+            return
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self._params, self.clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._module
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: Path) -> None:
+        if _rank() != 0:  # DDP keeps every rank's copy equal
+            return
+        state = {"model": trainable_state(self._module), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "micro": self.micro,
+                 "scaler": self.scaler.state_dict() if self.scaler else None}
+        torch.save(state, Path(directory) / TORCH_STATE)
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(Path(directory) / TORCH_STATE, map_location=self.device,
+                           weights_only=False)
+        load_trainable_state(self._module, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = int(state["micro"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DeepSpeedEngine(Engine):
+    """A DeepSpeed engine (ZeRO 0-3) on the process group Ray Train (or a test) set up."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, engine: dict[str, Any], *,
+                 params: list[torch.nn.Parameter], lr: float, weight_decay: float,
+                 batch_size: int, make_scheduler: Callable[[torch.optim.Optimizer], Any]) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        backend = dist.get_backend() if dist.is_initialized() else None
+        deepspeed.init_distributed(dist_backend=backend or "gloo")
+        self.zero_stage = int(engine["zero_stage"])
+        optimizer = build_optimizer(params, engine, lr=lr, weight_decay=weight_decay)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+            config=deepspeed_config(engine, batch_size))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()  # steps the optimiser and scheduler at accumulation boundaries only
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()),
+                                                 modifier_rank=None)
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=_DS_TAG,
+                                    exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=_DS_TAG,
+                                              load_module_strict=False)
+        if path is None:
+            raise RuntimeError(f"{directory}: no DeepSpeed checkpoint to resume from")
