@@ -78,8 +78,11 @@ def _check_loop(section: Any, path: str, *names: str) -> None:
 
 @dataclass
 class DemoDataConfig:
-    """The built-in procedural ultrasound-like dataset (used when ``data.root`` is null)."""
+    """The built-in procedural datasets (used when ``data.root`` is null)."""
 
+    kind: Literal["ultrasound", "vessels"] = "ultrasound"
+    """``ultrasound``: organ + lesion (``tskd.data.demo``); ``vessels``: fundus-like images with
+    branching vessels 1-4 px wide (``tskd.data.demo_vessels``), a thin-structure task."""
     n_images: int = 360
     size: int = 128
     seed: int = 0
@@ -97,8 +100,15 @@ class DataConfig:
     """Dataset directory in the tskd format (``dataset.json``, ``images/``, ``masks/``);
     null runs the built-in demo dataset, written under ``runs/<experiment>/data``."""
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
-    image_size: int = 128
-    """Working resolution of labelled images; each model resizes to its own input size."""
+    image_size: int | Literal["auto"] = "auto"
+    """Working resolution of labelled images; each model resizes to its own input size.
+    ``auto``: the plan of the dataset's fingerprint (``tskd.data.fingerprint``, made from the
+    label budget's masks when the run starts: the smallest size, a multiple of 16, that keeps
+    every class's structures >= 2 px wide, at most ``max_image_size``); the built-in demos take
+    ``demo.size``. An explicit size wins, with a warning naming each class it makes too thin."""
+    max_image_size: int = 512
+    """The largest whole-image size ``auto`` picks; a dataset that needs more is shrunk to it
+    with a warning (patch training is not implemented yet)."""
     n_labels: int = 40
     """Label budget: the number of labelled images the method may use IN TOTAL (training and
     validation together), a seeded subset of the train split; a larger budget is a superset."""
@@ -123,8 +133,11 @@ class DataConfig:
 
     def validate(self, path: str) -> None:
         self.demo.validate(f"{path}.demo")
-        _check(16 <= self.image_size <= 2048, f"{path}.image_size", self.image_size,
-               "an integer in [16, 2048]")
+        _check(self.image_size == "auto" or 16 <= self.image_size <= 2048,
+               f"{path}.image_size", self.image_size, "'auto' or an integer in [16, 2048]")
+        _check(self.max_image_size % 16 == 0 and 64 <= self.max_image_size <= 2048,
+               f"{path}.max_image_size", self.max_image_size,
+               "a multiple of 16 in [64, 2048]")
         _check(self.n_labels >= 1, f"{path}.n_labels", self.n_labels, "an integer >= 1")
         _check(0.0 <= self.val_share < 1.0, f"{path}.val_share", self.val_share,
                "a number in [0, 1) (0 turns model selection off)")
@@ -545,7 +558,9 @@ class ExperimentConfig:
                    "a number > 0 while students include 'ta_kd' (task-agnostic KD uses only the "
                    "hidden-state term; drop 'ta_kd' from students to distil with logits only)")
         if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
-            self.reference.student(self.data.image_size).validate("reference")
+            if self.data.image_size != "auto" or self.reference.img_size is not None:
+                # with data.image_size auto: checked again once the plan has resolved it
+                self.reference.student(self.data.image_size).validate("reference")
 
     @property
     def run_dir(self) -> Path:

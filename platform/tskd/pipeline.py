@@ -134,6 +134,9 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
         planner: the stages of ``cfg`` (default: :func:`plan`; tests and ``tskd tune`` pass
             their own).
     """
+    from tskd.data.fingerprint import resolve_image_size
+
+    cfg = resolve_image_size(cfg)  # data.image_size: auto -> the dataset plan's size
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     store = store or Store.for_output_dir(cfg.output_dir)

@@ -19,7 +19,7 @@ What is measured, per foreground class (on up to ``max_cases`` masks, at native 
   pixels. A horizontal line of width w gives exactly w; ``width_px`` is the median over ridge
   pixels, ``thin_width_px`` the 10th percentile.
 
-The plan (:func:`plan_resolution`) picks the smallest working size (a multiple of 16, at most the
+The plan (:func:`plan_resolution`) picks the smallest working size (a multiple of 32, at most the
 native size) at which every class's median width stays >= ``min_width_px`` (2 px) and its small
 objects keep >= ``min_object_px`` (4 px); larger than ``max_size`` means patches are needed
 (``needs_patches``: patch training is not implemented yet, so the images are then shrunk to
@@ -30,16 +30,21 @@ objects vanish.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
 
-from tskd.data.format import DatasetInfo, read_mask
+from tskd.data.format import DatasetInfo, load_dataset_info, make_splits, read_mask
+
+if TYPE_CHECKING:
+    from tskd.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +189,7 @@ class Plan:
 
     native_size: int
     working_size: int
-    """The size (a multiple of 16) that keeps every class resolvable (<= native)."""
+    """The size (a multiple of 32, which every student arch accepts) that keeps every class resolvable (<= native)."""
     image_size: int
     """What ``data.image_size: auto`` takes: ``working_size``, capped at ``max_size``."""
     teacher_img_size: int
@@ -215,7 +220,7 @@ def _required_scale(stats: ClassStats, min_width_px: float, min_object_px: float
 
 def plan_resolution(fp: DatasetFingerprint, *, min_width_px: float = MIN_WIDTH_PX,
                     min_object_px: float = MIN_OBJECT_PX, max_size: int = 512,
-                    min_size: int = 64, multiple: int = 16) -> Plan:
+                    min_size: int = 64, multiple: int = 32) -> Plan:
     """The smallest size that keeps every class resolvable (see the module docstring)."""
     native = fp.native_size
     native_up = max(min_size, _round_up(native, multiple))
@@ -289,3 +294,57 @@ def format_fingerprint(fp: DatasetFingerprint, plan: Plan,
     for warning in [*plan.warnings, *extra_warnings]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
+
+
+def budget_cases(info: DatasetInfo, cfg: ExperimentConfig) -> list[str]:
+    """The label budget's cases (training + validation): the only masks a run may read, so the
+    plan is made from them."""
+    splits = make_splits(info, n_labels=cfg.data.n_labels, n_val=cfg.data.n_val, seed=cfg.seed,
+                         test_fraction=cfg.data.test_fraction)
+    return [*splits.labelled, *splits.val]
+
+
+def model_sizes(cfg: ExperimentConfig, image_size: int) -> dict[str, int]:
+    """The sizes a run's models see the data at: ``data.image_size``, and the teacher's and the
+    student's input sizes where they shrink the data further."""
+    sizes = {"data.image_size": image_size}
+    for name, size in (("teacher.img_size", cfg.teacher.img_size),
+                       ("student.img_size", cfg.student.img_size)):
+        if size < image_size:
+            sizes[name] = size
+    return sizes
+
+
+def plan_for_config(info: DatasetInfo, cfg: ExperimentConfig
+                    ) -> tuple[DatasetFingerprint, Plan, list[str]]:
+    """Fingerprint of the budget's masks, the plan, and the warnings for the sizes the run
+    will use (``auto`` resolved to the plan's ``image_size``)."""
+    fp = compute_fingerprint(info, budget_cases(info, cfg), seed=cfg.seed)
+    plan = plan_resolution(fp, max_size=cfg.data.max_image_size)
+    size = plan.image_size if cfg.data.image_size == "auto" else int(cfg.data.image_size)
+    warnings = size_warnings(fp, model_sizes(cfg, size))
+    if cfg.data.image_size == "auto" and plan.needs_patches:
+        warnings = [plan.warnings[0], *warnings]
+    return fp, plan, warnings
+
+
+def resolve_image_size(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``data.image_size: auto`` replaced by a number: the plan's ``image_size``
+    for a dataset directory, ``data.demo.size`` for the built-in demos (their native size).
+    Explicit sizes are returned unchanged. The result is validated again (size rules of the
+    reference network)."""
+    if cfg.data.image_size != "auto":
+        return cfg
+    if cfg.data.root is None:
+        size = cfg.data.demo.size
+        log.info("data.image_size auto: %d px (the demo's native size)", size)
+    else:
+        info = load_dataset_info(Path(cfg.data.root).expanduser())
+        fp, plan, _ = plan_for_config(info, cfg)
+        size = plan.image_size
+        log.info("data.image_size auto: %d px (native %d px; %s)", size, plan.native_size,
+                 f"set by class {plan.limiting_class!r}" if plan.limiting_class
+                 else "no class limits it")
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    out.validate()
+    return out
