@@ -558,9 +558,10 @@ class ExperimentConfig:
                    "a number > 0 while students include 'ta_kd' (task-agnostic KD uses only the "
                    "hidden-state term; drop 'ta_kd' from students to distil with logits only)")
         if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
-            if self.data.image_size != "auto" or self.reference.img_size is not None:
-                # with data.image_size auto: checked again once the plan has resolved it
-                self.reference.student(self.data.image_size).validate("reference")
+            # data.image_size auto: the plan picks a multiple of 32 (every arch's rule); the
+            # config is validated again once it is resolved
+            size = 256 if self.data.image_size == "auto" else self.data.image_size
+            self.reference.student(size).validate("reference")
 
     @property
     def run_dir(self) -> Path:

@@ -118,3 +118,46 @@ def test_compute_fingerprint_reads_a_dataset(tmp_path):
     assert fp.height["median"] == 40 and fp.spacing == [0.5, 0.5]
     text = format_fingerprint(fp, plan_resolution(fp))
     assert "line" in text and "plan: working size" in text
+
+
+def _vessel_dataset(root, size=256, n=6):
+    """Horizontal 3-px lines on ``size`` px images (a thin class) and a train/test split."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ids = [f"c{i}" for i in range(n)]
+    for case in ids:
+        Image.fromarray(np.full((size, size, 3), 90, np.uint8)).save(root / f"images/{case}.png")
+        Image.fromarray(_lines(size, [3, 3, 3]).astype(np.uint8)).save(root / f"masks/{case}.png")
+    write_dataset_json(root, name="lines", modality="CT", labels={0: "background", 1: "vessel"},
+                       splits={"train": ids[:4], "test": ids[4:]})
+    return root
+
+
+def test_auto_image_size_takes_the_plan_and_explicit_sizes_win(tmp_path):
+    from tskd.config import ConfigError, load_config
+    from tskd.data.fingerprint import plan_for_config, resolve_image_size
+
+    root = _vessel_dataset(tmp_path / "d")
+    base = [f"data.root={root}", "data.n_labels=4", "data.val_share=0.25"]
+    cfg = resolve_image_size(load_config(None, base))
+    # 3-px lines stay 2 px wide at 2/3 of 256 = 170.7 px: the next multiple of 32 is 192
+    assert cfg.data.image_size == 192
+    explicit = load_config(None, [*base, "data.image_size=128"])
+    assert resolve_image_size(explicit).data.image_size == 128
+    _, plan, warnings = plan_for_config(load_dataset_info(root), explicit)
+    assert plan.image_size == 192 and plan.native_size == 256
+    assert any("'vessel'" in w and "data.image_size=128" in w for w in warnings)
+    demo = resolve_image_size(load_config(None, ["data.demo.size=96"]))
+    assert demo.data.image_size == 96
+    with pytest.raises(ConfigError, match="data.image_size"):
+        load_config(None, ["data.image_size=big"])
+
+
+def test_inspect_prints_the_plan_and_warns_for_a_small_size(tmp_path, capsys):
+    from tskd.cli import main
+
+    root = _vessel_dataset(tmp_path / "d")
+    assert main(["inspect", str(root), "--set", "data.image_size=128"]) == 0
+    out = capsys.readouterr().out
+    assert "vessel" in out and "plan: working size" in out
+    assert "warning: class 'vessel'" in out and "data.image_size=128" in out
