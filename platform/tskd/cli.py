@@ -242,6 +242,10 @@ def format_table(results: dict[str, Any]) -> str:
     footer = _table_footer(results)
     if footer:
         out += ["", footer]
+    for name in results.get("continued_past_failed_checks", []):
+        v = results["checks"][name]
+        out.append(f"WARNING: this run continued past a failed check ({name}): {v['model']} "
+                   f"Dice {v['dice']:.4f} <= floor {v['floor']:.4f} (check.on_fail=continue)")
     return "\n".join(out)
 
 
@@ -562,7 +566,11 @@ def _error_kind(exc: BaseException) -> str:
     :class:`~tskd.stages.errors.StageFailed` is named after the worker's error, its ``cause``)."""
     from tskd.data.format import DatasetError
 
+    from tskd.config import QualityCheckFailed
+
     exc = getattr(exc, "cause", exc)
+    if isinstance(exc, QualityCheckFailed):
+        return "quality check"
     if isinstance(exc, ConfigError):
         return "config error"
     if isinstance(exc, DatasetError):

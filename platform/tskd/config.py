@@ -46,6 +46,11 @@ class ConfigError(TskdError):
     """A configuration value is unknown or invalid; the message names the dotted field."""
 
 
+class QualityCheckFailed(TskdError):
+    """A model scored at or below its quality floor and ``check.on_fail`` is ``stop``
+    (``tskd.quality``); the message names the numbers and the likely causes."""
+
+
 def _check(cond: bool, path: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{path}: invalid value {value!r}; allowed: {allowed}")
@@ -478,6 +483,33 @@ class ReferenceConfig:
 
 
 @dataclass
+class CheckConfig:
+    """Quality gates (stages ``teacher_check``, ``check_distill_ts_kd``): a model is scored on
+    the validation images (the labelled training images without model selection) before
+    another learns from it; ``tskd.quality``."""
+
+    enabled: bool = True
+    min_dice: float = 0.0
+    """A fixed floor: the model's Dice must be above it (and above the baselines)."""
+    baseline_epochs: int = 5
+    """Epochs of the tiny scratch U-Net (~0.5M parameters, at ``data.image_size``, no
+    augmentation) trained on the same labels as a floor for the teacher; 0 = none."""
+    student: bool = True
+    """Also check the TS-KD student right after distillation (when ``distill.w_logits`` > 0):
+    its logits must beat an all-background prediction and ``min_dice`` (it has seen no label,
+    so the scratch baseline is not its floor)."""
+    on_fail: Literal["stop", "continue"] = "stop"
+    """``stop``: a failed check stops the run with a message naming the numbers and likely
+    causes; ``continue``: go on, and ``results.json`` and the printed table say so."""
+
+    def validate(self, path: str) -> None:
+        _check(0.0 <= self.min_dice < 1.0, f"{path}.min_dice", self.min_dice,
+               "a number in [0, 1)")
+        _check(self.baseline_epochs >= 0, f"{path}.baseline_epochs", self.baseline_epochs,
+               "an integer >= 0 (0: no scratch baseline)")
+
+
+@dataclass
 class EvaluateConfig:
     """Evaluation on the test split."""
 
@@ -540,6 +572,7 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     student_finetune: StudentFinetuneConfig = field(default_factory=StudentFinetuneConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
