@@ -64,7 +64,7 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     checks: list[str] = []
     check = to_dict(cfg.check)
     check.pop("on_fail")  # read by run_pipeline: changing it re-uses the verdict
-    if cfg.check.enabled:
+    if cfg.check.enabled and "ts_kd" in cfg.students:  # only TS-KD learns from the teacher
         checks.append(quality_check.TEACHER_CHECK)
         stages.append(Stage(quality_check.TEACHER_CHECK, quality_check.run, ("data", "teacher"),
                             {"check": check, "image_size": cfg.data.image_size},
