@@ -74,8 +74,9 @@ def test_plan_keeps_thin_lines_and_shrinks_thick_ones():
     assert plan.working_size == 256 and plan.image_size == 256 and not plan.needs_patches
     assert plan.limiting_class == "vessel" and plan.warnings == []
     thick = fingerprint_masks([_lines(256, [8, 8])], ["background", "band"])
-    # 8 px at native: a quarter of the size keeps them 2 px wide
-    assert plan_resolution(thick).working_size == 64
+    # 8 px at native: a quarter of the size keeps them 2 px wide, but not below min_size
+    assert plan_resolution(thick, min_size=32).working_size == 64
+    assert plan_resolution(thick).working_size == 128
 
 
 def test_plan_needs_patches_beyond_max_size():

@@ -19,9 +19,10 @@ What is measured, per foreground class (on up to ``max_cases`` masks, at native 
   pixels. A horizontal line of width w gives exactly w; ``width_px`` is the median over ridge
   pixels, ``thin_width_px`` the 10th percentile.
 
-The plan (:func:`plan_resolution`) picks the smallest working size (a multiple of 32, at most the
-native size) at which every class's median width stays >= ``min_width_px`` (2 px) and its small
-objects keep >= ``min_object_px`` (4 px); larger than ``max_size`` means patches are needed
+The plan (:func:`plan_resolution`) picks the smallest working size (a multiple of 32, at least
+128 px, at most the native size) at which every class's median width stays >= ``min_width_px``
+(2 px) and its median object keeps >= ``min_object_px`` (4 px) (typical structures, so that
+annotation specks do not force the native size); larger than ``max_size`` means patches are needed
 (``needs_patches``: patch training is not implemented yet, so the images are then shrunk to
 ``max_size`` and a warning says so). :func:`size_warnings` names every class whose structures a
 given size (the data's, the teacher's, the student's) makes thinner than 2 px or whose small
@@ -213,27 +214,31 @@ def _required_scale(stats: ClassStats, min_width_px: float, min_object_px: float
     need = 0.0
     if math.isfinite(stats.width_px) and stats.width_px > 0:
         need = max(need, min_width_px / stats.width_px)
-    if math.isfinite(stats.small_object_px) and stats.small_object_px > 0:
-        need = max(need, math.sqrt(min_object_px / stats.small_object_px))
+    if math.isfinite(stats.object_px) and stats.object_px > 0:  # typical objects, not specks
+        need = max(need, math.sqrt(min_object_px / stats.object_px))
     return need
 
 
 def plan_resolution(fp: DatasetFingerprint, *, min_width_px: float = MIN_WIDTH_PX,
                     min_object_px: float = MIN_OBJECT_PX, max_size: int = 512,
-                    min_size: int = 64, multiple: int = 32) -> Plan:
-    """The smallest size that keeps every class resolvable (see the module docstring)."""
+                    min_size: int = 128, multiple: int = 32) -> Plan:
+    """The smallest size that keeps every class resolvable, but not below ``min_size`` (nor
+    above the native size): coarse structures do not shrink the images below the size the
+    models were designed around; thin ones raise it (see the module docstring)."""
     native = fp.native_size
     native_up = max(min_size, _round_up(native, multiple))
     scales = {c: _required_scale(s, min_width_px, min_object_px) for c, s in fp.classes.items()}
     limiting = max(scales, key=scales.get) if scales else None
     need = min(1.0, scales[limiting]) if limiting else 0.0
-    working = min(native_up, max(min_size, _round_up(need * native, multiple)))
+    needed = _round_up(need * native, multiple)
+    working = min(native_up, max(min_size, needed))
     image_size = min(working, max_size)
     needs_patches = working > max_size
     plan = Plan(native_size=native, working_size=working, image_size=image_size,
                 teacher_img_size=image_size, patch_size=min(working, max_size),
                 needs_patches=needs_patches,
-                limiting_class=limiting if limiting and scales[limiting] > 0 else None)
+                limiting_class=limiting if limiting and need > 0 and needed >= min(
+                    min_size, native_up) else None)
     if needs_patches:
         plan.warnings.append(
             f"class {limiting!r} needs a working size of {working} px (native {native} px) but "
