@@ -53,22 +53,25 @@ class TrainingForwardLabels(torch.nn.Module):
         return self.student(images).logits.argmax(1)
 
 
-def student_paths(size: int, tmp: Path) -> dict[str, object]:
-    """The student at ``size`` px through every inference path (random weights: speed only)."""
+def student_paths(size: int, tmp: Path, head_stride: int = 4,
+                  decoder_dim: int = 128) -> dict[str, object]:
+    """The student at ``size`` px through every inference path (random weights: speed only),
+    with the FPN head making its logits at ``head_stride`` with ``decoder_dim`` channels."""
     from tskd.export import quantize_int8, write_onnx
     from tskd.models.student import Student, StudentInference
     from tskd.predict import OnnxSegmenter, TorchSegmenter, student_meta
 
     torch.manual_seed(0)
-    student = Student(3, size).eval()
+    kw = {"head_stride": head_stride, "decoder_dim": decoder_dim}
+    student = Student(3, size, **kw).eval()
     meta = student_meta(student, {"model_name": "vit_tiny_patch16_224", "img_size": size,
-                                  "patch_size": 16, "decoder_dim": 128}, ["bg", "a", "b"])
-    onnx_path = tmp / f"student{size}.onnx"
+                                  "patch_size": 16, **kw}, ["bg", "a", "b"])
+    onnx_path = tmp / f"student{size}_{head_stride}_{decoder_dim}.onnx"
     write_onnx(StudentInference(student).eval(), torch.rand(2, 3, size, size) * 255, onnx_path,
                meta)
-    int8_path = quantize_int8(onnx_path, tmp / f"student{size}.int8.onnx", meta)
+    int8_path = quantize_int8(onnx_path, onnx_path.with_suffix(".int8.onnx"), meta)
     threads = torch.get_num_threads()
-    lean = Student(3, size).eval()
+    lean = Student(3, size, **kw).eval()
     lean.load_state_dict(student.state_dict())
     return {
         "PyTorch forward": TrainingForwardLabels(student),
@@ -104,7 +107,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="student timings (median)")
     parser.add_argument("--sam-repeats", type=int, default=2, help="SAM timings (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--heads", nargs="+", default=["4:128", "8:64"], metavar="STRIDE:DIM",
+                        help="student heads to time: student.head_stride:student.decoder_dim "
+                             "(4:128 is the default student)")
     args = parser.parse_args()
+    heads = [tuple(int(v) for v in h.split(":")) for h in args.heads]
 
     if not args.skip_demo:
         run_dir = Path(args.output_dir) / "demo"
@@ -146,25 +153,29 @@ def main() -> None:
              ("export", 512): 150}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in (256, 512):
-            for name, model in student_paths(size, Path(tmp)).items():
-                per_image = {b: time_path(model, size, b, args.repeats) / b for b in (1, 8)}
-                rows.append((size, name, per_image))
-    print(f"\n  {'student path':<20} {'px':>4} {'ms/img b1':>10} {'ms/img b8':>10} "
-          f"{'img/s b1':>9} {'img/s b8':>9} {'vs SAM@1024 b1':>15} {'vs SAM same px b1':>18}")
+        for head in heads:
+            for size in (256, 512):
+                for name, model in student_paths(size, Path(tmp), *head).items():
+                    per_image = {b: time_path(model, size, b, args.repeats) / b for b in (1, 8)}
+                    rows.append((head, size, name, per_image))
+    print(f"\n  {'head s:dim':<10} {'student path':<20} {'px':>4} {'ms/img b1':>10} "
+          f"{'ms/img b8':>10} {'img/s b1':>9} {'img/s b8':>9} {'vs SAM@1024 b1':>15} "
+          f"{'vs SAM same px b1':>18}")
     best = {}
-    for size, name, t in rows:
+    for head, size, name, t in rows:
         ratio, same = t_sam[1024] / t[1], t_sam[size] / t[1]
-        print(f"  {name:<20} {size:>4} {t[1] * 1e3:>10.1f} {t[8] * 1e3:>10.1f} {1 / t[1]:>9.1f} "
-              f"{1 / t[8]:>9.1f} {ratio:>14.0f}x {same:>17.1f}x")
+        print(f"  {f'{head[0]}:{head[1]}':<10} {name:<20} {size:>4} {t[1] * 1e3:>10.1f} "
+              f"{t[8] * 1e3:>10.1f} {1 / t[1]:>9.1f} {1 / t[8]:>9.1f} {ratio:>14.0f}x "
+              f"{same:>17.1f}x")
         kind = "PyTorch" if name.startswith("PyTorch") else "export"
-        best[(kind, size)] = max(best.get((kind, size), 0.0), ratio)
+        best[(head, kind, size)] = max(best.get((head, kind, size), 0.0), ratio)
     print(f"\n  load average at the end: {os.getloadavg()}")
     print("\n  goals at batch 1 (best path of each kind vs SAM vit_b at 1024 px):")
-    for (kind, size), goal in goals.items():
-        got = best[(kind, size)]
-        print(f"    {kind:<8} {size} px: {got:6.0f}x  (goal >= {goal}x: "
-              f"{'met' if got >= goal else 'NOT met'})")
+    for head in heads:
+        for (kind, size), goal in goals.items():
+            got = best[(head, kind, size)]
+            print(f"    head {head[0]}:{head[1]:<4} {kind:<8} {size} px: {got:6.0f}x  "
+                  f"(goal >= {goal}x: {'met' if got >= goal else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ reference and the teacher, with each student's size and CPU latency.
 
 For each dataset and seed, the first student runs the whole pipeline (``tskd run`` with
 ``students=[ts_kd,scratch]`` and the reference); every further student reuses that run's data,
-teacher and transfer-set stages (their directories are copied: same fingerprints, so they are
-skipped) and trains only its own distillation and fine-tuning. ``ph2`` / ``busi`` are read from
+teacher and transfer-set stages through the artifact store under ``--output-dir`` (same
+fingerprints) and trains only its own distillation and fine-tuning. Pointing ``--output-dir`` at
+the directory of a ``real_data.py`` or ``tskd run`` with the same settings reuses its stages too
+(the ViT-Tiny/16 arms then cost nothing but the evaluation). ``ph2`` / ``busi`` are read from
 ``../shared/data`` as in ``real_data.py``. ``--smoke`` shrinks everything to a tiny run (32 px,
 a few images, one epoch) that only checks the script works; its numbers mean nothing. Prints a
 Markdown table per dataset; numbers are as measured, whichever way they fall.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +40,6 @@ STUDENTS = {
     "basic_unet": ["student.arch=basic_unet"],
     "segresnet": ["student.arch=segresnet"],
 }
-SHARED_STAGES = ("data", "teacher_pretrain", "teacher", "transfer")
 
 SMOKE = [
     "data.demo.n_images=40", "data.demo.size=32", "data.image_size=32", "data.n_labels=8",
@@ -58,13 +58,9 @@ SMOKE = [
 
 def run_student(name: str, dataset_overrides: list[str], extra: list[str], out: Path,
                 experiment: str, first: str | None) -> tuple[dict, dict, float]:
-    """One ``tskd run`` of student ``name``; returns (results.json, stage wall times, wall)."""
+    """One ``tskd run`` of student ``name``; returns (results.json, stage wall times, wall).
+    Stages already in the store under ``out`` (same fingerprint) are reused, not rebuilt."""
     run_dir = out / experiment
-    if first is not None:  # reuse the shared upstream stages of the first student's run
-        for stage in SHARED_STAGES:
-            src = out / first / stage
-            if src.is_dir() and not (run_dir / stage).exists():
-                shutil.copytree(src, run_dir / stage)
     cmd = [sys.executable, "-m", "tskd.cli", "run", "--set", f"experiment={experiment}",
            "--set", f"output_dir={out}", "--set", "students=[ts_kd,scratch]"]
     reference = [] if first is None else ["reference.arch=none"]  # once per dataset and seed

@@ -99,6 +99,16 @@ def test_wrong_checkpoint_arch_fails_before_ray(tmp_path, capsys, monkeypatch):
     assert err.startswith("tskd: config error: teacher.checkpoint:")
 
 
+def test_student_block_outside_the_vit_fails_before_ray(tmp_path, capsys, monkeypatch):
+    _no_ray(monkeypatch)
+    code = main(["run", "--set", "distill.student_block=-13",
+                 "--set", f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("tskd: config error: distill.student_block: invalid value -13;")
+    assert "-12 .. 11" in err
+
+
 def test_checkpoint_check_accepts_fitting_files_and_rejects_garbage(tmp_path):
     import pytest
     import torch

@@ -83,6 +83,10 @@ def test_errors_name_field_value_and_allowed(override, field, fragment):
     (["data.image_size=100"], "reference.img_size", "a multiple of 16 for arch 'basic_unet'"),
     (["reference.arch=timm_unet", "reference.encoder=vgg11"], "reference.encoder",
      "'resnet18'"),
+    (["student.arch=basic_unet", "distill.student_block=3"], "distill.student_block",
+     "-1 for student.arch 'basic_unet'"),
+    (["student.patch_size=8", "student.head_stride=16"], "student.head_stride",
+     "one of [4, 8] (<= patch_size=8)"),
 ])
 def test_student_and_reference_errors(overrides, field, fragment):
     with pytest.raises(ConfigError) as err:

@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE")
 
+    pln = sub.add_parser("plan", help="per-worker memory of distillation per teacher placement "
+                         "(replicated, sharded, cached), for the configured teacher and SAM "
+                         "sam_demo .. vit_h")
+    pln.add_argument("config", nargs="?")
+    pln.add_argument("--workers", type=int, metavar="N", help="default: ray.num_workers")
+    pln.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3),
+                     help="the student's ZeRO stage (2 and 3 split its gradients and optimiser "
+                          "state across the workers)")
+    pln.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     demo = sub.add_parser("demo-data", help="write the built-in demo dataset to DIR")
     demo.add_argument("dir")
     defaults = ExperimentConfig().data.demo
@@ -168,6 +178,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         DatasetError: the dataset is invalid (the data stage would fail the same way).
     """
     check_paths(cfg)
+    check_student_block(cfg)
     num_classes = 2
     if cfg.data.root is not None:
         from tskd.data.format import validate_dataset
@@ -179,6 +190,27 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if cfg.teacher.checkpoint is not None:
         check_teacher_checkpoint(Path(cfg.teacher.checkpoint).expanduser(), cfg.teacher.arch,
                                  img_size=cfg.teacher.img_size, num_classes=num_classes)
+
+
+def check_student_block(cfg: ExperimentConfig) -> None:
+    """``distill.student_block`` names a block of the configured ViT student (built on the
+    ``meta`` device: no memory, no weights).
+
+    Raises:
+        ConfigError: naming the field, the value and the allowed range.
+    """
+    if cfg.student.arch != "vit" or cfg.distill.student_block == -1:
+        return
+    import torch
+
+    from tskd.models.students import build_student
+
+    try:
+        with torch.device("meta"):
+            build_student(to_dict(cfg.student), 2, hidden_block=cfg.distill.student_block)
+    except ValueError as exc:
+        raise ConfigError(f"distill.student_block: invalid value {cfg.distill.student_block!r}; "
+                          f"{exc}") from None
 
 
 def check_teacher_checkpoint(path: Path, arch: str, *, img_size: int, num_classes: int) -> None:
@@ -267,15 +299,30 @@ def _table_footer(results: dict[str, Any]) -> str:
 
 
 def _init_ray(cfg: ExperimentConfig) -> None:
+    """Start a local Ray or connect to ``ray.address``; Ray's routine logging stays off the
+    console (:mod:`tskd.stages.console`) and its log directory is printed.
+
+    Inside a ``ray job submit`` job the job's runtime env applies (``cluster/runtime_env.yaml``
+    sets the same ``worker_process_setup_hook``); a runtime env given here would replace it.
+    """
     import ray
+
+    from tskd.stages.console import quiet_ray_process, ray_init_kwargs, session_log_dir
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by `ray job submit`
+        ray.init(address=address, **({} if in_job else ray_init_kwargs()))
     else:
         log.info("starting a local Ray")
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, **ray_init_kwargs())
+    import ray.data  # noqa: F401 - configures Ray Data's loggers, which quiet_ray_process adjusts
+
+    quiet_ray_process()
+    logs = session_log_dir()
+    if logs:
+        log.info("Ray's own logs: %s", logs)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -307,6 +354,24 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tskd.memory_plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: invalid value {args.workers}; allowed: an integer >= 1")
+    # the demos: background, organ, lesion / background, vessel
+    num_classes = 2 if cfg.data.demo.kind == "vessels" else 3
+    if cfg.data.root is not None:
+        from tskd.data.format import load_dataset_info
+
+        num_classes = load_dataset_info(Path(cfg.data.root).expanduser()).num_classes
+    workers = args.workers or cfg.ray.num_workers
+    print(format_plan(plan(cfg, workers, zero_stage=args.zero_stage, num_classes=num_classes),
+                      workers))
     return 0
 
 
@@ -479,7 +544,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         from tskd.stages.deploy import predict_with_ray
 
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        from tskd.stages.console import ray_init_kwargs
+
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 **ray_init_kwargs())
         try:
             results = predict_with_ray(model.source,
                                        items, args.output, student=args.student,
@@ -537,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "config": cmd_config, "demo-data": cmd_demo_data,
+    commands = {"run": cmd_run, "config": cmd_config, "plan": cmd_plan, "demo-data": cmd_demo_data,
                 "inspect": cmd_inspect,
                 "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune,
                 "predict": cmd_predict, "export": cmd_export}

@@ -346,6 +346,9 @@ class StudentConfig:
     """``vit`` only."""
     decoder_dim: int = 128
     """``vit`` only: channels of the FPN head."""
+    head_stride: int = 4
+    """``vit`` only: stride of the FPN head's finest level, where it makes the logits (ViTDet's
+    4; 8 or 16 make a lighter, faster head whose logits are upsampled further)."""
 
     @property
     def input_multiple(self) -> int:
@@ -369,6 +372,9 @@ class StudentConfig:
         _check(self.img_size % self.patch_size == 0 and self.img_size >= 4 * self.patch_size,
                f"{path}.img_size", self.img_size,
                f"a multiple of patch_size={self.patch_size}, >= {4 * self.patch_size}")
+        allowed = [s for s in (4, 8, 16) if s <= self.patch_size]
+        _check(self.head_stride in allowed, f"{path}.head_stride", self.head_stride,
+               f"one of {allowed} (<= patch_size={self.patch_size})")
 
 
 KD_PRESETS: dict[str, dict[str, Any]] = {
@@ -414,7 +420,12 @@ class DistillConfig:
     teacher_features: Literal["neck", "blocks"] = "neck"
     """The teacher's "hidden states": ``neck`` = the image embedding after SAM's neck (256-d),
     ``blocks`` = the last encoder block's tokens before the neck (the encoder's width). The
-    student side is its final normed token map (its stride-16 feature map)."""
+    student side is set by ``student_block``."""
+    student_block: int = -1
+    """The student layer the hidden term compares: for the ``vit`` student, the block whose
+    output tokens (through the final norm) are its hidden state, 0-based, negative counting from
+    the end; -1 = the last block (the final encoder hidden state, the paper's). Other students
+    have one stride-16 feature map and accept only -1."""
     normalize: bool = False
     """Divide each MSE term by a running estimate of its target's variance, so the weights mean
     the same across teachers and datasets (the raw logit term can be 20–40× the hidden term)."""
@@ -590,6 +601,10 @@ class ExperimentConfig:
             _check(self.distill.w_hidden > 0, "distill.w_hidden", self.distill.w_hidden,
                    "a number > 0 while students include 'ta_kd' (task-agnostic KD uses only the "
                    "hidden-state term; drop 'ta_kd' from students to distil with logits only)")
+        if self.student.arch != "vit":
+            _check(self.distill.student_block == -1, "distill.student_block",
+                   self.distill.student_block, f"-1 for student.arch {self.student.arch!r} (it has "
+                   "one hidden map; only the vit student selects a block)")
         if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
             # data.image_size auto: the plan picks a multiple of 32 (every arch's rule); the
             # config is validated again once it is resolved

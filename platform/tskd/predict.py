@@ -226,7 +226,8 @@ def load_student_artifact(path: str | Path) -> tuple[torch.nn.Module, ModelMeta]
                          f"decoder.head.*; found {some}); expected " + EXPECTED_MODELS)
     num_classes = int(sd[head].shape[0])
     student = Student(num_classes, int(cfg["img_size"]), model_name=cfg["model_name"],
-                      patch_size=int(cfg["patch_size"]), decoder_dim=int(cfg["decoder_dim"]))
+                      patch_size=int(cfg["patch_size"]), decoder_dim=int(cfg["decoder_dim"]),
+                      head_stride=int(cfg.get("head_stride", 4)))
     try:
         student.load_state_dict(sd)
     except RuntimeError as e:

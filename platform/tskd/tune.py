@@ -190,6 +190,8 @@ def _progress(mode: str, total: int) -> Any:
     """A Tune callback logging one line per finished trial instead of Ray's status table."""
     from ray import tune
 
+    from tskd.stages.live_metrics import export_trials
+
     class Progress(tune.Callback):
         def __init__(self) -> None:
             self.best: float | None = None
@@ -207,6 +209,8 @@ def _progress(mode: str, total: int) -> Any:
                      trial.trial_id, OBJECTIVE, "n/a" if value is None else f"{value:.4f}",
                      "n/a" if self.best is None else f"{self.best:.4f}",
                      self.done, total, status["RUNNING"], status["ERROR"])
+            export_trials({"done": self.done, "running": status["RUNNING"],
+                           "pending": status["PENDING"], "error": status["ERROR"]})
 
     return Progress()
 

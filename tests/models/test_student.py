@@ -65,6 +65,53 @@ def test_hidden_is_final_normed_tokens() -> None:
     torch.testing.assert_close(out.hidden, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [3, -4, 0])
+def test_hidden_block_is_that_blocks_normed_tokens(block: int) -> None:
+    """``hidden_block=k``: the hidden map is block k's output tokens through the final norm,
+    computed by hand block by block; the logits are the same as the default student's."""
+    m = Student(3, 64, hidden_block=block).eval()
+    default = Student(3, 64).eval()
+    default.load_state_dict(m.state_dict())
+    x = torch.rand(2, 3, 64, 64) * 255
+    bb = m.backbone
+    with torch.no_grad():
+        out = m(x)
+        t = bb.norm_pre(bb._pos_embed(bb.patch_embed((x - SAM_MEAN) / SAM_STD)))
+        for i, blk in enumerate(bb.blocks):
+            t = blk(t)
+            if i == block % len(bb.blocks):
+                kept = bb.norm(t)
+        ref = kept[:, 1:].reshape(2, 4, 4, 192).permute(0, 3, 1, 2)
+        torch.testing.assert_close(out.hidden, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logits, default(x).logits)
+    assert not torch.allclose(out.hidden, default(x).hidden)
+
+
+@pytest.mark.parametrize("head_stride", [8, 16])
+def test_head_stride_sets_the_logits_grid(head_stride: int) -> None:
+    """The head makes its logits at ``head_stride`` (pyramid levels from there to 2p) and the
+    output is that map upsampled bilinearly to the input size."""
+    m = Student(3, 64, head_stride=head_stride, decoder_dim=32).eval()
+    x = torch.rand(2, 3, 64, 64) * 255
+    with torch.no_grad():
+        low, hidden = m.features(m.preprocess(x))
+        out = m(x)
+    assert m.decoder.finest_stride == head_stride
+    assert low.shape == (2, 3, 64 // head_stride, 64 // head_stride)
+    # levels at strides head_stride .. 16 (x2 each), plus the max-pooled 32
+    assert len(m.decoder.stages) == {8: 3, 16: 2}[head_stride]
+    torch.testing.assert_close(out.logits, F.interpolate(low, size=(64, 64), mode="bilinear",
+                                                         align_corners=False))
+    default = Student(3, 64, decoder_dim=32)
+    n = sum(p.numel() for p in m.decoder.parameters())
+    assert n < sum(p.numel() for p in default.decoder.parameters())
+
+
+def test_hidden_block_out_of_range() -> None:
+    with pytest.raises(ValueError, match=r"hidden_block 12 is outside the 12 blocks.*-12 \.\. 11"):
+        Student(3, 64, hidden_block=12)
+
+
 def test_gradient_flows_to_all_parameters() -> None:
     m = Student(3, 64)
     out = m(torch.rand(2, 3, 64, 64) * 255)

@@ -185,6 +185,8 @@ def test_unknown_arch_and_bad_sizes_are_refused():
         build_student(_cfg(48, arch="timm_unet"), 2)
     with pytest.raises(ValueError, match="multiple of 16"):
         build_student(_cfg(40, arch="basic_unet"), 2)
+    with pytest.raises(ValueError, match="only the vit student selects a block"):
+        build_student(_cfg(64, arch="basic_unet"), 2, hidden_block=5)
 
 
 def test_footprint_counts_and_restores_threads():

@@ -3,10 +3,12 @@
 The backbone is ``timm.create_model(model_name, img_size=img_size, patch_size=patch_size,
 num_classes=0)``. Only the **final-layer tokens** feed the head (ViTDet "simple feature
 pyramid"): from the final normed token map at stride ``p`` (the patch size) the head builds maps
-at strides ``4, 8, ..., p`` (transposed convolutions, ×2 each) and ``2p`` (max-pool), projects each
-to ``decoder_dim`` with a lateral 1×1 convolution, fuses them top-down (FPN) into the stride-4 map
-(stride ``p`` if ``p < 4``), applies a small conv/GroupNorm/GELU head and upsamples the class logits
-bilinearly to the input resolution.
+at strides ``s, 2s, ..., p`` (transposed convolutions, ×2 each; ``s`` = ``head_stride``, ViTDet's
+4 by default) and ``2p`` (max-pool), projects each to ``decoder_dim`` with a lateral 1×1
+convolution, fuses them top-down (FPN) into the stride-``s`` map (stride ``p`` if ``p < s``),
+applies a small conv/GroupNorm/GELU head and upsamples the class logits bilinearly to the input
+resolution. Most of the head's cost is its 3×3 convolution at stride ``s``: ``head_stride=8``
+with a smaller ``decoder_dim`` is the fast variant (see benchmarks/README.md).
 
 Tensor contract (see DEVELOPERS.md): images are ``float32 (B, 3, H, W)`` RGB in 0..255; the
 student normalises internally with the ImageNet mean/std (the values SAM uses).
@@ -29,7 +31,7 @@ __all__ = ["Student", "StudentInference", "StudentOutput"]
 
 logger = logging.getLogger(__name__)
 
-#: Stride of the finest pyramid level (ViTDet: 4).
+#: Default stride of the finest pyramid level (ViTDet: 4).
 _FINEST_STRIDE = 4
 
 
@@ -38,7 +40,8 @@ class StudentOutput(NamedTuple):
 
     Attributes:
         logits: ``float32 (B, C, H, W)`` class logits at the input resolution.
-        hidden: ``float32 (B, D, H/p, W/p)`` final normed backbone tokens as an NCHW map
+        hidden: ``float32 (B, D, H/p, W/p)`` the tokens of block ``hidden_block`` (default: the
+            last) through the final norm, as an NCHW map
             (prefix tokens removed); ``D`` is the backbone's embed dim, ``p`` the patch size and
             ``H, W`` the backbone's ``img_size``.
     """
@@ -72,11 +75,14 @@ class _SimpleFeaturePyramidFPN(nn.Module):
     stride (4 for ``p >= 4``).
     """
 
-    def __init__(self, embed_dim: int, patch_size: int, decoder_dim: int, num_classes: int) -> None:
+    def __init__(self, embed_dim: int, patch_size: int, decoder_dim: int, num_classes: int,
+                 finest_stride: int = _FINEST_STRIDE) -> None:
         super().__init__()
         if patch_size < 1 or patch_size & (patch_size - 1):
             raise ValueError(f"patch_size must be a power of two for the feature pyramid, got {patch_size}")
-        n_up = int(math.log2(max(patch_size // _FINEST_STRIDE, 1)))
+        if finest_stride < 1 or finest_stride & (finest_stride - 1):
+            raise ValueError(f"head_stride must be a power of two, got {finest_stride}")
+        n_up = int(math.log2(max(patch_size // finest_stride, 1)))
         self.finest_stride = patch_size // 2**n_up
         # levels ordered fine -> coarse: strides p/2**n_up, ..., p, then 2p (max-pool)
         stages: list[nn.Module] = []
@@ -117,6 +123,12 @@ class Student(nn.Module):
         pretrained: load timm's pretrained weights through ``timm.create_model(pretrained=True)``
             (needs the weights in timm's/HF's cache or network access).
         decoder_dim: channels of the FPN laterals and the head.
+        head_stride: stride of the head's finest level, where the logits are made (ViTDet: 4;
+            8 or 16 = a lighter head whose logits are upsampled further).
+        hidden_block: the backbone block whose output tokens are ``hidden`` (0-based; negative
+            counts from the end; -1 = the last block, the final encoder hidden state). The final
+            norm is applied to it as to the last block (timm's ``forward_intermediates(norm=True)``);
+            the head always reads the last block. Only distillation's hidden term uses it.
 
     ``forward(images: float32 (B, 3, H, W) in 0..255) -> StudentOutput(logits (B, C, H, W),
     hidden (B, D, img_size/p, img_size/p))``.
@@ -131,6 +143,8 @@ class Student(nn.Module):
         patch_size: int = 16,
         pretrained: bool = False,
         decoder_dim: int = 128,
+        hidden_block: int = -1,
+        head_stride: int = _FINEST_STRIDE,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -145,8 +159,14 @@ class Student(nn.Module):
         )
         if not hasattr(self.backbone, "forward_intermediates") or not hasattr(self.backbone, "blocks"):
             raise ValueError(f"{model_name!r} is not a timm ViT with forward_intermediates")
-        self._last_block = len(self.backbone.blocks) - 1
-        self.decoder = _SimpleFeaturePyramidFPN(self.hidden_dim, patch_size, decoder_dim, num_classes)
+        depth = len(self.backbone.blocks)
+        if not -depth <= hidden_block < depth:
+            raise ValueError(f"hidden_block {hidden_block} is outside the {depth} blocks of {model_name!r} "
+                             f"(allowed: {-depth} .. {depth - 1})")
+        self._last_block = depth - 1
+        self._hidden_block = hidden_block % depth
+        self.decoder = _SimpleFeaturePyramidFPN(self.hidden_dim, patch_size, decoder_dim, num_classes,
+                                                finest_stride=head_stride)
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.register_buffer("pixel_mean", mean, persistent=False)
@@ -183,11 +203,17 @@ class Student(nn.Module):
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised ``x: (B, 3, img_size, img_size)`` -> (low-res logits ``(B, C, img_size/s,
         img_size/s)`` at the head's finest stride ``s``, hidden ``(B, D, img_size/p, img_size/p)``)."""
-        # final block's tokens through the final norm, prefix tokens removed, as NCHW
-        (hidden,) = self.backbone.forward_intermediates(
-            x, indices=[self._last_block], norm=True, output_fmt="NCHW", intermediates_only=True
+        # block tokens through the final norm, prefix tokens removed, as NCHW
+        if self._hidden_block == self._last_block:
+            (final,) = self.backbone.forward_intermediates(
+                x, indices=[self._last_block], norm=True, output_fmt="NCHW", intermediates_only=True
+            )
+            return self.decoder(final), final
+        hidden, final = self.backbone.forward_intermediates(
+            x, indices=[self._hidden_block, self._last_block], norm=True, output_fmt="NCHW",
+            intermediates_only=True,
         )
-        return self.decoder(hidden), hidden
+        return self.decoder(final), hidden
 
     def forward(self, images: Tensor) -> StudentOutput:
         """``images: float32 (B, 3, H, W)`` 0..255 -> ``StudentOutput`` (see class docstring)."""

@@ -184,9 +184,10 @@ class MonaiStudent(_Segmenter):
         return logits, hidden
 
 
-def _build_vit(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+def _build_vit(cfg: Mapping[str, Any], num_classes: int, hidden_block: int = -1) -> nn.Module:
     student = Student(num_classes, cfg["img_size"], model_name=cfg["model_name"],
-                      patch_size=cfg["patch_size"], decoder_dim=cfg["decoder_dim"])
+                      patch_size=cfg["patch_size"], decoder_dim=cfg["decoder_dim"],
+                      hidden_block=hidden_block, head_stride=cfg.get("head_stride", 4))
     student.input_multiple = cfg["patch_size"]
     return student
 
@@ -222,13 +223,16 @@ STUDENT_ARCHS = tuple(_BUILDERS)
 """Values of ``student.arch`` (must equal ``tskd.config.STUDENT_ARCHS``; tested)."""
 
 
-def build_student(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
+def build_student(cfg: Mapping[str, Any], num_classes: int, *, hidden_block: int = -1) -> nn.Module:
     """The student described by ``cfg`` (a ``tskd.config.StudentConfig`` as a dict), random init.
 
     Args:
         cfg: ``arch`` (a key of :data:`STUDENT_ARCHS`), ``img_size`` and what the arch reads:
             ``vit``: ``model_name``, ``patch_size``, ``decoder_dim``; ``timm_unet``: ``encoder``.
         num_classes: ``C`` including the background.
+        hidden_block: ``vit`` only: the ViT block whose tokens are ``hidden`` (-1: the last;
+            ``distill.student_block``). Every other arch has one hidden map (stride 16) and
+            accepts only -1.
 
     Returns:
         A module with the contract in the module docstring (``hidden_dim``, ``input_multiple``).
@@ -239,7 +243,13 @@ def build_student(cfg: Mapping[str, Any], num_classes: int) -> nn.Module:
     arch = cfg.get("arch", "vit")
     if arch not in _BUILDERS:
         raise ValueError(f"student.arch: invalid value {arch!r}; allowed: one of {list(_BUILDERS)}")
-    model = _BUILDERS[arch](cfg, num_classes)
+    if arch == "vit":
+        model = _build_vit(cfg, num_classes, hidden_block)
+    elif hidden_block != -1:
+        raise ValueError(f"hidden_block {hidden_block}: student.arch {arch!r} has one hidden map "
+                         "(its stride-16 features); only the vit student selects a block")
+    else:
+        model = _BUILDERS[arch](cfg, num_classes)
     logger.debug("student %s: %.2fM parameters", arch,
                  sum(p.numel() for p in model.parameters()) / 1e6)
     return model

@@ -120,12 +120,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     from tskd.losses import KDLoss
+    from tskd.stages.live_metrics import StepTimer
 
     d = config["distill"]
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
     teacher = place_teacher(config, device)
-    student = build_student(config["student"], config["num_classes"]).to(device)
+    student = build_student(config["student"], config["num_classes"],
+                            hidden_block=d["student_block"]).to(device)
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
                 w_hidden=d["w_hidden"], logits_loss=d["logits_loss"],
                 logits_target=d["logits_target"], normalize=d["normalize"]).to(device)
@@ -140,19 +142,20 @@ def _train_loop(config: dict[str, Any]) -> None:
                                             total)
     shard = ray.train.get_dataset_shard("transfer")
     size = config["student"]["img_size"]
-    start = time.time()
+    start, timer = time.time(), StepTimer()
     for epoch in range(1, d["epochs"] + 1):
         sums: dict[str, float] = {}
         n = 0
-        for batch in shard.iter_torch_batches(batch_size=d["batch_size"],
+        for batch in timer.batches(shard.iter_torch_batches(batch_size=d["batch_size"],
                                               dtypes={"id": torch.int64,
                                                       "image": torch.float32}, device=device,
                                               local_shuffle_buffer_size=4 * d["batch_size"],
-                                              local_shuffle_seed=config["seed"] + epoch):
+                                              local_shuffle_seed=config["seed"] + epoch)):
             # one flip per sample, the same for the teacher's and the student's view; the
             # teacher sees the image at its own resolution, the student at its own
             images = flip_per_sample(batch["image"].permute(0, 3, 1, 2))  # (B, 3, H, W)
-            target = teacher(images)
+            with timer.teacher():
+                target = teacher(images)
             if images.shape[-1] != size:
                 images = F.interpolate(images, size=(size, size), mode="bilinear",
                                        align_corners=False)
@@ -165,10 +168,13 @@ def _train_loop(config: dict[str, Any]) -> None:
             sums["distill/loss"] = sums.get("distill/loss", 0.0) + loss.item()
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        metrics = {k: v / max(n, 1) for k, v in sums.items()} | {"epoch": epoch}
+        metrics = {k: v / max(n, 1) for k, v in sums.items()} | {"epoch": epoch} \
+            | timer.summary()
         if is_rank_zero():
-            log.info("distill epoch %d/%d loss %.5f (%.0f s)", epoch, d["epochs"],
-                     metrics.get("distill/loss", float("nan")), time.time() - start)
+            log.info("distill epoch %d/%d loss %.5f, %.1f img/s (teacher %.0f%%, data wait %.0f%%), "
+                     "%.0f s", epoch, d["epochs"], metrics.get("distill/loss", float("nan")),
+                     metrics["perf/images_per_s"], 100 * metrics.get("perf/teacher_share", 0.0),
+                     100 * metrics["perf/data_stall"], time.time() - start)
         last = epoch == d["epochs"]
         report(metrics, {"student": unwrap(bundle).student.state_dict()} if last else None)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from tskd.config import RayConfig
+from tskd.stages.console import TRAIN_LOG_LEVEL
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
             and :func:`tskd.stages.errors.own_error` finds a tskd error (dataset, config,
             checkpoint) in it.
     """
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = num_workers or ray_cfg.num_workers
@@ -69,7 +70,8 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=resolve_backend(ray_cfg)),
         run_config=RunConfig(name=name, storage_path=str(Path(storage).resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),
         datasets=datasets,
         dataset_config=data_config,
     )
@@ -169,9 +171,15 @@ def is_rank_zero() -> bool:
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-    """``ray.train.report`` on every rank; rank 0 attaches ``state`` as a checkpoint."""
+    """``ray.train.report`` on every rank; rank 0 attaches ``state`` as a checkpoint. The same
+    numbers go to the live metrics (:mod:`tskd.stages.live_metrics`)."""
     import ray.train
     from ray.train import Checkpoint
+
+    from tskd.stages.live_metrics import export
+
+    ctx = ray.train.get_context()
+    export(ctx.get_experiment_name(), ctx.get_world_rank(), metrics)
 
     if state is not None and is_rank_zero():
         with tempfile.TemporaryDirectory() as tmp:

@@ -39,24 +39,27 @@ def fit_supervised(model: torch.nn.Module, loader: DataLoader, val_set: Dataset 
     """
     from tskd.evaluation import score_model
     from tskd.losses import SegLoss
+    from tskd.stages.live_metrics import StepTimer
 
     criterion = SegLoss()
     validate = val_set is not None and len(val_set) > 0
     best, start, checkpointed = -1.0, time.time(), False
     log_every = max(1, epochs // 10)
+    timer = StepTimer()
     for epoch in range(1, epochs + 1):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         model.train()
         losses = []
-        for batch in loader:
+        for batch in timer.batches(loader):
             loss = criterion(model(batch["image"].to(device)).logits, batch["mask"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        metrics: dict[str, Any] = {"train/loss": sum(losses) / len(losses), "epoch": epoch}
+        metrics: dict[str, Any] = {"train/loss": sum(losses) / len(losses), "epoch": epoch,
+                                   **timer.summary()}
         state = None
         if validate:
             scores = score_model(unwrap(model), val_set, num_classes=info.num_classes,
@@ -75,6 +78,6 @@ def fit_supervised(model: torch.nn.Module, loader: DataLoader, val_set: Dataset 
         if is_rank_zero() and (epoch % log_every == 0 or epoch == epochs):
             val = (f" val dice {metrics['val/dice']:.4f} (best {best:.4f})" if validate
                    else " (no validation: the last epoch is kept)")
-            log.info("%s epoch %d/%d loss %.4f%s, %.0f s", tag, epoch, epochs,
-                     metrics["train/loss"], val, time.time() - start)
+            log.info("%s epoch %d/%d loss %.4f%s, %.1f img/s, %.0f s", tag, epoch, epochs,
+                     metrics["train/loss"], val, metrics["perf/images_per_s"], time.time() - start)
         report(metrics, state)

@@ -1,0 +1,97 @@
+"""What reaches the user's console from Ray, and where the rest goes.
+
+The console shows tskd's own lines (one per stage start and end, one per epoch), tskd's warnings
+and Ray's warnings and errors. Ray's routine progress chatter stays out of it; it is still written
+to Ray's session logs (``<session>/logs``: ``worker-*.err``, ``train/ray-train-*.log``,
+``ray-data.log``), whose directory ``tskd run`` prints when it starts Ray:
+
+- Ray Train V2 logs every ``ray.train.report`` at INFO from a logger named after its source file
+  ("Reporting training result N: ..."): raised to WARNING in every Ray process. Its controller
+  and workers log each worker group's start at INFO ("Requesting resources", "Setting up process
+  group", "Checkpoint successfully created"): :data:`TRAIN_LOG_LEVEL` goes to
+  ``RunConfig(logging_config=...)``, which filters Ray Train's console handler (its files keep
+  every level).
+- Train V2's ``PlacementGroupCleaner`` actor polls Ray's state API, which needs the dashboard;
+  ``tskd run`` starts a local Ray without one (it costs ~0.5 GB and start-up time on a laptop),
+  so each poll warns "Failed to query Ray Train Controller actor state" (679 of a first run's
+  1,841 console lines). That one message is dropped; the cleaner's other messages pass.
+- Ray Data logs its execution progress at INFO on the driver (``logging_progress``, "Running
+  Dataset"); its console handler is raised to WARNING (its log file keeps INFO).
+
+:func:`quiet_ray_process` is Ray's ``worker_process_setup_hook`` (set by :func:`ray_init_kwargs`)
+and also runs on the driver. Imports here are lazy: importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+#: Ray Train's console level (``ray.train.LoggingConfig``) for every TorchTrainer tskd builds.
+TRAIN_LOG_LEVEL = "WARNING"
+
+#: Loggers whose INFO records are Ray's routine progress: raised to WARNING.
+ROUTINE_LOGGERS = ("ray.train", "ray.tune")
+
+#: (logger name, message prefix) of warnings that are noise on a dashboard-less local Ray.
+DROPPED_WARNINGS = (
+    ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+     "Failed to query Ray Train Controller actor state"),
+)
+
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _report_logger() -> logging.Logger | None:
+    """Train V2's per-report logger (named after its file, so ``ray.train`` levels miss it)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return None
+    return getattr(context, "logger", None)
+
+
+def quiet_ray_process() -> None:
+    """Keep Ray's routine INFO logging of this process off the console (see the module doc).
+
+    Idempotent. Runs in every Ray worker process (``worker_process_setup_hook``) and on the
+    driver.
+    """
+    for name in ROUTINE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    report = _report_logger()
+    if report is not None:
+        report.setLevel(logging.WARNING)
+    for name, prefix in DROPPED_WARNINGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages((prefix,)))
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)  # the console; ray-data.log keeps INFO
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """Keyword arguments for ``ray.init`` that apply :func:`quiet_ray_process` to every Ray
+    worker process the job starts (tasks, actors, Ray Train workers and controller)."""
+    return {"runtime_env": {"worker_process_setup_hook": quiet_ray_process}}
+
+
+def session_log_dir() -> str | None:
+    """Ray's log directory of the current session (``<session>/logs``), or ``None``."""
+    try:
+        import ray
+
+        node = ray._private.worker.global_worker.node  # noqa: SLF001 - no public accessor
+        return str(node.get_logs_dir_path()) if node is not None else None
+    except Exception:  # noqa: BLE001 - only used to print a path
+        return None
