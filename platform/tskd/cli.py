@@ -388,7 +388,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tskd.data.fingerprint import (compute_fingerprint, format_fingerprint, model_sizes,
-                                       plan_resolution, size_warnings)
+                                       plan_resolution, size_warnings, teacher_logit_warnings)
     from tskd.data.format import load_dataset_info
 
     cfg = load_config(None, [*args.overrides, f"data.root={args.data}"])
@@ -399,9 +399,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     size = plan.image_size if cfg.data.image_size == "auto" else int(cfg.data.image_size)
     sizes = model_sizes(cfg, size)
     # the plan's own warnings already cover its size
-    extra = size_warnings(fp, {k: v for k, v in sizes.items() if v != plan.image_size})
+    extra = (size_warnings(fp, {k: v for k, v in sizes.items() if v != plan.image_size})
+             + teacher_logit_warnings(fp, cfg.teacher.img_size))
     print(format_fingerprint(fp, plan, extra))
-    print("sizes checked: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    print("sizes checked: " + ", ".join(f"{k}={v}" for k, v in sizes.items())
+          + f"; teacher logits at teacher.img_size={cfg.teacher.img_size}")
     return 0
 
 

@@ -162,3 +162,17 @@ def test_inspect_prints_the_plan_and_warns_for_a_small_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "vessel" in out and "plan: working size" in out
     assert "warning: class 'vessel'" in out and "data.image_size=128" in out
+
+
+def test_teacher_size_puts_one_logit_cell_across_thin_structures():
+    from tskd.data.fingerprint import teacher_logit_warnings
+
+    fp = fingerprint_masks([_lines(128, [2, 2, 2])], ["background", "vessel"])
+    plan = plan_resolution(fp)
+    # SAM's logits are 1/4 of its input: 2-px lines need 4 * 128 / 2 = 256 px to fill a cell
+    assert plan.image_size == 128 and plan.teacher_img_size == 256
+    warnings = teacher_logit_warnings(fp, 128)
+    assert len(warnings) == 1 and "'vessel'" in warnings[0] and "span 0.50" in warnings[0]
+    assert teacher_logit_warnings(fp, 256) == []
+    thick = fingerprint_masks([_lines(128, [16])], ["background", "organ"])
+    assert plan_resolution(thick).teacher_img_size == 128  # never below the data's size

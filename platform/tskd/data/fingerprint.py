@@ -54,6 +54,9 @@ MIN_WIDTH_PX = 2.0
 by bilinear/nearest resizing and a 16-px ViT patch cannot place it)."""
 MIN_OBJECT_PX = 4.0
 """Objects smaller than this many pixels at the working size vanish."""
+TEACHER_LOGIT_STRIDE = 4
+"""SAM's mask logits are at 1/4 of its input size (``tskd.models.sam.SamSegmenter``)."""
+MAX_TEACHER_SIZE = 1024
 
 
 def structure_widths(binary: np.ndarray) -> np.ndarray:
@@ -194,7 +197,8 @@ class Plan:
     image_size: int
     """What ``data.image_size: auto`` takes: ``working_size``, capped at ``max_size``."""
     teacher_img_size: int
-    """The teacher's input size that does not shrink the structures further."""
+    """The teacher's input size (>= ``image_size``, <= 1024) at which every class's typical
+    structures span at least one cell of SAM's logit grid (1/4 of the input)."""
     patch_size: int
     needs_patches: bool
     """``working_size`` exceeds ``max_size``: whole images would have to be shrunk."""
@@ -234,8 +238,13 @@ def plan_resolution(fp: DatasetFingerprint, *, min_width_px: float = MIN_WIDTH_P
     working = min(native_up, max(min_size, needed))
     image_size = min(working, max_size)
     needs_patches = working > max_size
+    # the teacher's logits are 1/4 of its input: a structure should span one logit cell
+    widths = [st.width_px for st in fp.classes.values()
+              if math.isfinite(st.width_px) and st.width_px > 0]
+    teacher_need = max((TEACHER_LOGIT_STRIDE * native / w for w in widths), default=0.0)
+    teacher = min(MAX_TEACHER_SIZE, max(image_size, _round_up(teacher_need, 16)))
     plan = Plan(native_size=native, working_size=working, image_size=image_size,
-                teacher_img_size=image_size, patch_size=min(working, max_size),
+                teacher_img_size=teacher, patch_size=min(working, max_size),
                 needs_patches=needs_patches,
                 limiting_class=limiting if limiting and need > 0 and needed >= min(
                     min_size, native_up) else None)
@@ -274,6 +283,19 @@ def size_warnings(fp: DatasetFingerprint, sizes: dict[str, int], *,
     return out
 
 
+def teacher_logit_warnings(fp: DatasetFingerprint, teacher_size: int) -> list[str]:
+    """Warnings for each class whose typical structures span less than one cell of the teacher's
+    logit grid (``teacher_size / 4``, relative to the native images)."""
+    scale = teacher_size / fp.native_size / TEACHER_LOGIT_STRIDE
+    return [f"class {c!r}: teacher.img_size={teacher_size} puts SAM's logits on a "
+            f"{teacher_size // TEACHER_LOGIT_STRIDE}-px grid (1/{TEACHER_LOGIT_STRIDE} of its "
+            f"input): its {s.width_px:.1f}-px structures span {s.width_px * scale:.2f} of a "
+            f"logit cell; a teacher input of "
+            f"{_round_up(TEACHER_LOGIT_STRIDE * fp.native_size / s.width_px, 16)} px gives one"
+            for c, s in fp.classes.items()
+            if math.isfinite(s.width_px) and s.width_px > 0 and s.width_px * scale < 1.0]
+
+
 def format_fingerprint(fp: DatasetFingerprint, plan: Plan,
                        extra_warnings: Sequence[str] = ()) -> str:
     """The fingerprint, plan and warnings as plain text (``tskd inspect``)."""
@@ -294,7 +316,8 @@ def format_fingerprint(fp: DatasetFingerprint, plan: Plan,
     lines += ["", f"plan: working size {plan.working_size} px"
               + (f" (set by class {plan.limiting_class!r})" if plan.limiting_class else "")
               + f"; data.image_size auto = {plan.image_size}; teacher.img_size "
-              f"{plan.teacher_img_size}; patches {'needed' if plan.needs_patches else 'not needed'}"
+              f"{plan.teacher_img_size} (its logits: 1/{TEACHER_LOGIT_STRIDE}); patches "
+              f"{'needed' if plan.needs_patches else 'not needed'}"
               + (f" (patch {plan.patch_size} px)" if plan.needs_patches else "")]
     for warning in [*plan.warnings, *extra_warnings]:
         lines.append(f"warning: {warning}")
@@ -327,7 +350,8 @@ def plan_for_config(info: DatasetInfo, cfg: ExperimentConfig
     fp = compute_fingerprint(info, budget_cases(info, cfg), seed=cfg.seed)
     plan = plan_resolution(fp, max_size=cfg.data.max_image_size)
     size = plan.image_size if cfg.data.image_size == "auto" else int(cfg.data.image_size)
-    warnings = size_warnings(fp, model_sizes(cfg, size))
+    warnings = (size_warnings(fp, model_sizes(cfg, size))
+                + teacher_logit_warnings(fp, cfg.teacher.img_size))
     if cfg.data.image_size == "auto" and plan.needs_patches:
         warnings = [plan.warnings[0], *warnings]
     return fp, plan, warnings
