@@ -31,14 +31,22 @@ def names(cfg):
 
 def test_demo_plan_order_and_inputs():
     cfg = load_config()
-    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "transfer", "targets_ts_kd",
-                          "distill_ts_kd", "student_ts_kd", "targets_ta_kd", "distill_ta_kd",
-                          "student_ta_kd", "student_scratch", "reference", "evaluate"]
+    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "teacher_check", "transfer",
+                          "targets_ts_kd", "distill_ts_kd", "check_distill_ts_kd",
+                          "student_ts_kd", "targets_ta_kd", "distill_ta_kd", "student_ta_kd",
+                          "student_scratch", "reference", "evaluate"]
     stages = {s.name: s for s in pipeline.plan(cfg)}
     # the label-only reference reads only the data, and evaluate scores it
     assert stages["reference"].deps == ("data",)
     assert stages["reference"].config["reference"]["arch"] == "basic_unet"
-    assert stages["evaluate"].deps[-1] == "reference"
+    assert stages["evaluate"].deps[-3:] == ("reference", "teacher_check", "check_distill_ts_kd")
+    # the quality checks: the teacher, and the TS-KD student's distilled logits
+    assert stages["teacher_check"].deps == ("data", "teacher")
+    assert stages["check_distill_ts_kd"].deps == ("data", "distill_ts_kd")
+    assert "on_fail" not in stages["teacher_check"].config["check"]  # reuse the verdict
+    assert "check_distill_ts_kd" not in names(load_config(None, ["distill.w_logits=0"]))
+    assert not {"teacher_check", "check_distill_ts_kd"} & set(
+        names(load_config(None, ["check.enabled=false"])))
     # the demo's targets fit the cache: each distillation reads its arm's cached targets
     assert stages["distill_ts_kd"].deps == ("data", "teacher", "transfer", "targets_ts_kd")
     # task-agnostic KD reads the un-tuned foundation model, not the LoRA teacher

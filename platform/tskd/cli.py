@@ -2,7 +2,8 @@
 
     tskd run [CONFIG] [--set key=value ...] [--address ADDR] [--force] [--only STAGE]
     tskd config [CONFIG] [--set key=value ...]      # print the resolved config as YAML
-    tskd demo-data DIR [--n-images N] [--size PX] [--seed S]
+    tskd demo-data DIR [--kind ultrasound|vessels] [--n-images N] [--size PX] [--seed S]
+    tskd inspect DATA [--set key=value ...]      # dataset fingerprint + resolution plan
     tskd convert FORMAT SRC DST [--size N] [--sequence SEQ] [--reviewer R]
                  [--resize stretch|letterbox] [--transducer XLSX]  # e.g. chaos, kidneyus
     tskd store ls|du|gc [--output-dir DIR] [--yes]  # the shared artifact store
@@ -72,9 +73,21 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="write the built-in demo dataset to DIR")
     demo.add_argument("dir")
     defaults = ExperimentConfig().data.demo
+    demo.add_argument("--kind", choices=("ultrasound", "vessels"), default=defaults.kind,
+                      help="ultrasound: organ + lesion (default); vessels: fundus-like images "
+                      "with vessels 1-4 px wide")
     demo.add_argument("--n-images", type=int, default=defaults.n_images)
     demo.add_argument("--size", type=int, default=defaults.size)
     demo.add_argument("--seed", type=int, default=defaults.seed)
+
+    insp = sub.add_parser("inspect", help="fingerprint a dataset (sizes, spacing, class "
+                          "shares, objects, structure widths) and plan its working resolution")
+    insp.add_argument("data", help="a dataset directory in the tskd format")
+    insp.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="config values whose sizes to check, e.g. "
+                      "data.image_size=128 teacher.img_size=128")
+    insp.add_argument("--max-cases", type=int, default=100,
+                      help="measure at most this many masks (a seeded subset; default 100)")
 
     # names only (importing tskd.convert here would load torch for every command);
     # tskd.convert.convert checks them against its registry
@@ -313,6 +326,10 @@ def format_table(results: dict[str, Any]) -> str:
     footer = _table_footer(results)
     if footer:
         out += ["", footer]
+    for name in results.get("continued_past_failed_checks", []):
+        v = results["checks"][name]
+        out.append(f"WARNING: this run continued past a failed check ({name}): {v['model']} "
+                   f"Dice {v['dice']:.4f} <= floor {v['floor']:.4f} (check.on_fail=continue)")
     return "\n".join(out)
 
 
@@ -411,7 +428,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: invalid value {args.workers}; allowed: an integer >= 1")
-    num_classes = 3  # the demo's background, organ, lesion
+    # the demos: background, organ, lesion / background, vessel
+    num_classes = 2 if cfg.data.demo.kind == "vessels" else 3
     if cfg.data.root is not None:
         from tskd.data.format import load_dataset_info
 
@@ -452,11 +470,34 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from tskd.data.demo import write_demo_dataset
+    if args.kind == "vessels":
+        from tskd.data.demo_vessels import write_vessels_dataset as write
+    else:
+        from tskd.data.demo import write_demo_dataset as write
 
-    root = write_demo_dataset(Path(args.dir), n_images=args.n_images, size=args.size,
-                              seed=args.seed)
-    print(f"wrote the demo dataset ({args.n_images} images, {args.size} px) to {root}")
+    root = write(Path(args.dir), n_images=args.n_images, size=args.size, seed=args.seed)
+    print(f"wrote the {args.kind} demo dataset ({args.n_images} images, {args.size} px) to {root}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tskd.data.fingerprint import (compute_fingerprint, format_fingerprint, model_sizes,
+                                       plan_resolution, size_warnings, teacher_logit_warnings)
+    from tskd.data.format import load_dataset_info
+
+    cfg = load_config(None, [*args.overrides, f"data.root={args.data}"])
+    check_paths(cfg)
+    info = load_dataset_info(Path(args.data).expanduser())
+    fp = compute_fingerprint(info, max_cases=args.max_cases, seed=cfg.seed)
+    plan = plan_resolution(fp, max_size=cfg.data.max_image_size)
+    size = plan.image_size if cfg.data.image_size == "auto" else int(cfg.data.image_size)
+    sizes = model_sizes(cfg, size)
+    # the plan's own warnings already cover its size
+    extra = (size_warnings(fp, {k: v for k, v in sizes.items() if v != plan.image_size})
+             + teacher_logit_warnings(fp, cfg.teacher.img_size))
+    print(format_fingerprint(fp, plan, extra))
+    print("sizes checked: " + ", ".join(f"{k}={v}" for k, v in sizes.items())
+          + f"; teacher logits at teacher.img_size={cfg.teacher.img_size}")
     return 0
 
 
@@ -660,7 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = _parser().parse_args(argv)
-    commands = {"run": cmd_run, "config": cmd_config, "plan": cmd_plan, "grid": cmd_grid, "demo-data": cmd_demo_data,
+    commands = {"run": cmd_run, "config": cmd_config, "plan": cmd_plan, "grid": cmd_grid,
+                "demo-data": cmd_demo_data, "inspect": cmd_inspect,
                 "convert": cmd_convert, "store": cmd_store, "tune": cmd_tune,
                 "predict": cmd_predict, "export": cmd_export, "report": cmd_report}
     try:
@@ -691,7 +733,11 @@ def _error_kind(exc: BaseException) -> str:
     :class:`~tskd.stages.errors.StageFailed` is named after the worker's error, its ``cause``)."""
     from tskd.data.format import DatasetError
 
+    from tskd.config import QualityCheckFailed
+
     exc = getattr(exc, "cause", exc)
+    if isinstance(exc, QualityCheckFailed):
+        return "quality check"
     if isinstance(exc, ConfigError):
         return "config error"
     if isinstance(exc, DatasetError):

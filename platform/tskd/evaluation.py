@@ -30,6 +30,40 @@ def predict_labels(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def full_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images).logits`` upsampled (bilinear) to the input size: float32 (B, C, H, W)."""
+    logits = model(images).logits
+    if logits.shape[-2:] != images.shape[-2:]:
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                               align_corners=False)
+    return logits
+
+
+@torch.no_grad()
+def sliding_window_logits(model: nn.Module, images: torch.Tensor, window: int, *,
+                          overlap: float = 0.25, batch_size: int = 4,
+                          mode: str = "gaussian") -> torch.Tensor:
+    """Logits of images larger than the model's working size, window by window (MONAI
+    ``sliding_window_inference``: ``window`` x ``window`` tiles with ``overlap``, blended with
+    Gaussian weights), so the prediction covers the whole image at its own resolution.
+
+    Args:
+        images: float32 (B, 3, H, W) in 0..255, any H, W (smaller sides are padded).
+
+    Returns:
+        float32 (B, C, H, W). An image that fits one window gives exactly
+        :func:`full_logits` (one tile, weights cancel).
+    """
+    from monai.inferers import sliding_window_inference
+
+    if images.shape[-2] <= window and images.shape[-1] <= window:
+        return full_logits(model, images)
+    return sliding_window_inference(images, roi_size=(window, window), sw_batch_size=batch_size,
+                                    predictor=lambda x: full_logits(model, x), overlap=overlap,
+                                    mode=mode)
+
+
+@torch.no_grad()
 def score_model(model: nn.Module, dataset: Dataset, *, num_classes: int,
                 class_names: list[str] | None = None,
                 spacing: tuple[float, float] | None = None, batch_size: int = 16,

@@ -228,13 +228,16 @@ def _setting(grid: Grid, axis: str, value: Any) -> dict[str, Any]:
 
 
 def is_done(cell: Cell) -> bool:
-    """The cell's ``results.json`` exists and was written for exactly this config."""
+    """The cell's ``results.json`` exists and was written for exactly this config (with
+    ``data.image_size: auto`` resolved, as the run resolved it)."""
+    from tskd.data.fingerprint import resolve_image_size
+
     results = cell.config.run_dir / "results.json"
     if not results.is_file():
         return False
     try:
         return json.loads(results.read_text()).get("config_fingerprint") == fingerprint(
-            to_dict(cell.config))
+            to_dict(resolve_image_size(cell.config)))
     except (OSError, ValueError):
         return False
 

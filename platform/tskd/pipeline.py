@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
-from tskd.config import DistillConfig, ExperimentConfig, fingerprint, to_dict
-from tskd.stages import (data_stage, distill, evaluate, imagenet_init, reference,
+from tskd.config import (DistillConfig, ExperimentConfig, QualityCheckFailed, fingerprint,
+                         to_dict)
+from tskd.stages import (data_stage, distill, evaluate, imagenet_init, quality_check, reference,
                          student_finetune, teacher_cache, teacher_finetune, teacher_pretrain,
                          transfer_set)
 from tskd.stages import pretrain as ssl_pretrain  # (plan() has a local named pretrain)
@@ -62,6 +63,14 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     stages.append(Stage("teacher", teacher_finetune.run, ("data", *base_deps),
                         {**teacher_base, "decoder": t["decoder"], "lora": t["lora"],
                          "finetune": t["finetune"]}))
+    checks: list[str] = []
+    check = to_dict(cfg.check)
+    check.pop("on_fail")  # read by run_pipeline: changing it re-uses the verdict
+    if cfg.check.enabled and "ts_kd" in cfg.students:  # only TS-KD learns from the teacher
+        checks.append(quality_check.TEACHER_CHECK)
+        stages.append(Stage(quality_check.TEACHER_CHECK, quality_check.run, ("data", "teacher"),
+                            {"check": check, "image_size": cfg.data.image_size},
+                            {"model": "teacher"}))
     if any(s in TRANSFER_ARMS for s in cfg.students):
         stages.append(Stage("transfer", transfer_set.run, ("data",),
                             {"transfer": to_dict(cfg.transfer),
@@ -109,6 +118,13 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
                  "teacher": teacher_base, "tuned_teacher": arm == "ts_kd"},
                 {"arm": arm}))
             deps = ("data", f"distill_{arm}")
+            if arm == "ts_kd" and cfg.check.enabled and cfg.check.student and kd["w_logits"] > 0:
+                checks.append(f"check_distill_{arm}")  # the student's distilled logits
+                stages.append(Stage(f"check_distill_{arm}", quality_check.run,
+                                    ("data", f"distill_{arm}"),
+                                    {"check": check, "image_size": cfg.data.image_size,
+                                     "student": student},
+                                    {"model": f"distill_{arm}"}))
         stages.append(Stage(f"student_{arm}", student_finetune.run, deps,
                             {"student": student, "finetune": to_dict(cfg.student_finetune)},
                             finetune_params))
@@ -119,7 +135,8 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
                             {"reference": to_dict(cfg.reference),
                              "image_size": cfg.data.image_size}))
     stages.append(Stage("evaluate", evaluate.run,
-                        ("data", "teacher", *[f"student_{a}" for a in cfg.students], *ref),
+                        ("data", "teacher", *[f"student_{a}" for a in cfg.students], *ref,
+                         *checks),
                         {"evaluate": to_dict(cfg.evaluate)}))
     return stages
 
@@ -190,6 +207,9 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
         planner: the stages of ``cfg`` (default: :func:`plan`; tests and ``tskd tune`` pass
             their own).
     """
+    from tskd.data.fingerprint import resolve_image_size
+
+    cfg = resolve_image_size(cfg)  # data.image_size: auto -> the dataset plan's size
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     store = store or Store.for_output_dir(cfg.output_dir)
@@ -217,7 +237,18 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
                 _copy_atomic(entry.path / name, run_dir / name)
         entries[stage.name] = entry
         metrics[stage.name] = entry.manifest["metrics"]
+        _stop_on_failed_check(cfg, stage.name, metrics[stage.name])
     return metrics
+
+
+def _stop_on_failed_check(cfg: ExperimentConfig, name: str, result: dict[str, Any]) -> None:
+    """A check stage's verdict (recorded in its manifest): stop unless ``check.on_fail`` says
+    to continue."""
+    if result.get("check/passed", True):
+        return
+    if cfg.check.on_fail == "stop":
+        raise QualityCheckFailed(f"{result['check/message']} (stage {name})")
+    log.warning("%s: continuing past a failed check (check.on_fail=continue)", name)
 
 
 def _builder(stage: Stage, cfg: ExperimentConfig, fp: str, inputs: dict[str, Entry],

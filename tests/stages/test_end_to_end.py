@@ -24,6 +24,8 @@ TINY = [
     "distill.epochs=1", "distill.batch_size=4",
     "student_finetune.epochs=1", "student_finetune.batch_size=4",
     "reference.epochs=1", "reference.batch_size=4",
+    # a teacher trained for one epoch is not expected to beat the quality floor: record, go on
+    "check.baseline_epochs=1", "check.on_fail=continue",
     "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
 ]
 

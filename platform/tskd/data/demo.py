@@ -215,13 +215,13 @@ def _generator_params(n_images: int, size: int, seed: int, test_fraction: float
             "size": int(size), "seed": int(seed), "test_fraction": float(test_fraction)}
 
 
-def _is_complete(root: Path, params: dict[str, Any]) -> bool | None:
+def _is_complete(root: Path, params: dict[str, Any], name: str = DEMO_NAME) -> bool | None:
     """True: complete demo for ``params``; False: a demo for other params; None: not a demo."""
     try:
         meta = json.loads((root / DATASET_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict) or meta.get("name") != DEMO_NAME or "generator" not in meta:
+    if not isinstance(meta, dict) or meta.get("name") != name or "generator" not in meta:
         return None
     if meta["generator"] != params:
         return False
@@ -241,19 +241,38 @@ def write_demo_dataset(root: str | os.PathLike[str], *, n_images: int = 360, siz
     half-written. An existing complete demo with the same parameters is returned as is; an empty
     directory is filled; anything else at ``root`` raises :class:`DatasetError`.
     """
+    params = _generator_params(n_images, size, seed, test_fraction)
+
+    def case(i: int) -> tuple[np.ndarray, np.ndarray, None]:
+        image, mask = make_demo_case(_case_seed(seed, i), size)
+        return image, mask, None
+
+    return write_procedural_dataset(root, case, params=params, name=DEMO_NAME, modality="US",
+                                    labels=DEMO_LABELS, spacing=[DEMO_FIELD_MM / size] * 2)
+
+
+def write_procedural_dataset(root: str | os.PathLike[str], case: Any, *,
+                             params: dict[str, Any], name: str, modality: str,
+                             labels: dict[int, str], spacing: list[float] | None) -> Path:
+    """Write a procedural dataset atomically (see :func:`write_demo_dataset`).
+
+    ``case(i)`` returns case ``i``'s image ``uint8 (H, W, 3)``, mask ``int64 (H, W)`` and field
+    of view ``bool (H, W)`` or ``None``; ``params`` (with ``n_images``, ``seed``,
+    ``test_fraction``) is stored as ``dataset.json``'s ``generator`` and identifies the dataset.
+    """
     root = Path(root).expanduser()
+    n_images, seed, test_fraction = params["n_images"], params["seed"], params["test_fraction"]
     if n_images < 2:
         raise DatasetError(f"n_images must be >= 2, got {n_images}")
     if not 0.0 < test_fraction < 1.0:
         raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    params = _generator_params(n_images, size, seed, test_fraction)
 
     def check_existing() -> bool:
         if not root.exists():
             return False
         if root.is_dir() and not any(root.iterdir()):
             return False
-        state = _is_complete(root, params) if root.is_dir() else None
+        state = _is_complete(root, params, name) if root.is_dir() else None
         if state:
             logger.info("demo dataset already present at %s", root)
             return True
@@ -272,15 +291,21 @@ def write_demo_dataset(root: str | os.PathLike[str], *, n_images: int = 360, siz
         width = max(4, len(str(n_images - 1)))
         ids = [f"case_{i:0{width}d}" for i in range(n_images)]
         for i, case_id in enumerate(ids):
-            image, mask = make_demo_case(_case_seed(seed, i), size)
-            Image.fromarray(image[:, :, 0], mode="L").save(tmp / "images" / f"{case_id}.png")
+            image, mask, fov = case(i)
+            grey = (image[:, :, 0] == image[:, :, 1]).all() and (
+                image[:, :, 0] == image[:, :, 2]).all()
+            Image.fromarray(image[:, :, 0] if grey else image, mode="L" if grey else "RGB").save(
+                tmp / "images" / f"{case_id}.png")
             Image.fromarray(mask.astype(np.uint8), mode="L").save(tmp / "masks" / f"{case_id}.png")
+            if fov is not None:
+                (tmp / "fov").mkdir(exist_ok=True)
+                Image.fromarray(fov.astype(np.uint8) * 255, mode="L").save(
+                    tmp / "fov" / f"{case_id}.png")
         n_test = min(n_images - 1, max(1, round(test_fraction * n_images)))
         perm = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5B117]).permutation(n_images)
         test = sorted(ids[j] for j in perm[:n_test])
         train = sorted(set(ids) - set(test))
-        write_dataset_json(tmp, name=DEMO_NAME, modality="US", labels=DEMO_LABELS,
-                           spacing=[DEMO_FIELD_MM / size] * 2,
+        write_dataset_json(tmp, name=name, modality=modality, labels=labels, spacing=spacing,
                            splits={"train": train, "test": test}, extra={"generator": params})
         if root.is_dir() and not any(root.iterdir()):
             root.rmdir()
@@ -294,5 +319,5 @@ def write_demo_dataset(root: str | os.PathLike[str], *, n_images: int = 360, siz
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote demo dataset (%d images, %d px) to %s", n_images, size, root)
+    logger.info("wrote %s (%d images) to %s", name, n_images, root)
     return root

@@ -1,6 +1,8 @@
 """Stage ``data``: validate the dataset (or write the built-in demo) and fix the splits.
 
-Output: ``splits.json`` (dataset root — relative to the stage directory for the demo —, labelled
+Output: ``fingerprint.json`` (:mod:`tskd.data.fingerprint` of the label budget's masks, the
+resolution plan and the warnings for this run's sizes; also in the manifest's metrics as
+``data/fingerprint``, ``data/plan``, ``data/size_warnings``) and ``splits.json`` (dataset root — relative to the stage directory for the demo —, labelled
 / val / test / unlabelled case ids, and the label counts ``n_labels`` (the budget),
 ``n_labelled_train``, ``n_labelled_val``). Validation images come from inside the budget
 (``data.val_share``), none when ``data.model_selection`` is off. Every later stage reads the data
@@ -23,6 +25,7 @@ from tskd.data.format import DatasetInfo, Splits, load_dataset_info, make_splits
 log = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.json"
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 def dataset_root(ctx: StageContext) -> Path:
@@ -31,9 +34,33 @@ def dataset_root(ctx: StageContext) -> Path:
     if data.root is not None:
         return Path(data.root).expanduser().resolve()
     demo = data.demo
-    log.info("writing the built-in demo dataset (%d images, %d px)", demo.n_images, demo.size)
+    log.info("writing the built-in %s demo dataset (%d images, %d px)", demo.kind,
+             demo.n_images, demo.size)
+    if demo.kind == "vessels":
+        from tskd.data.demo_vessels import write_vessels_dataset
+
+        return write_vessels_dataset(ctx.dir / "dataset", n_images=demo.n_images,
+                                     size=demo.size, seed=demo.seed)
     return write_demo_dataset(ctx.dir / "dataset", n_images=demo.n_images, size=demo.size,
                               seed=demo.seed)
+
+
+def record_fingerprint(ctx: StageContext, info: DatasetInfo) -> dict[str, Any]:
+    """Fingerprint the label budget's masks, plan the resolution and warn (naming the class)
+    about every size of this run that makes a class's structures too thin; written to
+    ``fingerprint.json`` and returned for the manifest's metrics."""
+    from tskd.data.fingerprint import plan_for_config
+
+    fp, plan, warnings = plan_for_config(info, ctx.cfg)
+    log.info("dataset plan: native %d px, working size %d px%s; data.image_size %s",
+             plan.native_size, plan.working_size,
+             f" (set by class {plan.limiting_class!r})" if plan.limiting_class else "",
+             ctx.cfg.data.image_size)
+    for warning in warnings:
+        log.warning("%s", warning)
+    record = {"fingerprint": fp.to_dict(), "plan": plan.to_dict(), "size_warnings": warnings}
+    write_json(ctx.dir / FINGERPRINT_FILE, record)
+    return record
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -59,7 +86,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
              data.n_labels, splits.n_train_labels, splits.n_val_labels,
              "on" if splits.n_val_labels else "off: last epoch kept", len(splits.test),
              len(splits.unlabelled))
+    record = record_fingerprint(ctx, info)
     return {"data/num_classes": info.num_classes, "data/n_labelled": len(splits.labelled),
+            "data/image_size": ctx.cfg.data.image_size,
+            "data/plan": record["plan"], "data/size_warnings": record["size_warnings"],
+            "data/fingerprint": record["fingerprint"],
             "data/n_labelled_train": splits.n_train_labels,
             "data/n_labelled_val": splits.n_val_labels,
             "data/n_val": len(splits.val), "data/n_test": len(splits.test),

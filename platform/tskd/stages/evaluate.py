@@ -9,8 +9,9 @@ convention (``evaluate.convention``) and whether the mIoU counts the background
 (``evaluate.miou_background``) are :mod:`tskd.metrics`'; both are written into the results.
 
 Output: ``runs/<experiment>/results.json`` (and a copy in this stage's directory): the scores,
-the metric conventions, how many labelled images each model saw, the seed, and the fingerprints
-of the resolved config and of every stage the scores come from.
+the metric conventions, how many labelled images each model saw, the seed, the fingerprints
+of the resolved config and of every stage the scores come from, and the quality checks'
+verdicts (``checks``; ``continued_past_failed_checks`` names those that failed).
 """
 
 from __future__ import annotations
@@ -145,6 +146,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if reference is not None:
         results["reference"] = reference
         results["labelled_images"]["reference"] = seen
+    from tskd.stages.quality_check import check_results
+
+    checks = check_results(ctx.inputs)
+    if checks:  # the quality gates' verdicts; a failed one means check.on_fail was continue
+        results["checks"] = checks
+        results["continued_past_failed_checks"] = [n for n, v in checks.items()
+                                                   if not v["passed"]]
     write_json(ctx.dir / RESULTS_FILE, results)
     write_json(cfg.run_dir / RESULTS_FILE, results)
     summary: dict[str, Any] = {f"teacher/{k}": teacher[k] for k in ("dice", "hd95", "miou")}
