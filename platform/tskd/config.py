@@ -506,8 +506,17 @@ class RayConfig:
     (GPU: with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). Costs a sort of the transfer set per
     training run and, on GPUs, slower deterministic kernels; false streams in arrival order.
     Results still depend on ``torch_threads`` (the default 0 follows the machine's CPUs)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each training worker also requires, e.g. ``{worker_node: 0.01}`` to
+    place training on the nodes that declare that resource (``ray start --resources``). CPU and
+    GPU come from ``cpus_per_worker`` / ``use_gpu``. Placement only: not in any fingerprint."""
 
     def validate(self, path: str) -> None:
+        for name, amount in self.resources_per_worker.items():
+            _check(name not in ("CPU", "GPU", "memory", "object_store_memory"),
+                   f"{path}.resources_per_worker.{name}", amount,
+                   "custom resources only (CPU/GPU: cpus_per_worker, use_gpu)")
+            _check(amount > 0, f"{path}.resources_per_worker.{name}", amount, "a number > 0")
         _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "an integer >= 1")
         _check(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", self.cpus_per_worker,
                "a number > 0")
@@ -574,6 +583,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(get_args(tp)[0])} to {_type_name(get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
@@ -602,6 +613,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(v, get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_tp, value_tp = get_args(tp)
+            return {_coerce(k, key_tp, f"{path} key {k!r}"): _coerce(v, value_tp, f"{path}.{k}")
+                    for k, v in value.items()}
     elif tp is type(None):
         if value is None:
             return None

@@ -60,7 +60,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     data_config = DataConfig()
     if ray_cfg.deterministic and datasets:
         datasets, data_config = deterministic_datasets(datasets)
-    resources = {"CPU": ray_cfg.cpus_per_worker}
+    resources = {**ray_cfg.resources_per_worker, "CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# A two-node Ray cluster on this machine, for trying `ray job submit` and multi-node placement.
+#
+#   cluster/local.sh up   [STATE_DIR]   start a head and a worker node (token auth on)
+#   cluster/local.sh down [STATE_DIR]   stop every process `up` started (nothing else)
+#   source STATE_DIR/env                the client settings: RAY_API_SERVER_ADDRESS (for
+#                                       `ray job submit`), RAY_ADDRESS (for `tskd run`),
+#                                       RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH
+#
+# STATE_DIR (default $TSKD_LOCAL_CLUSTER or /tmp/tskd-local; keep it short: Ray's socket paths
+# live under it) holds the cluster's own token, the nodes' Ray temp dirs, logs and pids.
+# Each node is its own `ray start --block` in a new session; `down` sends SIGTERM to that
+# process (Ray drains the node and stops its processes), then kills what is left of the
+# session's process group and any process still naming STATE_DIR, by pid.
+# Nodes: head {"head_node": 1}, worker {"worker_node": 1}, TSKD_NODE_CPUS (default 2) CPUs each;
+# place training on the worker with `--set 'ray.resources_per_worker={worker_node: 0.01}'`.
+# The dashboard binds to 127.0.0.1; Ray's GCS and raylets listen on all interfaces (Ray ignores
+# --node-ip-address for them), which the cluster's token protects.
+# Environment: RAY (the ray executable; default: the one on PATH), TSKD_NODE_CPUS,
+# TSKD_OBJECT_STORE_BYTES (default 200 MB per node), PYTHONPATH (passed to every Ray process).
+set -euo pipefail
+
+cmd=${1:-}
+gcs=0  # the head's GCS port, chosen by `up`
+STATE=${2:-${TSKD_LOCAL_CLUSTER:-/tmp/tskd-local}}
+RAY=${RAY:-$(command -v ray || true)}
+CPUS=${TSKD_NODE_CPUS:-2}
+STORE_BYTES=${TSKD_OBJECT_STORE_BYTES:-200000000}
+
+die() { echo "local.sh: $*" >&2; exit 1; }
+[[ -n "$RAY" && -x "$RAY" ]] || die "no ray executable (set RAY=/path/to/venv/bin/ray)"
+BIN=$(dirname "$RAY")
+PY="$BIN/python"
+
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Everything Ray runs (nodes, job drivers, workers) sees the same auth settings and Python, and
+# RAY_ADDRESS: Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner) would
+# otherwise find every Ray instance on this machine and give up.
+node_env() {
+  env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token" RAY_USAGE_STATS_ENABLED=0 \
+      RAY_ADDRESS="127.0.0.1:$gcs" PATH="$BIN:$PATH" "$@"
+}
+
+start_node() {  # name, then ray start arguments
+  local name=$1; shift
+  local ports=(--dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)"
+               --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)")
+  node_env setsid "$RAY" start --block --node-ip-address 127.0.0.1 --num-cpus "$CPUS" --num-gpus 0 \
+      --object-store-memory "$STORE_BYTES" --temp-dir "$STATE/$name" --disable-usage-stats \
+      "${ports[@]}" "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+  echo $! >"$STATE/$name.pid"
+}
+
+alive_nodes() {  # number of alive nodes the GCS knows (0 while it is not up)
+  node_env "$PY" - "$1" <<'EOF' 2>/dev/null || echo 0
+import sys
+from ray.util.state import list_nodes
+nodes = list_nodes(address=sys.argv[1], filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+print(len(nodes))
+EOF
+}
+
+wait_for() {  # dashboard address, node count, what
+  local i
+  for i in $(seq 1 120); do
+    for name in head worker; do
+      if [[ -f "$STATE/$name.pid" ]] && ! kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null; then
+        tail -n 30 "$STATE/$name.log" >&2 || true
+        die "the $name node exited while starting (log: $STATE/$name.log)"
+      fi
+    done
+    [[ "$(alive_nodes "$1")" -ge "$2" ]] && return 0
+    sleep 1
+  done
+  die "timed out waiting for $3 (logs: $STATE/*.log)"
+}
+
+up() {
+  [[ -f "$STATE/env" ]] && die "$STATE/env exists: a cluster may be running; run '$0 down $STATE' first"
+  mkdir -p "$STATE"
+  chmod 700 "$STATE"
+  trap 'echo "local.sh: start-up failed; stopping what was started" >&2; down' ERR
+  # A token of this cluster's own (never ~/.ray/auth_token, which other clusters may use).
+  (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$STATE/auth_token")
+  local dash client
+  gcs=$(free_port); dash=$(free_port); client=$(free_port)
+  start_node head --head --port "$gcs" --dashboard-host 127.0.0.1 --dashboard-port "$dash" \
+      --ray-client-server-port "$client" --resources '{"head_node": 1}'
+  wait_for "http://127.0.0.1:$dash" 1 "the head node"
+  start_node worker --address "127.0.0.1:$gcs" --resources '{"worker_node": 1}'
+  wait_for "http://127.0.0.1:$dash" 2 "the worker node to join"
+  cat >"$STATE/env" <<EOF
+export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash
+export RAY_ADDRESS=127.0.0.1:$gcs
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
+EOF
+  trap - ERR
+  echo "local.sh: 2 nodes up (head {head_node: 1}, worker {worker_node: 1}, $CPUS CPUs each);" \
+       "dashboard http://127.0.0.1:$dash; client settings: source $STATE/env"
+}
+
+state_pids() {  # processes still naming STATE_DIR on their command line (ours: it is unique)
+  local p
+  for p in /proc/[0-9]*; do
+    tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$STATE/" && echo "${p#/proc/}"
+  done
+  return 0
+}
+
+down() {
+  local name pid i
+  for name in worker head; do
+    [[ -f "$STATE/$name.pid" ]] || continue
+    pid=$(cat "$STATE/$name.pid")
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true  # the node's session = its process group
+    rm -f "$STATE/$name.pid"
+  done
+  for pid in $(state_pids); do kill -KILL "$pid" 2>/dev/null || true; done
+  rm -f "$STATE/env"
+  echo "local.sh: stopped (logs kept in $STATE)"
+}
+
+case "$cmd" in
+  up) up ;;
+  down) down ;;
+  *) die "usage: $0 up|down [STATE_DIR]" ;;
+esac
