@@ -23,6 +23,7 @@ set -euo pipefail
 cmd=${1:-}
 gcs=0  # the head's GCS port, chosen by `up`
 STATE=${2:-${TSKD_LOCAL_CLUSTER:-/tmp/tskd-local}}
+STATE=$(realpath -m -- "$STATE")
 RAY=${RAY:-$(command -v ray || true)}
 CPUS=${TSKD_NODE_CPUS:-2}
 STORE_BYTES=${TSKD_OBJECT_STORE_BYTES:-200000000}
@@ -104,7 +105,8 @@ EOF
 state_pids() {  # processes still naming STATE_DIR on their command line (ours: it is unique)
   local p
   for p in /proc/[0-9]*; do
-    tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$STATE/" && echo "${p#/proc/}"
+    [[ "${p#/proc/}" == "$$" ]] && continue
+    { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "$STATE/" && echo "${p#/proc/}"
   done
   return 0
 }
