@@ -21,7 +21,7 @@
 set -euo pipefail
 
 cmd=${1:-}
-gcs=0  # the head's GCS port, chosen by `up`
+gcs=0 dash=0  # the head's GCS and dashboard ports, chosen by `up`
 STATE=${2:-${TSKD_LOCAL_CLUSTER:-/tmp/tskd-local}}
 STATE=$(realpath -m -- "$STATE")
 RAY=${RAY:-$(command -v ray || true)}
@@ -62,42 +62,59 @@ print(len(nodes))
 EOF
 }
 
-wait_for() {  # dashboard address, node count, what
-  local i
-  for i in $(seq 1 120); do
-    for name in head worker; do
-      if [[ -f "$STATE/$name.pid" ]] && ! kill -0 "$(cat "$STATE/$name.pid")" 2>/dev/null; then
-        tail -n 30 "$STATE/$name.log" >&2 || true
-        die "the $name node exited while starting (log: $STATE/$name.log)"
-      fi
-    done
+wait_for() {  # dashboard address, node count, node name; fails if that node's process exits
+  local i pid
+  pid=$(cat "$STATE/$3.pid")
+  for i in $(seq 1 180); do
+    kill -0 "$pid" 2>/dev/null || return 1
     [[ "$(alive_nodes "$1")" -ge "$2" ]] && return 0
     sleep 1
   done
-  die "timed out waiting for $3 (logs: $STATE/*.log)"
+  die "timed out waiting for the $3 node (logs: $STATE/*.log)"
+}
+
+stop_node() {  # name: SIGTERM to its `ray start --block` (Ray drains and stops the node), then
+  local pid i  # SIGKILL to what is left of its session's process group
+  [[ -f "$STATE/$1.pid" ]] || return 0
+  pid=$(cat "$STATE/$1.pid")
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$STATE/$1.pid"
+}
+
+start_and_wait() {  # name, node count, then ray start arguments. Ray gives a node 30 s to
+  local name=$1 count=$2 attempt  # register with the GCS; on a loaded machine it may miss that,
+  shift 2                         # so try again (up to 3 times)
+  for attempt in 1 2 3; do
+    start_node "$name" "$@"
+    wait_for "http://127.0.0.1:$dash" "$count" "$name" && return 0
+    echo "local.sh: the $name node exited while starting (attempt $attempt):" >&2
+    tail -n 3 "$STATE/$name.log" >&2 || true
+    stop_node "$name"
+  done
+  die "the $name node did not start (log: $STATE/$name.log)"
 }
 
 up() {
   [[ -f "$STATE/env" ]] && die "$STATE/env exists: a cluster may be running; run '$0 down $STATE' first"
   mkdir -p "$STATE"
   chmod 700 "$STATE"
-  trap 'echo "local.sh: start-up failed; stopping what was started" >&2; down' ERR
+  trap 'if [[ $? != 0 ]]; then echo "local.sh: start-up failed; stopping what was started" >&2; down; fi' EXIT
   # A token of this cluster's own (never ~/.ray/auth_token, which other clusters may use).
   (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$STATE/auth_token")
-  local dash client
+  local client
   gcs=$(free_port); dash=$(free_port); client=$(free_port)
-  start_node head --head --port "$gcs" --dashboard-host 127.0.0.1 --dashboard-port "$dash" \
+  start_and_wait head 1 --head --port "$gcs" --dashboard-host 127.0.0.1 --dashboard-port "$dash" \
       --ray-client-server-port "$client" --resources '{"head_node": 1}'
-  wait_for "http://127.0.0.1:$dash" 1 "the head node"
-  start_node worker --address "127.0.0.1:$gcs" --resources '{"worker_node": 1}'
-  wait_for "http://127.0.0.1:$dash" 2 "the worker node to join"
+  start_and_wait worker 2 --address "127.0.0.1:$gcs" --resources '{"worker_node": 1}'
   cat >"$STATE/env" <<EOF
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash
 export RAY_ADDRESS=127.0.0.1:$gcs
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 EOF
-  trap - ERR
+  trap - EXIT
   echo "local.sh: 2 nodes up (head {head_node: 1}, worker {worker_node: 1}, $CPUS CPUs each);" \
        "dashboard http://127.0.0.1:$dash; client settings: source $STATE/env"
 }
@@ -112,15 +129,9 @@ state_pids() {  # processes still naming STATE_DIR on their command line (ours: 
 }
 
 down() {
-  local name pid i
-  for name in worker head; do
-    [[ -f "$STATE/$name.pid" ]] || continue
-    pid=$(cat "$STATE/$name.pid")
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true  # the node's session = its process group
-    rm -f "$STATE/$name.pid"
-  done
+  local pid
+  stop_node worker
+  stop_node head
   for pid in $(state_pids); do kill -KILL "$pid" 2>/dev/null || true; done
   rm -f "$STATE/env"
   echo "local.sh: stopped (logs kept in $STATE)"
