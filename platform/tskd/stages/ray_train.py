@@ -42,7 +42,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     Args:
         train_fn: the ``train_loop_per_worker``; it receives ``train_config`` (which must carry
             everything it needs, including ``train_config["ray"]`` for :func:`worker_setup`).
-        ray_cfg: workers, GPUs, CPUs per worker and backend.
+        ray_cfg: workers, GPUs, CPUs and custom resources per worker, backend.
         name: the run name (a folder under ``storage``).
         storage: absolute directory for Ray's run state and checkpoints.
         datasets: Ray Data datasets, sharded across workers (``get_dataset_shard``).
