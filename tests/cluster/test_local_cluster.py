@@ -22,9 +22,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
-JOB_TIMEOUT_S = 1800
-TRAINING_STAGES = ["teacher_pretrain", "teacher", "distill_ts_kd", "distill_ta_kd",
-                   "student_ts_kd", "student_ta_kd", "student_scratch", "reference"]
+JOB_TIMEOUT_S = 3600
+# The tiny pipeline trimmed to one student arm, without the reference network and without
+# ray.deterministic's Ray Data sort: on a shared 2-core machine each Train run costs minutes of
+# worker start-up, and this test is about the cluster, not the method.
+LEAN = ["students=[ts_kd]", "reference.arch=none", "ray.deterministic=false"]
+TRAINING_STAGES = ["teacher_pretrain", "teacher", "transfer", "distill_ts_kd", "student_ts_kd"]
 
 
 def _client_env(state: Path) -> dict[str, str]:
@@ -92,7 +95,7 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
 
     out = state / "runs"  # both nodes are on this machine: a local path is shared storage
     job_id = "tskd-local-cluster-test"
-    overrides = [*TINY, f"output_dir={out}", f"teacher.pretrain.cache_dir={out / 'cache'}",
+    overrides = [*TINY, *LEAN, f"output_dir={out}", f"teacher.pretrain.cache_dir={out / 'cache'}",
                  "ray.resources_per_worker={worker_node: 0.01}"]
     argv = ["job", "submit", "--submission-id", job_id, "--working-dir", ".",
             "--runtime-env", "cluster/runtime_env.yaml", "--",
@@ -107,8 +110,8 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
 
     results = json.loads((out / "tiny" / "results.json").read_text())
     assert results["experiment"] == "tiny" and results["n_test"] > 0
-    assert set(results["students"]) == {"ts_kd", "ta_kd", "scratch"}
-    for scores in [results["teacher"], *results["students"].values(), results["reference"]]:
+    assert set(results["students"]) == {"ts_kd"}
+    for scores in [results["teacher"], results["students"]["ts_kd"]]:
         assert 0.0 <= scores["dice"] <= 1.0
     for stage in TRAINING_STAGES:
         manifest = json.loads((out / "tiny" / stage / "manifest.json").read_text())
@@ -120,7 +123,7 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
     actors = json.loads(_ray(["list", "actors", "--address", api, "--detail", "--format", "json",
                               "--limit", "10000", "--filter", "class_name=RayTrainWorker",
                               "--filter", f"job_id={job['job_id']}"], env).stdout)
-    assert len(actors) >= len(TRAINING_STAGES)  # >= 1 Train worker per training stage
+    assert len(actors) >= 2 * len(TRAINING_STAGES) - 1  # 2 workers per run, the DDPM 1
     assert {a["node_id"] for a in actors} == {worker_id}
     # each asked for the custom resource (inside its placement group: worker_node_group_<pg>)
     assert all(any(k.startswith("worker_node_group") for k in a["required_resources"])
@@ -132,5 +135,5 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
         return "".join(p.read_text(errors="replace") for p in logs)
 
     on_worker, on_head = worker_logs("worker"), worker_logs("head")
-    for line in ("distill epoch 1/1", "teacher pre-training step 2/2"):
+    for line in ("teacher pre-training step 2/2", "ddpm trained", "distill epoch 1/1"):
         assert line in on_worker and line not in on_head, line
