@@ -38,18 +38,21 @@ free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1",
 # Everything Ray runs (nodes, job drivers, workers) sees the same auth settings and Python, and
 # RAY_ADDRESS: Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner) would
 # otherwise find every Ray instance on this machine and give up.
-node_env() {
-  env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token" RAY_USAGE_STATS_ENABLED=0 \
-      RAY_ADDRESS="127.0.0.1:$gcs" PATH="$BIN:$PATH" "$@"
+node_env() {  # [--exec] command...: run it (or exec it: the caller's pid becomes its pid)
+  local run=()
+  if [[ $1 == --exec ]]; then run=(exec); shift; fi
+  "${run[@]}" env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token" \
+      RAY_USAGE_STATS_ENABLED=0 RAY_ADDRESS="127.0.0.1:$gcs" PATH="$BIN:$PATH" "$@"
 }
 
 start_node() {  # name, then ray start arguments
   local name=$1; shift
   local ports=(--dashboard-agent-listen-port "$(free_port)" --dashboard-agent-grpc-port "$(free_port)"
                --runtime-env-agent-port "$(free_port)" --metrics-export-port "$(free_port)")
-  node_env setsid "$RAY" start --block --node-ip-address 127.0.0.1 --num-cpus "$CPUS" --num-gpus 0 \
-      --object-store-memory "$STORE_BYTES" --temp-dir "$STATE/$name" --disable-usage-stats \
-      "${ports[@]}" "$@" >"$STATE/$name.log" 2>&1 </dev/null &
+  # exec: the recorded pid is `ray start` itself, the leader of its own session (setsid)
+  (node_env --exec setsid "$RAY" start --block --node-ip-address 127.0.0.1 --num-cpus "$CPUS" \
+      --num-gpus 0 --object-store-memory "$STORE_BYTES" --temp-dir "$STATE/$name" \
+      --disable-usage-stats "${ports[@]}" "$@" >"$STATE/$name.log" 2>&1 </dev/null) &
   echo $! >"$STATE/$name.pid"
 }
 
