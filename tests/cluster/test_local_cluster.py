@@ -104,17 +104,22 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
             "python", "jobs/run.py", *[a for o in overrides for a in ("--set", o)]]
     submitted = _ray(argv[:2] + ["--no-wait"] + argv[2:], env, timeout=600)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    # poll rather than tail: a log stream that drops under load would end the wait early
+    # poll rather than tail (a log stream that drops under load ends the wait early); the
+    # status field of `ray list jobs` (the `ray job status` text says "succeeded")
+    def job_info() -> dict:
+        jobs = json.loads(_ray(["list", "jobs", "--address", api, "--format", "json"],
+                               env).stdout)
+        return next(j for j in jobs if j["submission_id"] == job_id)
+
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = ""
-    while not any(s in status for s in TERMINAL) and time.monotonic() < deadline:
+    job = job_info()
+    while job["status"] not in TERMINAL and time.monotonic() < deadline:
         time.sleep(10)
-        polled = _ray(["job", "status", job_id], env)
-        status = polled.stdout + polled.stderr
+        job = job_info()
     logs = _ray(["job", "logs", job_id], env).stdout
     (state / "job.log").write_text(logs)  # kept for a failure's message
     tail = "\n".join(logs.splitlines()[-40:])
-    assert "SUCCEEDED" in status, f"{status}\n{tail}"
+    assert job["status"] == "SUCCEEDED", f"{job['status']}\n{tail}"
 
     results = json.loads((out / "tiny" / "results.json").read_text())
     assert results["experiment"] == "tiny" and results["n_test"] > 0
@@ -126,8 +131,6 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
         assert manifest["status"] == "complete", stage
 
     # placement, from Ray's state API: every Train worker of the job ran on the worker node
-    (job,) = [j for j in json.loads(_ray(["list", "jobs", "--address", api, "--format", "json"],
-                                         env).stdout) if j["submission_id"] == job_id]
     actors = json.loads(_ray(["list", "actors", "--address", api, "--detail", "--format", "json",
                               "--limit", "10000", "--filter", "class_name=RayTrainWorker",
                               "--filter", f"job_id={job['job_id']}"], env).stdout)
