@@ -3,8 +3,12 @@
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/run.py jobs/demo.yaml [--set key=value ...]
 
-Everything after the script name is `tskd run`'s arguments. Inside a Ray job, `ray.init()`
-connects to the job's cluster (RAY_ADDRESS is set by Ray), so nothing here names an address.
+Everything after the script name is `tskd run`'s arguments. Ray 2.60 clusters use token
+authentication: the client needs RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN,
+RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), else "Missing authentication token"; see
+cluster/README.md. output_dir, the dataset and checkpoints must be on storage every node reads.
+Inside a Ray job, `ray.init()` connects to the job's cluster (RAY_ADDRESS is set by Ray), so
+nothing here names an address.
 The exit status is `tskd run`'s: 0 done, 2 bad input (config, dataset, checkpoint; also when a
 worker found it: one line naming the stage's error.log), 1 a failure with its traceback.
 """

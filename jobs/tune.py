@@ -3,7 +3,8 @@
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python jobs/tune.py jobs/demo.yaml --space search_spaces/kd_weights.yaml [--set ...]
 
-Everything after the script name is `tskd tune`'s arguments.
+Everything after the script name is `tskd tune`'s arguments. Ray 2.60 clusters use token
+authentication: the client needs RAY_AUTH_MODE=token and the cluster's token (cluster/README.md).
 """
 
 import sys

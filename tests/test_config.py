@@ -37,6 +37,12 @@ def test_parse_override_yaml_values():
         parse_override("distill.epochs")
 
 
+def test_resources_per_worker_is_a_mapping_of_numbers():
+    assert load_config(None, []).ray.resources_per_worker == {}
+    cfg = load_config(None, ["ray.resources_per_worker={worker_node: 1, fast_disk: 0.5}"])
+    assert cfg.ray.resources_per_worker == {"worker_node": 1.0, "fast_disk": 0.5}
+
+
 @pytest.mark.parametrize("override, field, fragment", [
     ("distill.foo=1", "distill.foo", "unknown key"),
     ("nonsense=1", "nonsense", "unknown key"),
@@ -50,6 +56,10 @@ def test_parse_override_yaml_values():
     ("students=[ts_kd, nope]", "students", "ta_kd"),
     ("ray.backend=nccl", "ray.backend", "use_gpu"),
     ("ray.backend=mpi", "ray.backend", "'nccl'"),
+    ("ray.resources_per_worker=[1]", "ray.resources_per_worker", "a mapping of a string to a number"),
+    ("ray.resources_per_worker={worker_node: x}", "ray.resources_per_worker.worker_node", "a number"),
+    ("ray.resources_per_worker={worker_node: 0}", "ray.resources_per_worker.worker_node", "> 0"),
+    ("ray.resources_per_worker={GPU: 1}", "ray.resources_per_worker.GPU", "custom resources only"),
     ("data=3", "data", "mapping"),
     ("data.val_share=1", "data.val_share", "[0, 1)"),
     ("data.n_labels=1", "data.n_labels", "model_selection=false"),

@@ -833,8 +833,17 @@ class RayConfig:
     stage — Ray 2.60 retries every worker error, also tskd's own deterministic ones (a bad
     dataset or checkpoint), so a local run does not pay for retries; set it on clusters, where
     workers get lost (``jobs/kidneyus_vit_b.yaml``: 3). A re-run resumes either way."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each training worker also requires, e.g. ``{worker_node: 0.01}`` to
+    place training on the nodes that declare that resource (``ray start --resources``). CPU and
+    GPU come from ``cpus_per_worker`` / ``use_gpu``. Placement only: not in any fingerprint."""
 
     def validate(self, path: str) -> None:
+        for name, amount in self.resources_per_worker.items():
+            _check(name not in ("CPU", "GPU", "memory", "object_store_memory"),
+                   f"{path}.resources_per_worker.{name}", amount,
+                   "custom resources only (CPU/GPU: cpus_per_worker, use_gpu)")
+            _check(amount > 0, f"{path}.resources_per_worker.{name}", amount, "a number > 0")
         _check(self.num_workers >= 1, f"{path}.num_workers", self.num_workers, "an integer >= 1")
         _check(self.cpus_per_worker > 0, f"{path}.cpus_per_worker", self.cpus_per_worker,
                "a number > 0")
@@ -936,7 +945,7 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
     if origin is dict:
-        return "a mapping"
+        return f"a mapping of {_type_name(get_args(tp)[0])} to {_type_name(get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
@@ -962,12 +971,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-    elif origin is dict:
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-            return dict(value)
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(v, get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_tp, value_tp = get_args(tp)
+            return {_coerce(k, key_tp, f"{path} key {k!r}"):
+                    v if value_tp is Any else _coerce(v, value_tp, f"{path}.{k}")
+                    for k, v in value.items()}
     elif tp is type(None):
         if value is None:
             return None

@@ -54,7 +54,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     Args:
         train_fn: the ``train_loop_per_worker``; it receives ``train_config`` (which must carry
             everything it needs, including ``train_config["ray"]`` for :func:`worker_setup`).
-        ray_cfg: workers, GPUs, CPUs per worker and backend.
+        ray_cfg: workers, GPUs, CPUs and custom resources per worker, backend.
         name: the run name (a folder under ``storage``).
         storage: directory for Ray's run state and checkpoints (:func:`run_storage`): a run
             started again with the same ``storage`` and ``name`` resumes from its latest
@@ -76,7 +76,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     data_config = DataConfig()
     if ray_cfg.deterministic and datasets:
         datasets, data_config = deterministic_datasets(datasets)
-    resources = {"CPU": ray_cfg.cpus_per_worker}
+    resources = {**ray_cfg.resources_per_worker, "CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
