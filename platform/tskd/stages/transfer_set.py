@@ -286,7 +286,9 @@ def run(ctx: Any) -> dict[str, Any]:
         "image_size": cfg.data.image_size, "columns": COLUMNS, "images_dir": IMAGES_DIR,
         "seed": cfg.seed}
     if "synthetic" in t.sources:
-        metrics |= _synthetic_part(cfg, info, splits, out, manifest)
+        from tskd.stages.ray_train import run_storage
+
+        metrics |= _synthetic_part(cfg, info, splits, out, manifest, run_storage(ctx))
     else:
         write_json(out / QUALITY_FILE, {"sources": list(t.sources), "n_sampled": 0,
                                         "note": "no synthetic images: nothing to check"})
@@ -338,9 +340,10 @@ def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
 
 
 def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
-                    manifest: dict[str, Any]) -> dict[str, Any]:
-    """Train the DDPM, sample, check quality and privacy, write the kept samples; fill the
-    synthetic entries of ``manifest``; return ``diffusion/*`` and ``transfer/*`` metrics."""
+                    manifest: dict[str, Any], storage: Path) -> dict[str, Any]:
+    """Train the DDPM (Ray Train state under ``storage``), sample, check quality and privacy,
+    write the kept samples; fill the synthetic entries of ``manifest``; return ``diffusion/*``
+    and ``transfer/*`` metrics."""
     from tskd.artifacts import write_json
     from tskd.data.augment import augment_copies
     from tskd.data.dataset import load_arrays
@@ -352,9 +355,7 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed,
                                strength=t.diffusion.augment_strength)
 
-    from tskd.stages.ray_train import run_storage
-
-    metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, run_storage(ctx))
+    metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, storage)
 
     log.info("sampling %d images (%d inference steps, %s%s) on %d actor(s) x %g CPU",
              t.n_images, t.diffusion.num_inference_steps, t.diffusion.sampler,
