@@ -30,6 +30,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # ~7 min on 2 cores since the engine, cached targets and quality checks
 def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
     cfg = load_config(None, TINY + [f"output_dir={tmp_path}",
                                     f"teacher.pretrain.cache_dir={tmp_path / 'cache'}"])
