@@ -64,7 +64,7 @@ class _TeacherActor:
         configure_worker_logging()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = place_teacher(config, self.device)
-        self.done = 0
+        self.done = self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -79,8 +79,10 @@ class _TeacherActor:
             if logits is not None:
                 out[f"logits{view}"] = logits.half().cpu().numpy()
         self.done += len(out["id"])
-        log.info("teacher targets for %d images in %.1f s; %d by this actor", len(out["id"]),
-                 time.time() - start, self.done)
+        self.calls += 1
+        if self.calls % 10 == 1:  # progress without a line per batch
+            log.info("teacher targets for %d images in %.1f s; %d by this actor", len(out["id"]),
+                     time.time() - start, self.done)
         return out
 
 
