@@ -30,7 +30,7 @@ def names(cfg):
 
 
 def test_demo_plan_order_and_inputs():
-    cfg = load_config()
+    cfg = load_config(None, ["check.student=true"])
     assert names(cfg) == ["data", "teacher_pretrain", "teacher", "teacher_check", "transfer",
                           "targets_ts_kd", "distill_ts_kd", "check_distill_ts_kd",
                           "student_ts_kd", "targets_ta_kd", "distill_ta_kd", "student_ta_kd",
@@ -44,7 +44,9 @@ def test_demo_plan_order_and_inputs():
     assert stages["teacher_check"].deps == ("data", "teacher")
     assert stages["check_distill_ts_kd"].deps == ("data", "distill_ts_kd")
     assert "on_fail" not in stages["teacher_check"].config["check"]  # reuse the verdict
-    assert "check_distill_ts_kd" not in names(load_config(None, ["distill.w_logits=0"]))
+    assert "check_distill_ts_kd" not in names(load_config(None, ["distill.w_logits=0",
+                                                                  "check.student=true"]))
+    assert "check_distill_ts_kd" not in names(load_config())  # off by default
     assert not {"teacher_check", "check_distill_ts_kd"} & set(
         names(load_config(None, ["check.enabled=false"])))
     # the demo's targets fit the cache: each distillation reads its arm's cached targets
