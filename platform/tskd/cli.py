@@ -423,17 +423,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from tskd.memory_plan import format_plan, plan
+    from tskd.memory_plan import dataset_classes, format_plan, plan
 
     cfg = load_config(args.config, args.overrides)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: invalid value {args.workers}; allowed: an integer >= 1")
-    # the demos: background, organ, lesion / background, vessel
-    num_classes = 2 if cfg.data.demo.kind == "vessels" else 3
-    if cfg.data.root is not None:
-        from tskd.data.format import load_dataset_info
-
-        num_classes = load_dataset_info(Path(cfg.data.root).expanduser()).num_classes
+    num_classes = dataset_classes(cfg)
     workers = args.workers or cfg.ray.num_workers
     print(format_plan(plan(cfg, workers, zero_stage=args.zero_stage, num_classes=num_classes),
                       workers))

@@ -79,6 +79,31 @@ class PlacementRow:
                 + self.student_activation_bytes)
 
 
+def dataset_classes(cfg: Any) -> int:
+    """Classes ``C`` (background included) of an ``ExperimentConfig``'s dataset: its
+    ``dataset.json``, or the built-in demo's labels."""
+    from pathlib import Path
+
+    if cfg.data.root is not None:
+        from tskd.data.format import load_dataset_info
+
+        return load_dataset_info(Path(cfg.data.root).expanduser()).num_classes
+    if cfg.data.demo.kind == "vessels":
+        from tskd.data.demo_vessels import VESSELS_LABELS
+
+        return len(VESSELS_LABELS)
+    from tskd.data.demo import DEMO_LABELS
+
+    return len(DEMO_LABELS)
+
+
+def cache_bytes(t: "TeacherSize", num_classes: int, n_images: int) -> int:
+    """Bytes on disk of one arm's target cache: fp16 logits ``C·(T/4)²`` and hidden states
+    ``D·(T/16)²`` per image and view, :data:`CACHE_VIEWS` views."""
+    per_view = 2 * (num_classes * t.logits_size ** 2 + t.hidden_dim * t.tokens)
+    return per_view * CACHE_VIEWS * n_images
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -159,8 +184,7 @@ def plan(cfg: Any, workers: int | None = None, *, zero_stage: int = 0,
         t = teacher_size(arch, size, num_classes, teacher_features=cfg.distill.teacher_features)
         weights = t.params * dtype_bytes
         act_t = teacher_activation_bytes(t, batch, dtype_bytes)
-        per_view = 2 * (num_classes * t.logits_size ** 2 + t.hidden_dim * t.tokens)  # fp16
-        cache = per_view * CACHE_VIEWS * cfg.transfer.n_images
+        cache = cache_bytes(t, num_classes, cfg.transfer.n_images)
         for placement in PLACEMENTS:
             teacher = {"replicated": weights,
                        "sharded": -(-weights // n) + t.largest_block_params * dtype_bytes,

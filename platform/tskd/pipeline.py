@@ -23,6 +23,7 @@ from tskd.stages import (data_stage, distill, evaluate, imagenet_init, quality_c
                          student_finetune, teacher_cache, teacher_finetune, teacher_pretrain,
                          transfer_set)
 from tskd.stages import pretrain as ssl_pretrain  # (plan() has a local named pretrain)
+from tskd.memory_plan import dataset_classes
 from tskd.store import Entry, Store, record_use
 from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
@@ -85,7 +86,7 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     kd.pop("cache_max_gb")  # what it decides is kd["teacher_placement"], resolved below
     kd_defaults = to_dict(DistillConfig())
     kd_arms = [a for a in cfg.students if a in ("ts_kd", "ta_kd")]
-    placement = teacher_cache.placement(cfg, _num_classes(cfg)) if kd_arms else "replicated"
+    placement = teacher_cache.placement(cfg, dataset_classes(cfg)) if kd_arms else "replicated"
     kd["teacher_placement"] = placement
     for arm in cfg.students:
         deps: tuple[str, ...] = ("data",)
@@ -178,17 +179,6 @@ def stage_fingerprint(stage: Stage, cfg: ExperimentConfig, inputs: dict[str, Ent
         external_inputs(stage.config),
         None if stage.run in _SINGLE_PROCESS else {"ray.num_workers": cfg.ray.num_workers},
         tskd_version())
-
-
-def _num_classes(cfg: ExperimentConfig) -> int:
-    """Classes of the configured dataset (background included), read from its dataset.json."""
-    if cfg.data.root is None:
-        from tskd.data.demo import DEMO_LABELS
-
-        return len(DEMO_LABELS)
-    from tskd.data.format import load_dataset_info
-
-    return load_dataset_info(Path(cfg.data.root).expanduser()).num_classes
 
 
 def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,

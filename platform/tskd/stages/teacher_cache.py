@@ -176,15 +176,14 @@ def placement(cfg: Any, num_classes: int) -> str:
     p = cfg.distill.teacher_placement
     if p != "auto":
         return p
-    from tskd.memory_plan import CACHE_VIEWS, teacher_size
+    from tskd.memory_plan import cache_bytes, teacher_size
 
     t = teacher_size(cfg.teacher.arch, cfg.teacher.img_size, num_classes,
                      teacher_features=cfg.distill.teacher_features)
     sources = cfg.transfer.sources
     n = (cfg.transfer.n_images if "synthetic" in sources else 0) + (
         (cfg.transfer.n_unlabelled or cfg.transfer.n_images) if "unlabelled" in sources else 0)
-    per_view = 2 * (num_classes * t.logits_size ** 2 + t.hidden_dim * t.tokens)
-    return "cached" if per_view * CACHE_VIEWS * n <= cfg.distill.cache_max_gb * 2**30 \
+    return "cached" if cache_bytes(t, num_classes, n) <= cfg.distill.cache_max_gb * 2**30 \
         else "replicated"
 
 
