@@ -247,13 +247,32 @@ def test_baseline_defaults_are_the_papers():
         32, 1.5e-4, 0.1, 0.99, 0.2)
     from tskd.config import scaled_lr
     assert scaled_lr(1.5e-4, 64) == pytest.approx(3.75e-5)  # MAE: base × 64 / 256
-def test_engine_defaults_distillation_runs_under_deepspeed():
+def test_engine_defaults_distillation_runs_under_deepspeed_on_gpus():
     cfg = load_config(None, [])
-    assert cfg.distill.engine.kind == "deepspeed" and cfg.distill.engine.zero_stage == 2
+    assert cfg.distill.engine.kind == "auto" and cfg.distill.engine.zero_stage == 2
+    assert cfg.distill.engine.resolved_kind(use_gpu=True) == "deepspeed"
+    assert cfg.distill.engine.resolved_kind(use_gpu=False) == "torch"
     assert cfg.student_finetune.engine.kind == "torch"
+    assert cfg.student_finetune.engine.resolved_kind(use_gpu=True) == "torch"
     # a partial section fills in from the field's default, not the class's
     cfg = load_config(None, ["distill.engine.gradient_accumulation=2"])
-    assert cfg.distill.engine.kind == "deepspeed" and cfg.distill.engine.gradient_accumulation == 2
+    assert cfg.distill.engine.kind == "auto" and cfg.distill.engine.gradient_accumulation == 2
+    assert cfg.distill.engine.zero_stage == 2
+
+
+def test_auto_engine_refuses_deepspeed_settings_it_would_ignore_on_cpu():
+    for override, field in [("distill.engine.offload_optimizer=true",
+                             "distill.engine.offload_optimizer"),
+                            ("distill.engine.raw={steps_per_print: 1}", "distill.engine.raw"),
+                            ("distill.engine.optimizer=cpu_adam", "distill.engine.optimizer")]:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [override])
+        assert str(err.value).startswith(field) and "kind: deepspeed" in str(err.value)
+        # the same settings with DeepSpeed asked for explicitly pass this check
+        cfg = load_config(None, [override, "distill.engine.kind=deepspeed",
+                                 "distill.engine.optimizer=cpu_adam"])
+        assert cfg.distill.engine.kind == "deepspeed"
+    load_config(None, ["ray.use_gpu=true", "distill.engine.raw={steps_per_print: 1}"])
 
 
 @pytest.mark.parametrize("override, field, allowed", [
@@ -278,8 +297,8 @@ def test_engine_defaults_distillation_runs_under_deepspeed():
     ("ray.checkpoint_every=0", "ray.checkpoint_every", ">= 1"),
 ])
 def test_engine_errors_name_the_field(override, field, allowed):
-    with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+    with pytest.raises(ConfigError) as err:  # DeepSpeed's own checks: kind deepspeed explicitly
+        load_config(None, ["distill.engine.kind=deepspeed", override])
     assert str(err.value).startswith(field) and allowed in str(err.value)
 
 

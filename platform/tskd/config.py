@@ -127,7 +127,11 @@ class EngineConfig:
     (``torch``), or a DeepSpeed engine (``deepspeed``) whose config is derived from these fields
     (plus ``raw``) and checked here, on the driver."""
 
-    kind: Literal["torch", "deepspeed"] = "torch"
+    kind: Literal["auto", "torch", "deepspeed"] = "torch"
+    """``auto``: ``deepspeed`` when the workers have GPUs (``ray.use_gpu``), ``torch`` on CPU:
+    under Ray Train on the 2-core demo machine, DeepSpeed ZeRO-2 distillation ran 3x slower
+    per step than DDP with identical losses (benchmarks/README.md), so a CPU run gains nothing
+    from it. ``zero_stage`` then applies on GPUs only."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (``deepspeed`` only): 1 partitions the optimiser state, 2 also
     the gradients, 3 also the parameters (checkpoints are then consolidated collectively)."""
@@ -151,12 +155,25 @@ class EngineConfig:
     """Escape hatch: DeepSpeed config keys merged over the derived config (top-level keys from
     ``DEEPSPEED_KEYS``; keys the fields above derive are refused)."""
 
+    def resolved_kind(self, use_gpu: bool) -> str:
+        """``torch`` or ``deepspeed``: ``kind`` with ``auto`` resolved for GPU or CPU workers."""
+        if self.kind == "auto":
+            return "deepspeed" if use_gpu else "torch"
+        return self.kind
+
     def validate(self, path: str, use_gpu: bool | None = None) -> None:
-        ds = self.kind == "deepspeed"
+        ds = self.resolved_kind(bool(use_gpu)) == "deepspeed"
         _check(0 <= self.zero_stage <= 3, f"{path}.zero_stage", self.zero_stage,
                "an integer in [0, 3]")
-        _check(ds or self.zero_stage == 0, f"{path}.zero_stage", self.zero_stage,
-               "0 with kind 'torch' (ZeRO needs kind 'deepspeed')")
+        _check(ds or self.kind == "auto" or self.zero_stage == 0, f"{path}.zero_stage",
+               self.zero_stage, "0 with kind 'torch' (ZeRO needs kind 'deepspeed')")
+        if self.kind == "auto" and not ds:  # DeepSpeed-only settings would be ignored silently
+            for name in ("offload_optimizer", "offload_params", "raw"):
+                _check(not getattr(self, name), f"{path}.{name}", getattr(self, name),
+                       "unset while kind is 'auto' on CPU workers (auto runs torch there; set "
+                       f"{path}.kind: deepspeed to use DeepSpeed on CPU)")
+            _check(self.optimizer != "cpu_adam", f"{path}.optimizer", self.optimizer,
+                   f"'adamw' while kind is 'auto' on CPU workers (or set {path}.kind: deepspeed)")
         _check(self.gradient_accumulation >= 1, f"{path}.gradient_accumulation",
                self.gradient_accumulation, "an integer >= 1")
         _check(self.clip_grad_norm >= 0, f"{path}.clip_grad_norm", self.clip_grad_norm,
@@ -582,8 +599,9 @@ class DistillConfig:
     rung_epochs: int = 2
     """Fine-tuning epochs of each rung's copy (``student_finetune``'s batch size and lr)."""
     engine: EngineConfig = field(
-        default_factory=lambda: EngineConfig(kind="deepspeed", zero_stage=DISTILL_ZERO_STAGE))
-    """Distillation runs under DeepSpeed by default (ZeRO stage ``DISTILL_ZERO_STAGE``)."""
+        default_factory=lambda: EngineConfig(kind="auto", zero_stage=DISTILL_ZERO_STAGE))
+    """Distillation runs under DeepSpeed (ZeRO stage ``DISTILL_ZERO_STAGE``) on GPU workers and
+    under DDP on CPU workers by default (``auto``); ``kind: deepspeed`` forces DeepSpeed."""
 
     def validate(self, path: str) -> None:
         _check(self.rung_every >= 0, f"{path}.rung_every", self.rung_every, "an integer >= 0")
@@ -819,10 +837,16 @@ class RayConfig:
     deterministic: bool = True
     """Same seed, same numbers: Ray Data datasets fed to training workers are sorted by their
     ``id`` column and streamed in order (``preserve_order``, which also turns off locality-aware
-    sharding), and workers call ``torch.use_deterministic_algorithms(True, warn_only=True)``
+    sharding; see ``materialize_share`` for when the sort runs once), and workers call ``torch.use_deterministic_algorithms(True, warn_only=True)``
     (GPU: with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``). Costs a sort of the transfer set per
-    training run and, on GPUs, slower deterministic kernels; false streams in arrival order.
+    training run (or per epoch, when it is streamed) and, on GPUs, slower deterministic kernels; false streams in arrival order.
     Results still depend on ``torch_threads`` (the default 0 follows the machine's CPUs)."""
+    materialize_share: float = 0.25
+    """The transfer set (or teacher-target cache) a training stage iterates every epoch is read
+    once into the object store when its uncompressed size (Parquet metadata) is at most this
+    share of the cluster's object store memory (sorted by ``id`` once, with ``deterministic``);
+    larger ones stream from storage every epoch. 0 = always stream. Placement only: not in any
+    fingerprint (the rows and their order are the same either way)."""
     checkpoint_every: int = 1
     """Training stages checkpoint their whole state (model, optimiser, scheduler, epoch, RNG)
     every this many epochs (and at the last), so a restarted worker group or a re-run
@@ -853,6 +877,8 @@ class RayConfig:
                "an integer >= 0")
         _check(not (self.backend == "nccl" and not self.use_gpu), f"{path}.backend",
                self.backend, "'gloo' or 'auto' when use_gpu is false")
+        _check(0.0 <= self.materialize_share <= 1.0, f"{path}.materialize_share",
+               self.materialize_share, "a number in [0, 1] (0 = always stream)")
         _check(self.checkpoint_every >= 1, f"{path}.checkpoint_every", self.checkpoint_every,
                "an integer >= 1")
         _check(self.keep_checkpoints >= 1, f"{path}.keep_checkpoints", self.keep_checkpoints,

@@ -104,15 +104,21 @@ def test_tiny_pipeline_is_reproducible(tmp_path, ray_local):
         runs.append((metrics, results))
     (m_a, r_a), (m_b, r_b) = runs
 
-    def results(r):  # scores and settings; a model's measured CPU latency is not a result
+    def results(r):  # scores and settings; measured times (latency, pretraining cost) are not
         out = {k: r[k] for k in ("teacher", "labelled_images", "metrics", "seed")}
         for group, entries in (("students", r["students"]), ("reference", {"": r["reference"]})):
             out[group] = {a: {k: v for k, v in e.items() if k != "model"} for a, e in entries.items()}
+            for e in out[group].values():
+                if e.get("pretrain"):  # which stage pretrained it is a result; its wall time is not
+                    e["pretrain"] = e["pretrain"]["stage"]
         return out
 
     assert results(r_a) == results(r_b)
     for stage in ("distill_ts_kd", "distill_ta_kd", "student_ts_kd", "student_scratch",
                   "reference"):
-        drop = {"student/latency_ms"}
-        assert {k: v for k, v in m_a[stage].items() if k not in drop} == \
-            {k: v for k, v in m_b[stage].items() if k not in drop}, stage
+        def scores(m):  # measured speeds (perf/*: throughput, data stall; latency) vary
+            return {k: v for k, v in m.items()
+                    if not k.startswith("perf/") and k not in ("student/latency_ms",)
+                    and not k.endswith("time_s")}
+        assert scores(m_a[stage]) == scores(m_b[stage]), stage
+        assert "distill/loss" in scores(m_a[stage]) or not stage.startswith("distill"), stage

@@ -56,3 +56,45 @@ def test_deterministic_ingest_ignores_block_order(tmp_path, ray_local):
         seen.append([json.loads((out / f"rank{r}.json").read_text()) for r in range(2)])
     assert sorted(seen[0][0] + seen[0][1]) == list(range(n))  # every row once
     assert seen[0] == seen[1]  # same rows, same workers, same order
+
+
+def test_parquet_read_into_memory_is_sorted_and_equals_the_stream(tmp_path, ray_local):
+    """read_parquet_dataset under a materialize share holds the rows in the object store, sorted
+    by id, with the same content as the streamed read; prepare_datasets keeps that dataset as it
+    is and sorts a materialised one whose blocks are out of order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+    from ray.data.dataset import MaterializedDataset
+
+    from tskd.stages.ray_train import prepare_datasets, read_parquet_dataset
+
+    order = np.random.default_rng(0).permutation(30)
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for k, part in enumerate(np.array_split(order, 3)):  # three files, ids scattered
+        pq.write_table(pa.table({"id": part.astype(np.int64), "x": part * 2.0,
+                                 "y": part * 3.0}), folder / f"part{k}.parquet")
+
+    held = read_parquet_dataset(folder, columns=["id", "x"], materialize_share=1.0)
+    assert isinstance(held, MaterializedDataset)
+    rows = held.take_all()
+    assert [r["id"] for r in rows] == list(range(30))
+    assert [r["x"] for r in rows] == [2.0 * i for i in range(30)]
+    assert held.columns() == ["id", "x"]
+
+    streamed = read_parquet_dataset(folder, columns=["id", "x"], materialize_share=0.0)
+    assert not isinstance(streamed, MaterializedDataset)
+    assert sorted((r["id"], r["x"]) for r in streamed.take_all()) == \
+        [(r["id"], r["x"]) for r in rows]
+    # the store's share decides: a share too small for the data streams
+    assert not isinstance(read_parquet_dataset(folder, materialize_share=1e-12),
+                          MaterializedDataset)
+
+    cfg = RayConfig()
+    prepared, _ = prepare_datasets({"a": held}, cfg)
+    assert prepared["a"] is held  # already in order: nothing re-done
+    scattered = ray.data.from_items([{"id": int(i)} for i in order], override_num_blocks=4)
+    prepared, _ = prepare_datasets({"b": scattered}, cfg)
+    assert isinstance(prepared["b"], MaterializedDataset)
+    assert [r["id"] for r in prepared["b"].take_all()] == list(range(30))

@@ -157,6 +157,25 @@ def test_actors_taking_every_cpu_is_refused(built):
         sample_transfer_set(out / "model", train, greedy)
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (["transfer.num_actors=4", "transfer.actor_cpus=1"], "deadlock"),
+    (["ray.use_gpu=true", "transfer.num_actors=1"], "request a GPU .* has 0"),
+])
+def test_sampler_resources_are_checked_before_the_ddpm_trains(built, tmp_path, monkeypatch,
+                                                              overrides, match):
+    _, data_dir, _, _, _ = built
+
+    def must_not_train(*args):
+        raise AssertionError("the DDPM trained before the sampler's resources were checked")
+
+    monkeypatch.setattr(transfer_set, "train_diffusion", must_not_train)
+    out = tmp_path / "transfer"
+    out.mkdir()
+    cfg = _cfg(tmp_path, *overrides)
+    with pytest.raises(TransferSetError, match=match):
+        transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+
+
 def test_real_unlabelled_images_join_the_transfer_set(built, tmp_path, monkeypatch):
     cfg0, data_dir, out0, _, _ = built
     info, splits = data_stage.load_data(data_dir)

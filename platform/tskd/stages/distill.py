@@ -8,7 +8,8 @@ its own; the teacher's low-res mask logits and hidden states (``distill.teacher_
 logits, teacher logits) + w_hidden · MSE(P(student hidden), teacher hidden)`` (``L`` and the
 logits' resolution match by ``distill.logits_loss`` / ``logits_target``, the Table 8 presets;
 task-agnostic KD: ``w_logits = 0``); AdamW, warm-up then cosine, stepped through the training
-engine (``distill.engine``: DeepSpeed by default, :mod:`tskd.stages.engine`). Report: KD losses
+engine (``distill.engine``: DeepSpeed on GPUs and DDP on CPU by default,
+:mod:`tskd.stages.engine`). Report: KD losses
 per epoch, a full-state checkpoint every ``ray.checkpoint_every`` epochs (a restarted worker
 group or re-run resumes from it); the student of the last epoch is the stage's output
 ``student.pt``.
@@ -320,11 +321,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # the id column lets ray.deterministic sort the rows (Parquet holds them in the order the
     # sampler tasks finished), so every run streams the same batches to the same workers
     if cache_dir is None:
-        dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+        dataset = read_transfer_set(transfer_dir, columns=["id", "image"],
+                                    materialize_share=cfg.ray.materialize_share)
     else:
         cache = check_cache(cache_dir, expected_cache(ctx, arm))
         config["cache"] = cache["shapes"]
-        dataset = read_targets(cache_dir, check=False)
+        dataset = read_targets(cache_dir, check=False,
+                               materialize_share=cfg.ray.materialize_share)
     log.info("distilling (%s) on %d transfer images for %d epochs, teacher %s", arm,
              n_transfer, cfg.distill.epochs, "targets cached" if cache_dir else "replicated")
     storage = run_storage(ctx)

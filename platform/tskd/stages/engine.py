@@ -18,6 +18,7 @@ A stage builds its model (and loss, when the loss has parameters) as one module,
   :func:`deepspeed_config` derives (ZeRO 0-3, offload, accumulation, clipping,
   ``torch_autocast``, ``raw`` merged last). It joins the process group Ray Train set up
   (``deepspeed.init_distributed`` reuses it; gloo on CPU, NCCL on GPU).
+- ``auto`` (distillation's default): ``deepspeed`` on a CUDA device, ``torch`` on CPU.
 
 Stages contain no engine-specific code; this module is the only one that imports DeepSpeed (lazily).
 """
@@ -119,11 +120,14 @@ def build_engine(model: torch.nn.Module, engine: dict[str, Any], *, lr: float,
             return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         return schedule(opt, per_epoch, total)
 
-    if engine["kind"] == "deepspeed":
+    kind = engine["kind"]
+    if kind == "auto":  # EngineConfig.resolved_kind: DeepSpeed on GPU workers, DDP on CPU
+        kind = "deepspeed" if device.type == "cuda" else "torch"
+    if kind == "deepspeed":
         return DeepSpeedEngine(model, engine, params=params, lr=lr, weight_decay=weight_decay,
                                batch_size=batch_size, make_scheduler=make_scheduler)
-    if engine["kind"] != "torch":
-        raise ValueError(f"engine.kind: invalid value {engine['kind']!r}; allowed: torch, "
+    if kind != "torch":
+        raise ValueError(f"engine.kind: invalid value {kind!r}; allowed: auto, torch, "
                          "deepspeed")
     optimizer = build_optimizer(params, engine, lr=lr, weight_decay=weight_decay)
     return TorchEngine(model, engine, optimizer, make_scheduler(optimizer), device,

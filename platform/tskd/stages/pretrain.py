@@ -144,7 +144,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = {"method": method, "pretrain": p, "student": to_dict(cfg.student),
               "num_classes": info.num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
               "ray": to_dict(cfg.ray)}
-    dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+    dataset = read_transfer_set(transfer_dir, columns=["id", "image"],
+                                materialize_share=cfg.ray.materialize_share)
     log.info("%s pre-training on %d transfer images for %d epochs", method, n_transfer,
              p["epochs"])
     started = time.time()

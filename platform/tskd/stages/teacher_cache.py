@@ -160,14 +160,17 @@ def check_cache(targets_dir: Path, expected: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def read_targets(stage_dir: Path, *, check: bool = True, expected: dict[str, Any] | None = None):
+def read_targets(stage_dir: Path, *, check: bool = True, expected: dict[str, Any] | None = None,
+                 materialize_share: float = 0.0):
     """The cache as a ``ray.data.Dataset`` (columns as in the module docstring), after
-    :func:`check_cache` against ``expected`` when given."""
-    import ray.data
+    :func:`check_cache` against ``expected`` when given; held in the object store when it fits
+    ``materialize_share`` of it (:func:`tskd.stages.ray_train.read_parquet_dataset`)."""
+    from tskd.stages.ray_train import read_parquet_dataset
 
     if check and expected is not None:
         check_cache(Path(stage_dir), expected)
-    return ray.data.read_parquet(str(Path(stage_dir) / TARGETS_DIR))
+    return read_parquet_dataset(Path(stage_dir) / TARGETS_DIR,
+                                materialize_share=materialize_share)
 
 
 def placement(cfg: Any, num_classes: int) -> str:

@@ -173,7 +173,8 @@ class _Sampler:
 
     def __init__(self, model_dir: str, seed: int, num_inference_steps: int, batch_size: int,
                  sampler: str, out_size: int, grayscale: bool, references: Any,
-                 ref_index: np.ndarray, ref_kind: np.ndarray, threads: int) -> None:
+                 ref_index: np.ndarray, ref_kind: np.ndarray, threads: int,
+                 use_gpu: bool = False) -> None:
         import ray
         import torch
 
@@ -184,6 +185,7 @@ class _Sampler:
         torch.set_num_threads(max(1, threads))
         configure_worker_logging()
         self.unet, self.scheduler = load_diffusion(model_dir)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.seed, self.steps, self.batch_size = seed, num_inference_steps, batch_size
         self.sampler, self.out_size, self.grayscale = sampler, out_size, grayscale
         self.refs = ray.get(references) if isinstance(references, ray.ObjectRef) \
@@ -200,7 +202,7 @@ class _Sampler:
         seeds = [image_seed(self.seed, int(i)) for i in ids]
         images = sample_with_seeds(self.unet, self.scheduler, seeds,
                                    num_inference_steps=self.steps, batch_size=self.batch_size,
-                                   sampler=self.sampler, pad_batches=True)
+                                   sampler=self.sampler, pad_batches=True, device=self.device)
         images = resize_uint8(images, self.out_size)
         if self.grayscale:
             images = to_grayscale(images)
@@ -238,12 +240,7 @@ def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: Experime
     from tskd.transfer_quality import privacy_references
 
     t = cfg.transfer
-    total_cpus = float(ray.cluster_resources().get("CPU", 0.0))
-    if t.num_actors * t.actor_cpus > total_cpus - 1.0 + 1e-9:
-        raise TransferSetError(
-            f"transfer.num_actors={t.num_actors} x transfer.actor_cpus={t.actor_cpus} leaves less "
-            f"than 1 of the cluster's {total_cpus:g} CPUs for Ray Data's read tasks, which would "
-            "deadlock; lower transfer.num_actors or transfer.actor_cpus (fractions are fine)")
+    check_sampler_resources(cfg)
     refs, ref_index, ref_kind = privacy_references(train_images, augmented)
     refs_ref = ray.put(refs)
     ds = ray.data.range(t.n_images).map_batches(
@@ -255,10 +252,36 @@ def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: Experime
             "out_size": cfg.data.image_size, "references": refs_ref,
             "ref_index": ref_index, "ref_kind": ref_kind,
             "grayscale": use_grayscale(train_images, cfg),
-            "threads": max(1, int(t.actor_cpus))},
+            "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu},
         batch_size=t.sample_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus)
+        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
+        num_gpus=1 if cfg.ray.use_gpu else 0)
     return ds.materialize()
+
+
+def check_sampler_resources(cfg: ExperimentConfig) -> None:
+    """Fail before the DDPM trains when the sampler actors cannot all start: with
+    ``ray.use_gpu`` each actor requests a GPU; on CPU they must leave at least one CPU to Ray
+    Data's read tasks (else the pipeline deadlocks).
+
+    Raises:
+        TransferSetError: naming the fields to change and the cluster's resources.
+    """
+    import ray
+
+    t = cfg.transfer
+    resources = ray.cluster_resources()
+    total_cpus = float(resources.get("CPU", 0.0))
+    if t.num_actors * t.actor_cpus > total_cpus - 1.0 + 1e-9:
+        raise TransferSetError(
+            f"transfer.num_actors={t.num_actors} x transfer.actor_cpus={t.actor_cpus} leaves less "
+            f"than 1 of the cluster's {total_cpus:g} CPUs for Ray Data's read tasks, which would "
+            "deadlock; lower transfer.num_actors or transfer.actor_cpus (fractions are fine)")
+    gpus = float(resources.get("GPU", 0.0))
+    if cfg.ray.use_gpu and t.num_actors > gpus + 1e-9:
+        raise TransferSetError(
+            f"transfer.num_actors={t.num_actors} sampler actors each request a GPU "
+            f"(ray.use_gpu=true) but the cluster has {gpus:g}; lower transfer.num_actors")
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -346,6 +369,8 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     and ``transfer/*`` metrics."""
     from tskd.artifacts import write_json
     from tskd.data.augment import augment_copies
+
+    check_sampler_resources(cfg)  # before the DDPM trains, not after it
     from tskd.data.dataset import load_arrays
     from tskd.transfer_quality import json_safe, quality_report
 
@@ -435,15 +460,18 @@ def _fmt(x: float | None) -> str:
 # ---------------------------------------------------------------------------- readers
 
 
-def read_transfer_set(stage_dir: Path):
-    """The kept transfer images as a ``ray.data.Dataset`` of :data:`COLUMNS` (``image`` is a
-    ``uint8 (H, W, 3)`` tensor column). Row order is not guaranteed; sort by ``id`` if needed."""
-    import ray.data
+def read_transfer_set(stage_dir: Path, *, columns: list[str] | None = None,
+                      materialize_share: float = 0.0):
+    """The kept transfer images as a ``ray.data.Dataset`` of ``columns`` (default
+    :data:`COLUMNS`; ``image`` is a ``uint8 (H, W, 3)`` tensor column). Streamed, row order is
+    not guaranteed (sort by ``id`` if needed); held in the object store when it fits
+    ``materialize_share`` of it (:func:`tskd.stages.ray_train.read_parquet_dataset`)."""
+    from tskd.stages.ray_train import read_parquet_dataset
 
     images = Path(stage_dir) / IMAGES_DIR
     if not images.is_dir():
         raise FileNotFoundError(f"{stage_dir}: no transfer set (missing {IMAGES_DIR}/)")
-    return ray.data.read_parquet(str(images))
+    return read_parquet_dataset(images, columns=columns, materialize_share=materialize_share)
 
 
 def load_transfer_images(stage_dir: Path, *, with_ids: bool = False):
