@@ -47,6 +47,10 @@ def test_quiet_ray_process_drops_only_the_noise():
     assert context.logger.getEffectiveLevel() == logging.WARNING
     kwargs = console.ray_init_kwargs()
     assert kwargs["runtime_env"]["worker_process_setup_hook"] is console.quiet_ray_process
+    from ray.data import DataContext  # bars off where datasets are created (they carry it)
+
+    assert not DataContext.get_current().enable_progress_bars
+    assert not DataContext.get_current().enable_operator_progress_bars
 
 
 SCRIPT = textwrap.dedent("""
