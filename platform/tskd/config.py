@@ -957,7 +957,14 @@ class ExperimentConfig:
             # data.image_size auto: the plan picks a multiple of 32 (every arch's rule); the
             # config is validated again once it is resolved
             size = 256 if self.data.image_size == "auto" else self.data.patch
-            self.reference.student(size).validate("reference")
+            try:
+                self.reference.student(size).validate("reference")
+            except ConfigError as err:
+                if (self.reference.img_size is None and self.data.image_size != "auto"
+                        and self.data.patches):
+                    raise ConfigError(f"{err} (reference.img_size null: the reference trains "
+                                      f"on the data.patch_size={size} patches)") from None
+                raise
         for path, engine in self.engines().items():
             engine.validate(path, use_gpu=self.ray.use_gpu)
 

@@ -398,9 +398,6 @@ def resolve_image_size(cfg: ExperimentConfig) -> ExperimentConfig:
                  f"set by class {plan.limiting_class!r}" if plan.limiting_class
                  else "no class limits it")
     patch = resolved_patch(cfg, size)
-    if patch < size:
-        log.info("patch training: %d-px crops of the %d-px images (%.0f%% centred on "
-                 "foreground), sliding-window inference", patch, size, 100 * d.fg_fraction)
     out = dataclasses.replace(cfg, data=dataclasses.replace(d, image_size=size,
                                                             patch_size=patch))
     out.validate()
