@@ -312,8 +312,8 @@ def test_raw_keys_are_deepspeed_keys():
 
 
 def test_patch_size_resolves_and_stays_out_of_whole_image_fingerprints():
-    """data.patch_size auto = min(image_size, max_image_size); an integer is capped at the
-    image size. The data stage's slice names patch_size / fg_fraction only with patches, so a
+    """data.patch (the crop / window side): patch_size auto = min(image_size, max_image_size);
+    an integer is capped at the image size. The data stage's slice names patch_size / fg_fraction only with patches, so a
     whole-image config keeps the slice (and fingerprint) it had before the fields existed."""
     import dataclasses
 
@@ -321,12 +321,13 @@ def test_patch_size_resolves_and_stays_out_of_whole_image_fingerprints():
     from tskd.pipeline import plan
 
     demo = resolve_image_size(load_config(None, ["data.demo.size=96"]))
-    assert (demo.data.image_size, demo.data.patch_size, demo.data.patches) == (96, 96, False)
+    assert (demo.data.image_size, demo.data.patch, demo.data.patches) == (96, 96, False)
     before = {k: v for k, v in dataclasses.asdict(demo.data).items()
               if k not in ("patch_size", "fg_fraction")}  # the slice as it was written
     assert plan(demo)[0].config == {"data": before}
     big = resolve_image_size(load_config(None, ["data.image_size=1024"]))
-    assert (big.data.patch_size, big.data.patch, big.data.patches) == (512, 512, True)
+    assert (big.data.patch, big.data.patches) == (512, True)
+    assert plan(big)[0].config["data"]["patch_size"] == 512  # auto, resolved in the slice
     crops = resolve_image_size(load_config(None, ["data.image_size=128", "data.patch_size=64",
                                                   "data.fg_fraction=0.5"]))
     assert crops.data.patch == 64 and crops.data.patches

@@ -153,11 +153,11 @@ def test_auto_image_size_takes_the_plan_and_explicit_sizes_win(tmp_path):
     assert demo.data.image_size == 96
     # beyond data.max_image_size: the planned 192 px kept, trained on 64-px patches
     patched = resolve_image_size(load_config(None, [*base, "data.max_image_size=64"]))
-    assert (patched.data.image_size, patched.data.patch_size) == (192, 64)
+    assert (patched.data.image_size, patched.data.patch, patched.data.patches) == (192, 64, True)
     _, _, warnings = plan_for_config(load_dataset_info(root), patched)
     assert warnings == []  # 3-px lines at 192/256: 2.25 px; the teacher's 128 px per 64-px patch
     explicit_patch = resolve_image_size(load_config(None, [*base, "data.patch_size=48"]))
-    assert (explicit_patch.data.image_size, explicit_patch.data.patch_size) == (192, 48)
+    assert (explicit_patch.data.image_size, explicit_patch.data.patch) == (192, 48)
     with pytest.raises(ConfigError, match="data.image_size"):
         load_config(None, ["data.image_size=big"])
 

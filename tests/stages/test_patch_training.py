@@ -108,7 +108,7 @@ def test_student_stage_on_patches_through_ray(tmp_path, ray_local):
     from tskd.stages import data_stage, student_finetune
 
     cfg = resolve_image_size(load_config(None, [
-        f"output_dir={tmp_path}", "data.demo.n_images=12", "data.demo.size=64",
+        f"output_dir={tmp_path}", "data.demo.n_images=20", "data.demo.size=64",
         "data.image_size=64", "data.patch_size=32", "data.n_labels=6",
         "student.img_size=32", "student.patch_size=8", "student.decoder_dim=16",
         "student_finetune.epochs=1", "student_finetune.batch_size=4",

@@ -375,30 +375,24 @@ def plan_for_config(info: DatasetInfo, cfg: ExperimentConfig
 
 
 def resolve_image_size(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with ``data.image_size`` and ``data.patch_size`` resolved to numbers.
-
-    ``image_size: auto``: the plan's ``image_size`` (its working size) for a dataset directory,
-    ``data.demo.size`` for the built-in demos (their native size). ``patch_size: auto``:
-    ``min(image_size, max_image_size)``; an explicit patch is capped at ``image_size`` (equal =
-    whole images). Explicit image sizes are kept. The result is validated again (size rules of
-    the reference network)."""
-    d = cfg.data
-    if d.image_size != "auto" and d.patch_size != "auto" and int(d.patch_size) <= d.image_size:
+    """``cfg`` with ``data.image_size: auto`` replaced by a number: the plan's ``image_size``
+    (its working size; beyond ``data.max_image_size`` the models train on patches of that size)
+    for a dataset directory, ``data.demo.size`` for the built-in demos (their native size).
+    Explicit sizes are returned unchanged. ``data.patch_size`` stays as configured: the crop /
+    window side is ``cfg.data.patch`` (``auto``: ``min(image_size, max_image_size)``). The
+    result is validated again (size rules of the reference network)."""
+    if cfg.data.image_size != "auto":
         return cfg
-    if d.image_size != "auto":
-        size = int(d.image_size)
-    elif d.root is None:
-        size = d.demo.size
+    if cfg.data.root is None:
+        size = cfg.data.demo.size
         log.info("data.image_size auto: %d px (the demo's native size)", size)
     else:
-        info = load_dataset_info(Path(d.root).expanduser())
+        info = load_dataset_info(Path(cfg.data.root).expanduser())
         fp, plan, _ = plan_for_config(info, cfg)
         size = plan.image_size
         log.info("data.image_size auto: %d px (native %d px; %s)", size, plan.native_size,
                  f"set by class {plan.limiting_class!r}" if plan.limiting_class
                  else "no class limits it")
-    patch = resolved_patch(cfg, size)
-    out = dataclasses.replace(cfg, data=dataclasses.replace(d, image_size=size,
-                                                            patch_size=patch))
+    out = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
     out.validate()
     return out
