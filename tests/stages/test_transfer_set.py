@@ -226,7 +226,8 @@ def test_patch_training_gives_a_transfer_set_of_patches(built, tmp_path, monkeyp
     monkeypatch.setattr(transfer_set, "train_diffusion", fake_train)
     out = tmp_path / "transfer"
     out.mkdir()
-    cfg = _cfg(tmp_path, "data.patch_size=16", "transfer.sources=[synthetic, unlabelled]",
+    cfg = _cfg(tmp_path, "data.patch_size=16", "reference.arch=none",
+               "transfer.sources=[synthetic, unlabelled]",
                "transfer.n_unlabelled=2", "transfer.diffusion.n_augmented=24")
     transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
     assert seen["images"].shape == (24, 16, 16, 3)  # augmented copies of 4 crops x 6 images
