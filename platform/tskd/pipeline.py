@@ -133,7 +133,7 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     if cfg.reference.arch != "none":  # the label-only reference network
         ref = ("reference",)
         ref_slice = {"reference": to_dict(cfg.reference), "image_size": cfg.data.image_size}
-        if cfg.data.patches:  # the reference's size (reference.img_size null) is the patch's
+        if cfg.data.image_size != "auto" and cfg.data.patches:  # its size: the patch's
             ref_slice["patch_size"] = cfg.data.patch
         stages.append(Stage("reference", reference.run, ("data",), ref_slice))
     stages.append(Stage("evaluate", evaluate.run,

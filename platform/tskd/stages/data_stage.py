@@ -88,7 +88,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
              len(splits.unlabelled))
     record = record_fingerprint(ctx, info)
     patches: dict[str, Any] = {}
-    if data.patches:
+    if data.image_size != "auto" and data.patches:
         log.info("patch training: %d-px crops of the %d-px images (%.0f%% centred on "
                  "foreground); sliding-window inference", data.patch, data.image_size,
                  100 * data.fg_fraction)
