@@ -245,3 +245,4 @@ def test_patch_training_gives_a_transfer_set_of_patches(built, tmp_path, monkeyp
     quality = json.loads((out / "quality.json").read_text())
     assert "references at 16 px" in quality["compared_against"]
     assert f"{4 * len(train)} labelled training images (crops)" in quality["compared_against"]
+    assert quality["train_case_ids"] == [c for c in splits.labelled for _ in range(4)]

@@ -14,8 +14,8 @@ Synthetic part. Setup: the labelled training images (``data`` stage), augmented 
    sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always runs at batch
    ``sample_batch_size`` (the last batch is padded), so the images are bit-identical whatever the
    number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
-   ``data.image_size`` (the patch side ``data.patch_size`` with patch training) (and averages their channels when ``transfer.grayscale`` says so:
-   ``auto`` = the labelled images are grayscale) and attaches the nearest privacy reference
+   ``data.image_size`` (with patch training: the patch side) and averages their channels when
+   ``transfer.grayscale`` says so (``auto`` = the labelled images are grayscale) and attaches the nearest privacy reference
    (:func:`tskd.transfer_quality.privacy_references`: the labelled training images, their
    left-right and top-bottom flips, and the DDPM's augmented training copies): ``nn_index`` (the
    training image it derives from), ``nn_kind`` (``train``/``hflip``/``vflip``/``augmented``),
@@ -30,9 +30,9 @@ subset, at ``data.image_size``, with ids after the synthetic ones (``n_images + 
 Patch training (``data.patch_size`` < ``data.image_size``): the transfer set holds patches.
 The DDPM trains on crops of the labelled images (:func:`tskd.data.patches.crop_arrays`,
 :func:`~tskd.data.patches.patches_per_image` per image, ``data.fg_fraction`` centred on
-foreground; they are also the privacy references), its samples are resized to the patch side,
-and each unlabelled image gives that many random crops (``unlabelled_case_ids`` names the image
-of every row).
+foreground; they are also the privacy references, and ``quality.json``'s ``train_case_ids``
+names each crop's image), its samples are resized to the patch side, and each unlabelled image
+gives that many random crops (``unlabelled_case_ids`` names the image of every row).
 
 Output directory::
 
@@ -367,13 +367,14 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
 
     t = cfg.transfer
     train_images, train_masks = load_arrays(info, splits.labelled, cfg.data.image_size)
+    crops = 1
     if cfg.data.patches:  # the DDPM learns (and generates) patches
         from tskd.data.patches import crop_arrays, patches_per_image
 
-        train_images = crop_arrays(
-            train_images, train_masks, patch=cfg.data.patch,
-            per_image=patches_per_image(cfg.data.image_size, cfg.data.patch),
-            fg_fraction=cfg.data.fg_fraction, seed=cfg.seed)
+        crops = patches_per_image(cfg.data.image_size, cfg.data.patch)
+        train_images = crop_arrays(train_images, train_masks, patch=cfg.data.patch,
+                                   per_image=crops, fg_fraction=cfg.data.fg_fraction,
+                                   seed=cfg.seed)
         log.info("patch training: the DDPM trains on %d crops of %d px", len(train_images),
                  cfg.data.patch)
     log.info("augmenting %d labelled images to %d", len(train_images), t.diffusion.n_augmented)
@@ -418,7 +419,8 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
                                    f"{max(0, len(augmented) - len(train_images))} augmented "
                                    f"copies the DDPM was trained on",
                "nearest_kind_counts": {k: int((kinds == k).sum()) for k in np.unique(kinds)},
-               "train_case_ids": list(splits.labelled)}  # nearest_train / nn_index -> case id
+               # nearest_train / nn_index -> case id (with patches: the crop's image)
+               "train_case_ids": [c for c in splits.labelled for _ in range(crops)]}
     write_json(out / QUALITY_FILE, json_safe(quality))
     log.info("transfer quality: PSNR mean %s dB, MSE mean %.1f; %d near-copies (>= %g dB)%s",
              _fmt(report_all["psnr"]["mean"]), report_all["mse"]["mean"],
