@@ -14,8 +14,9 @@ Synthetic part. Setup: the labelled training images (``data`` stage), augmented 
    sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always runs at batch
    ``sample_batch_size`` (the last batch is padded), so the images are bit-identical whatever the
    number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
-   ``data.image_size`` (with patch training: the patch side) and averages their channels when
-   ``transfer.grayscale`` says so (``auto`` = the labelled images are grayscale) and attaches the nearest privacy reference
+   ``data.image_size`` (with patch training: the patch side), averages their channels when
+   ``transfer.grayscale`` says so (``auto`` = the labelled images are grayscale) and attaches
+   the nearest privacy reference
    (:func:`tskd.transfer_quality.privacy_references`: the labelled training images, their
    left-right and top-bottom flips, and the DDPM's augmented training copies): ``nn_index`` (the
    training image it derives from), ``nn_kind`` (``train``/``hflip``/``vflip``/``augmented``),
