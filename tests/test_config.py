@@ -64,6 +64,10 @@ def test_resources_per_worker_is_a_mapping_of_numbers():
     ("data.val_share=1", "data.val_share", "[0, 1)"),
     ("data.n_labels=1", "data.n_labels", "model_selection=false"),
     ("data.n_val=10", "data.n_val", "unknown key"),
+    ("data.patch_size=8", "data.patch_size", "'auto' or an integer in [16, 2048]"),
+    ("data.patch_size=big", "data.patch_size", "'auto'"),
+    ("data.fg_fraction=1.5", "data.fg_fraction", "a number in [0, 1]"),
+    ("data.fg_fraction=-0.1", "data.fg_fraction", "a number in [0, 1]"),
     ("transfer.sources=[]", "transfer.sources", "non-empty"),
     ("transfer.sources=[synthetic, synthetic]", "transfer.sources", "distinct"),
     ("transfer.sources=[real]", "transfer.sources[0]", "'unlabelled'"),
@@ -98,6 +102,8 @@ def test_errors_name_field_value_and_allowed(override, field, fragment):
      "a multiple of 32 for arch 'timm_unet'"),
     (["student.arch=basic_unet", "student.img_size=72"], "student.img_size", "a multiple of 16"),
     (["data.image_size=100"], "reference.img_size", "a multiple of 16 for arch 'basic_unet'"),
+    (["data.image_size=128", "data.patch_size=40"], "reference.img_size",
+     "trains on the data.patch_size=40 patches"),
     (["reference.arch=timm_unet", "reference.encoder=vgg11"], "reference.encoder",
      "'resnet18'"),
     (["student.arch=basic_unet", "distill.student_block=3"], "distill.student_block",
@@ -322,3 +328,32 @@ def test_raw_keys_are_deepspeed_keys():
                    for p in pathlib.Path(deepspeed.__file__).parent.rglob("*.py"))
     missing = [k for k in DEEPSPEED_KEYS if not re.search(rf"[\"']{k}[\"']", text)]
     assert missing == []
+
+
+def test_patch_size_resolves_and_stays_out_of_whole_image_fingerprints():
+    """data.patch (the crop / window side): patch_size auto = min(image_size, max_image_size);
+    an integer is capped at the image size. The data stage's slice names patch_size / fg_fraction only with patches, so a
+    whole-image config keeps the slice (and fingerprint) it had before the fields existed."""
+    import dataclasses
+
+    from tskd.data.fingerprint import resolve_image_size
+    from tskd.pipeline import plan
+
+    demo = resolve_image_size(load_config(None, ["data.demo.size=96"]))
+    assert (demo.data.image_size, demo.data.patch, demo.data.patches) == (96, 96, False)
+    before = {k: v for k, v in dataclasses.asdict(demo.data).items()
+              if k not in ("patch_size", "fg_fraction")}  # the slice as it was written
+    assert plan(demo)[0].config == {"data": before}
+    big = resolve_image_size(load_config(None, ["data.image_size=1024"]))
+    assert (big.data.patch, big.data.patches) == (512, True)
+    assert plan(big)[0].config["data"]["patch_size"] == 512  # auto, resolved in the slice
+    crops = resolve_image_size(load_config(None, ["data.image_size=128", "data.patch_size=64",
+                                                  "data.fg_fraction=0.5"]))
+    assert crops.data.patch == 64 and crops.data.patches
+    sliced = plan(crops)[0].config["data"]
+    assert sliced["patch_size"] == 64 and sliced["fg_fraction"] == 0.5
+    wide = resolve_image_size(load_config(None, ["data.image_size=128", "data.patch_size=256"]))
+    assert wide.data.patch == 128 and not wide.data.patches
+    # the reference (img_size null) trains at the patch size
+    ref = [s for s in plan(crops) if s.name == "reference"][0]
+    assert ref.config["patch_size"] == 64

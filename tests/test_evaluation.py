@@ -53,3 +53,42 @@ def test_windows_cover_a_large_image_and_match_a_local_model_inside():
         ref = model.conv(images / 255.0)
     assert out.shape == (1, 2, 80, 72)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_window_logits_one_window_is_the_raw_whole_image_forward():
+    """An image that fits the window gives the model's own logits (no blending, no resize):
+    the whole-image path the stages had before patches."""
+    from tskd.evaluation import predict_labels, window_logits
+
+    model = Conv().eval()
+    images = torch.rand(2, 3, 32, 32) * 255
+    with torch.no_grad():
+        raw = model.conv(images / 255.0)[..., ::2, ::2]
+        ref_labels = F.interpolate(raw, size=(32, 32), mode="bilinear",
+                                   align_corners=False).argmax(1)
+    for window in (None, 32, 48):
+        assert torch.equal(window_logits(model, images, window), raw)
+        assert torch.equal(predict_labels(model, images, window), ref_labels)
+
+
+def test_score_model_with_a_window_scores_full_resolution_predictions():
+    """A pixel-wise model thresholds brightness; on 80-px images scored with 32-px windows its
+    prediction is the hand-computed threshold map at full resolution, and the Dice is the one
+    computed by hand from it."""
+    from tskd.evaluation import score_model
+
+    class Threshold(nn.Module):  # logit of class 1 = brightness - 128 (a 1x1 model)
+        def forward(self, x):
+            g = x.mean(1, keepdim=True)
+            return _Out(torch.cat([torch.zeros_like(g), g - 128.0], 1))
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 80, 80, generator=gen) * 255
+    masks = (torch.rand(2, 80, 80, generator=gen) < 0.5).long()
+    masks[:, :40] = (images[:, :, :40].mean(1) > 128).long()  # half agrees with the model
+    items = [{"image": images[i], "mask": masks[i]} for i in range(2)]
+    scores = score_model(Threshold(), items, num_classes=2, window=32)
+    pred = (images.mean(1) > 128).numpy()
+    gt = masks.numpy().astype(bool)
+    dice = [2 * (p & g).sum() / (p.sum() + g.sum()) for p, g in zip(pred, gt)]
+    assert abs(scores["dice"] - float(sum(dice) / 2)) < 1e-6

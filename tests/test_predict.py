@@ -159,3 +159,46 @@ def test_ray_batch_inference_writes_the_same_masks(tiny_run, tmp_path, ray_local
         a = np.asarray(Image.open(tmp_path / "ray" / "masks" / f"x{i}.png"))
         b = np.asarray(Image.open(tmp_path / "local" / "masks" / f"x{i}.png"))
         assert np.array_equal(a, b)
+
+
+def test_a_patch_trained_student_is_predicted_by_sliding_window(tmp_path):
+    """A student whose stage config trained on 32-px patches of 64-px images: predict resizes
+    each image to 64 px and slides 32-px windows (reference: the stages' own torch path,
+    tskd.evaluation.sliding_window_logits on Student.forward); a whole-image student keeps
+    the plain path (no window in its metadata)."""
+    import torch.nn.functional as F
+
+    from tskd.config import ExperimentConfig, to_dict
+    from tskd.evaluation import sliding_window_logits
+
+    cfg = ExperimentConfig()
+    cfg.data.image_size, cfg.data.patch_size = 64, 32
+    cfg.student.img_size, cfg.student.patch_size, cfg.student.decoder_dim = 32, 8, 16
+    torch.manual_seed(0)
+    student = Student(3, 32, patch_size=8, decoder_dim=16)
+    with torch.no_grad():
+        student.decoder.head[3].weight.mul_(20.0)  # labels that vary
+    stage = tmp_path / "run" / "student_scratch"
+    stage.mkdir(parents=True)
+    torch.save(student.state_dict(), stage / "student.pt")
+    (stage / "manifest.json").write_text(json.dumps({"config": to_dict(cfg)}))
+    model = load_model(stage)
+    assert (model.meta.working_size, model.meta.window) == (64, 32)
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (80, 72, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    items, _ = find_inputs(tmp_path / "a.png")
+    predict_items(model, items, tmp_path / "out")
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "a.png"))
+    x = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(64, 64),
+                      mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        logits = sliding_window_logits(student.eval(), x, 32)
+    ref = F.interpolate(logits, size=(80, 72), mode="bilinear", align_corners=False).argmax(1)
+    assert mask.shape == (80, 72) and len(np.unique(ref)) > 1  # not trivial
+    assert (mask == ref[0].numpy()).mean() > 0.999  # float rounding (channels_last inference)
+
+    cfg.data.patch_size = "auto"  # 64-px whole images: no window
+    (stage / "manifest.json").write_text(json.dumps({"config": to_dict(cfg)}))
+    assert load_model(stage).meta.window is None

@@ -477,7 +477,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from tskd.data.fingerprint import (compute_fingerprint, format_fingerprint, model_sizes,
-                                       plan_resolution, size_warnings, teacher_logit_warnings)
+                                       plan_resolution, resolved_patch, size_warnings,
+                                       teacher_logit_warnings)
     from tskd.data.format import load_dataset_info
 
     cfg = load_config(None, [*args.overrides, f"data.root={args.data}"])
@@ -486,13 +487,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fp = compute_fingerprint(info, max_cases=args.max_cases, seed=cfg.seed)
     plan = plan_resolution(fp, max_size=cfg.data.max_image_size)
     size = plan.image_size if cfg.data.image_size == "auto" else int(cfg.data.image_size)
-    sizes = model_sizes(cfg, size)
+    patch = resolved_patch(cfg, size)
+    sizes = model_sizes(cfg, size, patch)
     # the plan's own warnings already cover its size
     extra = (size_warnings(fp, {k: v for k, v in sizes.items() if v != plan.image_size})
-             + teacher_logit_warnings(fp, cfg.teacher.img_size))
+             + teacher_logit_warnings(fp, cfg.teacher.img_size, patch_scale=size / patch))
     print(format_fingerprint(fp, plan, extra))
     print("sizes checked: " + ", ".join(f"{k}={v}" for k, v in sizes.items())
-          + f"; teacher logits at teacher.img_size={cfg.teacher.img_size}")
+          + f"; teacher logits at teacher.img_size={cfg.teacher.img_size}"
+          + (f"; data.patch_size {patch} (patches of the {size}-px images)" if patch < size
+             else "; whole images (no patches)"))
     return 0
 
 

@@ -244,8 +244,18 @@ class DataConfig:
     every class's structures >= 2 px wide, at most ``max_image_size``); the built-in demos take
     ``demo.size``. An explicit size wins, with a warning naming each class it makes too thin."""
     max_image_size: int = 512
-    """The largest whole-image size ``auto`` picks; a dataset that needs more is shrunk to it
-    with a warning (patch training is not implemented yet)."""
+    """The largest whole image the models train on: a dataset whose plan needs a larger working
+    size keeps that size (``image_size: auto``) and is trained on patches of this size
+    (``patch_size: auto``)."""
+    patch_size: int | Literal["auto"] = "auto"
+    """Side of the training crops and of the inference window (``tskd.data.patches``,
+    ``tskd.evaluation.sliding_window_logits``). ``auto``: ``min(image_size, max_image_size)``,
+    so whole images up to ``max_image_size`` and patches of that size beyond it. An integer:
+    crops of that side (at most ``image_size``; ``>= image_size`` = whole images). Models see
+    each crop at their own input size (``teacher.img_size``, ``student.img_size``)."""
+    fg_fraction: float = 1 / 3
+    """Share of training crops centred on a foreground pixel (nnU-Net: a third); the others are
+    drawn anywhere. Unused with whole images."""
     n_labels: int = 40
     """Label budget: the number of labelled images the method may use IN TOTAL (training and
     validation together), a seeded subset of the train split; a larger budget is a superset."""
@@ -268,6 +278,33 @@ class DataConfig:
             return 0
         return min(self.n_labels - 1, max(1, round(self.val_share * self.n_labels)))
 
+    @property
+    def patch(self) -> int:
+        """The crop / window side for a resolved ``image_size``: ``patch_size`` (``auto``:
+        ``max_image_size``), at most ``image_size``; ``== image_size``: whole images."""
+        if self.image_size == "auto":
+            raise ValueError("data.image_size is not resolved yet "
+                             "(tskd.data.fingerprint.resolve_image_size)")
+        p = self.max_image_size if self.patch_size == "auto" else int(self.patch_size)
+        return min(p, int(self.image_size))
+
+    @property
+    def patches(self) -> bool:
+        """Training on crops smaller than the (resolved) images."""
+        return self.patch < int(self.image_size)  # type: ignore[arg-type]
+
+    def stage_slice(self) -> dict[str, Any]:
+        """This section as stage fingerprints see it: ``patch_size`` and ``fg_fraction`` only
+        when patches are on, so whole-image runs keep the fingerprints they had before patch
+        training existed."""
+        out = dataclasses.asdict(self)
+        if self.image_size == "auto" or not self.patches:
+            out.pop("patch_size")
+            out.pop("fg_fraction")
+        else:
+            out["patch_size"] = self.patch
+        return out
+
     def validate(self, path: str) -> None:
         self.demo.validate(f"{path}.demo")
         _check(self.image_size == "auto" or 16 <= self.image_size <= 2048,
@@ -275,6 +312,10 @@ class DataConfig:
         _check(self.max_image_size % 16 == 0 and 64 <= self.max_image_size <= 2048,
                f"{path}.max_image_size", self.max_image_size,
                "a multiple of 16 in [64, 2048]")
+        _check(self.patch_size == "auto" or 16 <= self.patch_size <= 2048,
+               f"{path}.patch_size", self.patch_size, "'auto' or an integer in [16, 2048]")
+        _check(0.0 <= self.fg_fraction <= 1.0, f"{path}.fg_fraction", self.fg_fraction,
+               "a number in [0, 1]")
         _check(self.n_labels >= 1, f"{path}.n_labels", self.n_labels, "an integer >= 1")
         _check(0.0 <= self.val_share < 1.0, f"{path}.val_share", self.val_share,
                "a number in [0, 1) (0 turns model selection off)")
@@ -748,7 +789,7 @@ class ReferenceConfig:
     encoder: str = "resnet18"
     """timm encoder when ``arch`` is ``timm_unet``."""
     img_size: int | None = None
-    """Working size; null = ``data.image_size``."""
+    """Working size; null = ``data.image_size`` (with patches: the patch side)."""
     epochs: int = 20
     """Sized for the demo: BasicUNet at 128 px on 40 labels took ~5 s of single-thread CPU per
     epoch (train + validation), so an estimated 60-90 s for the stage with Ray's start-up on an
@@ -941,8 +982,15 @@ class ExperimentConfig:
         if self.reference.arch != "none":  # its size rules are the student's (null img_size: data's)
             # data.image_size auto: the plan picks a multiple of 32 (every arch's rule); the
             # config is validated again once it is resolved
-            size = 256 if self.data.image_size == "auto" else self.data.image_size
-            self.reference.student(size).validate("reference")
+            size = 256 if self.data.image_size == "auto" else self.data.patch
+            try:
+                self.reference.student(size).validate("reference")
+            except ConfigError as err:
+                if (self.reference.img_size is None and self.data.image_size != "auto"
+                        and self.data.patches):
+                    raise ConfigError(f"{err} (reference.img_size null: the reference trains "
+                                      f"on the data.patch_size={size} patches)") from None
+                raise
         for path, engine in self.engines().items():
             engine.validate(path, use_gpu=self.ray.use_gpu)
 

@@ -53,7 +53,7 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     """The stages of a TS-KD experiment, in execution order."""
     t = to_dict(cfg.teacher)
     teacher_base = {"arch": t["arch"], "img_size": t["img_size"], "checkpoint": t["checkpoint"]}
-    stages = [Stage("data", data_stage.run, (), {"data": to_dict(cfg.data)})]
+    stages = [Stage("data", data_stage.run, (), {"data": cfg.data.stage_slice()})]
     base_deps: tuple[str, ...] = ()
     if cfg.teacher.checkpoint is None:
         pretrain = dict(t["pretrain"])
@@ -132,9 +132,10 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     ref: tuple[str, ...] = ()
     if cfg.reference.arch != "none":  # the label-only reference network
         ref = ("reference",)
-        stages.append(Stage("reference", reference.run, ("data",),
-                            {"reference": to_dict(cfg.reference),
-                             "image_size": cfg.data.image_size}))
+        ref_slice = {"reference": to_dict(cfg.reference), "image_size": cfg.data.image_size}
+        if cfg.data.image_size != "auto" and cfg.data.patches:  # its size: the patch's
+            ref_slice["patch_size"] = cfg.data.patch
+        stages.append(Stage("reference", reference.run, ("data",), ref_slice))
     stages.append(Stage("evaluate", evaluate.run,
                         ("data", "teacher", *[f"student_{a}" for a in cfg.students], *ref,
                          *checks),

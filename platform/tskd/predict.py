@@ -13,6 +13,9 @@ Every model is used the same way (:class:`Segmenter`): images are resized (antia
 to the model's input size, the model returns low-resolution logits, and the logits are upsampled
 bilinearly to each image's own size before the argmax — the same computation as
 ``Student.forward(images).logits.argmax(1)`` (see :class:`tskd.models.student.StudentInference`).
+A student trained on patches (``ModelMeta.window``) sees each image resized to the training
+working size (``ModelMeta.working_size``) window by window instead (MONAI's sliding window,
+Gaussian blending: :func:`windowed_logits`, as the ``evaluate`` stage scores it).
 
 Outputs of :func:`predict_items`: ``OUT/masks/<id>.png`` (uint8 label values ``0..C-1``, at the
 input's size) and, with ``overlay=True``, ``OUT/overlays/<id>.png`` (the image with the classes
@@ -50,6 +53,7 @@ __all__ = [
     "ItemResult", "ModelError", "ModelMeta", "PredictItem", "Segmenter", "find_inputs",
     "labels_from_logits", "load_model", "load_student_artifact", "overlay_image", "predict_batch",
     "predict_items", "score_predictions", "student_meta", "test_split_ids", "to_model_input", "tskd_version",
+    "windowed_logits",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,11 @@ class ModelMeta:
     student: dict[str, Any] = field(default_factory=dict)
     tskd_version: str = field(default_factory=tskd_version)
     source: str = ""
+    working_size: int | None = None
+    """A student trained on patches: the ``data.image_size`` images are resized to before
+    they are predicted window by window (None: whole images, resized to ``img_size``)."""
+    window: int | None = None
+    """Its ``data.patch_size``: the sliding window's side (None: whole images)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,18 +243,34 @@ def load_student_artifact(path: str | Path) -> tuple[torch.nn.Module, ModelMeta]
         raise ModelError(f"{weights}: weights do not fit the student of {manifest_path}: "
                          f"{str(e).splitlines()[0]}") from None
     meta = student_meta(student, dict(cfg), _class_names_near(weights.parent, num_classes),
-                        source=str(weights))
+                        source=str(weights), **_patch_meta(manifest_path))
     return student.eval(), meta
 
 
+def _patch_meta(manifest_path: Path) -> dict[str, int]:
+    """``working_size`` and ``window`` of a student trained on patches (its stage manifest's
+    resolved ``config.data``); ``{}`` for whole images."""
+    from tskd.config import DataConfig
+
+    data = json.loads(manifest_path.read_text())["config"].get("data") or {}
+    known = {k: v for k, v in data.items() if k in ("image_size", "max_image_size",
+                                                     "patch_size") and v is not None}
+    if known.get("image_size", "auto") == "auto":
+        return {}
+    d = DataConfig(**known)
+    return {"working_size": int(d.image_size), "window": d.patch} if d.patches else {}
+
+
 def student_meta(student: torch.nn.Module, cfg: dict[str, Any], class_names: list[str], *,
-                 source: str = "") -> ModelMeta:
+                 source: str = "", working_size: int | None = None,
+                 window: int | None = None) -> ModelMeta:
     """The :class:`ModelMeta` of a :class:`~tskd.models.student.Student` built from ``cfg``."""
     return ModelMeta(img_size=student.img_size, num_classes=student.num_classes,
                      class_names=list(class_names),
                      pixel_mean=student.pixel_mean.flatten().tolist(),
                      pixel_std=student.pixel_std.flatten().tolist(),
-                     logits_stride=student.decoder.finest_stride, student=cfg, source=source)
+                     logits_stride=student.decoder.finest_stride, student=cfg, source=source,
+                     working_size=working_size, window=window)
 
 
 def best_student_arm(run_dir: Path) -> str:
@@ -359,6 +384,37 @@ def to_model_input(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
+def windowed_logits(model: Segmenter, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Logits of a patch-trained model (``meta.window`` set) for whole images.
+
+    The ``uint8 (H_i, W_i, 3)`` images are resized to ``meta.working_size`` (antialiased
+    bilinear), then MONAI's ``sliding_window_inference`` runs ``meta.window``-px windows
+    (overlap 0.25, Gaussian blending) through the model, each window resized to ``img_size``
+    and its logits upsampled back to the window (as :func:`tskd.evaluation.sliding_window_logits`
+    does for a torch model).
+
+    Returns:
+        float32 (B, C, S, S), ``S = meta.working_size``.
+    """
+    from monai.inferers import sliding_window_inference
+
+    meta = model.meta
+    size, window = int(meta.working_size or meta.img_size), int(meta.window or meta.img_size)
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        inp = x if x.shape[-1] == meta.img_size else F.interpolate(
+            x, size=(meta.img_size, meta.img_size), mode="bilinear", align_corners=False,
+            antialias=True)
+        out = torch.from_numpy(model.logits(inp.numpy()))
+        return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    x = torch.from_numpy(to_model_input(images, size))
+    with torch.inference_mode():
+        out = sliding_window_inference(x, roi_size=(window, window), sw_batch_size=4,
+                                       predictor=predictor, overlap=0.25, mode="gaussian")
+    return out.float().numpy()
+
+
 def labels_from_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Low-res ``logits (C, h, w)`` -> ``uint8 (H, W)`` labels: bilinear upsampling, argmax."""
     x = torch.from_numpy(np.ascontiguousarray(logits))[None]
@@ -446,7 +502,10 @@ def predict_batch(model: Segmenter, items: Sequence[PredictItem], out_dir: str |
             results.append(ItemResult(item.id, item.path, str(e)))
     if not good:
         return results
-    logits = model.logits(to_model_input(images, model.meta.img_size))
+    if model.meta.window and model.meta.working_size and model.meta.window < model.meta.working_size:
+        logits = windowed_logits(model, images)
+    else:
+        logits = model.logits(to_model_input(images, model.meta.img_size))
     for item, image, lg in zip(good, images, logits):
         labels = labels_from_logits(lg, image.shape[:2])
         Image.fromarray(labels).save(out_dir / MASKS_DIR / f"{item.id}.png")

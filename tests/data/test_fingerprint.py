@@ -82,8 +82,9 @@ def test_plan_keeps_thin_lines_and_shrinks_thick_ones():
 def test_plan_needs_patches_beyond_max_size():
     fp = fingerprint_masks([_lines(1024, [2, 3])], ["background", "vessel"])
     plan = plan_resolution(fp, max_size=512)
-    assert plan.working_size == 1024 and plan.needs_patches and plan.image_size == 512
-    assert any("patch" in w and "'vessel'" in w for w in plan.warnings)
+    # patches keep the working size: 512-px crops of the 1024-px images, no warning
+    assert plan.working_size == 1024 and plan.needs_patches and plan.image_size == 1024
+    assert plan.patch_size == 512 and plan.warnings == []
 
 
 def test_size_warnings_name_the_class_and_the_field():
@@ -150,6 +151,13 @@ def test_auto_image_size_takes_the_plan_and_explicit_sizes_win(tmp_path):
     assert any("'vessel'" in w and "data.image_size=128" in w for w in warnings)
     demo = resolve_image_size(load_config(None, ["data.demo.size=96"]))
     assert demo.data.image_size == 96
+    # beyond data.max_image_size: the planned 192 px kept, trained on 64-px patches
+    patched = resolve_image_size(load_config(None, [*base, "data.max_image_size=64"]))
+    assert (patched.data.image_size, patched.data.patch, patched.data.patches) == (192, 64, True)
+    _, _, warnings = plan_for_config(load_dataset_info(root), patched)
+    assert warnings == []  # 3-px lines at 192/256: 2.25 px; the teacher's 128 px per 64-px patch
+    explicit_patch = resolve_image_size(load_config(None, [*base, "data.patch_size=48"]))
+    assert (explicit_patch.data.image_size, explicit_patch.data.patch) == (192, 48)
     with pytest.raises(ConfigError, match="data.image_size"):
         load_config(None, ["data.image_size=big"])
 

@@ -122,3 +122,29 @@ def test_tiny_pipeline_is_reproducible(tmp_path, ray_local):
                     and not k.endswith("time_s")}
         assert scores(m_a[stage]) == scores(m_b[stage]), stage
         assert "distill/loss" in scores(m_a[stage]) or not stage.startswith("distill"), stage
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_on_patches(tmp_path, ray_local):
+    """The tiny pipeline on 64-px images with 32-px patches: every stage trains on crops (the
+    transfer set holds 32-px patches) and evaluate scores full-resolution predictions."""
+    from tskd.data.fingerprint import resolve_image_size
+    from tskd.pipeline import plan
+
+    overrides = [o for o in TINY if not o.startswith(("data.demo.size", "data.image_size"))]
+    cfg = load_config(None, overrides + [
+        "data.demo.size=64", "data.image_size=64", "data.patch_size=32",
+        "students=[ts_kd, scratch]", f"output_dir={tmp_path}",
+        f"teacher.pretrain.cache_dir={tmp_path / 'cache'}"])
+    assert resolve_image_size(cfg).data.patches
+    data_slice = plan(cfg)[0].config["data"]
+    assert data_slice["patch_size"] == 32 and data_slice["image_size"] == 64
+    metrics = run_pipeline(cfg)
+    assert metrics["data"]["data/patch_size"] == 32
+    transfer = json.loads((cfg.run_dir / "transfer" / "transfer.json").read_text())
+    assert transfer["image_size"] == 32
+    results = json.loads((cfg.run_dir / "results.json").read_text())
+    for scores in [results["teacher"], *results["students"].values(), results["reference"]]:
+        assert 0.0 <= scores["dice"] <= 1.0 and scores["n_images"] == results["n_test"]
+    ref = json.loads((cfg.run_dir / "reference" / "manifest.json").read_text())
+    assert ref["stage_config"]["patch_size"] == 32  # the reference trains at the patch size

@@ -228,3 +228,40 @@ def test_unlabelled_only_trains_no_diffusion_model(built, tmp_path, monkeypatch)
     (tmp_path / "t2").mkdir()
     with pytest.raises(TransferSetError, match="no image outside the label budget"):
         transfer_set.run(StageContext("transfer", tmp_path / "t2", {"data": d2}, cfg_all))
+
+
+def test_patch_training_gives_a_transfer_set_of_patches(built, tmp_path, monkeypatch):
+    """data.patch_size 16 < data.image_size 32: the DDPM gets 16-px crops of the labelled
+    images (4 per image), its samples and the unlabelled images' crops are 16 px."""
+    _, data_dir, built_out, _, train = built
+    info, splits = data_stage.load_data(data_dir)
+    seen = {}
+
+    def fake_train(images, cfg, model_dir, storage):  # reuse the built DDPM, record its input
+        seen["images"] = images
+        shutil.copytree(built_out / "model", model_dir)
+        return {}
+
+    monkeypatch.setattr(transfer_set, "train_diffusion", fake_train)
+    out = tmp_path / "transfer"
+    out.mkdir()
+    cfg = _cfg(tmp_path, "data.patch_size=16", "reference.arch=none",
+               "transfer.sources=[synthetic, unlabelled]",
+               "transfer.n_unlabelled=2", "transfer.diffusion.n_augmented=24")
+    transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+    assert seen["images"].shape == (24, 16, 16, 3)  # augmented copies of 4 crops x 6 images
+    manifest = json.loads((out / "transfer.json").read_text())
+    assert manifest["image_size"] == 16
+    assert manifest["n_synthetic"] == 10 and manifest["n_unlabelled"] == 2 * 4
+    cases = manifest["unlabelled_case_ids"]
+    assert len(cases) == 8 and all(cases[i] == cases[i - i % 4] for i in range(8))
+    images, ids = load_transfer_images(out, with_ids=True)
+    assert images.shape == (18, 16, 16, 3) and ids.tolist() == list(range(18))
+    whole = load_arrays(info, cases, 32)[0]
+    for crop, src in zip(images[10:], whole):  # each unlabelled row: a slice of its image
+        assert any(np.array_equal(src[y:y + 16, x:x + 16], crop)
+                   for y in range(17) for x in range(17))
+    quality = json.loads((out / "quality.json").read_text())
+    assert "references at 16 px" in quality["compared_against"]
+    assert f"{4 * len(train)} labelled training images (crops)" in quality["compared_against"]
+    assert quality["train_case_ids"] == [c for c in splits.labelled for _ in range(4)]

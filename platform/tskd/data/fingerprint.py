@@ -23,8 +23,9 @@ The plan (:func:`plan_resolution`) picks the smallest working size (a multiple o
 128 px, at most the native size) at which every class's median width stays >= ``min_width_px``
 (2 px) and its median object keeps >= ``min_object_px`` (4 px) (typical structures, so that
 annotation specks do not force the native size); larger than ``max_size`` means patches are needed
-(``needs_patches``: patch training is not implemented yet, so the images are then shrunk to
-``max_size`` and a warning says so). :func:`size_warnings` names every class whose structures a
+(``needs_patches``): the images keep the working size and the models train on ``max_size``
+crops (``tskd.data.patches``) and predict window by window
+(``tskd.evaluation.sliding_window_logits``). :func:`size_warnings` names every class whose structures a
 given size (the data's, the teacher's, the student's) makes thinner than 2 px or whose small
 objects vanish.
 """
@@ -195,13 +196,15 @@ class Plan:
     working_size: int
     """The size (a multiple of 32, which every student arch accepts) that keeps every class resolvable (<= native)."""
     image_size: int
-    """What ``data.image_size: auto`` takes: ``working_size``, capped at ``max_size``."""
+    """What ``data.image_size: auto`` takes: ``working_size`` (with patches beyond
+    ``max_size``)."""
     teacher_img_size: int
     """The teacher's input size (>= ``image_size``, <= 1024) at which every class's typical
     structures span at least one cell of SAM's logit grid (1/4 of the input)."""
     patch_size: int
+    """What ``data.patch_size: auto`` takes: ``min(working_size, max_size)``."""
     needs_patches: bool
-    """``working_size`` exceeds ``max_size``: whole images would have to be shrunk."""
+    """``working_size`` exceeds ``max_size``: the models train on patches of ``max_size``."""
     limiting_class: str | None
     """The class that sets ``working_size`` (None: nothing limits it)."""
     warnings: list[str] = field(default_factory=list)
@@ -236,23 +239,21 @@ def plan_resolution(fp: DatasetFingerprint, *, min_width_px: float = MIN_WIDTH_P
     need = min(1.0, scales[limiting]) if limiting else 0.0
     needed = _round_up(need * native, multiple)
     working = min(native_up, max(min_size, needed))
-    image_size = min(working, max_size)
+    image_size = working  # beyond max_size: patches of max_size (tskd.data.patches)
     needs_patches = working > max_size
-    # the teacher's logits are 1/4 of its input: a structure should span one logit cell
+    patch = min(working, max_size)
+    # the teacher's logits are 1/4 of its input: a structure should span one logit cell (the
+    # teacher sees a patch of the working-size image at its input size)
     widths = [st.width_px for st in fp.classes.values()
               if math.isfinite(st.width_px) and st.width_px > 0]
-    teacher_need = max((TEACHER_LOGIT_STRIDE * native / w for w in widths), default=0.0)
-    teacher = min(MAX_TEACHER_SIZE, max(image_size, _round_up(teacher_need, 16)))
+    teacher_need = max((TEACHER_LOGIT_STRIDE * native / w * patch / working for w in widths),
+                       default=0.0)
+    teacher = min(MAX_TEACHER_SIZE, max(patch, _round_up(teacher_need, 16)))
     plan = Plan(native_size=native, working_size=working, image_size=image_size,
-                teacher_img_size=teacher, patch_size=min(working, max_size),
+                teacher_img_size=teacher, patch_size=patch,
                 needs_patches=needs_patches,
                 limiting_class=limiting if limiting and need > 0 and needed >= min(
                     min_size, native_up) else None)
-    if needs_patches:
-        plan.warnings.append(
-            f"class {limiting!r} needs a working size of {working} px (native {native} px) but "
-            f"whole images are capped at {max_size} px; patch training is not implemented yet, "
-            f"so images are shrunk to {image_size} px")
     plan.warnings += size_warnings(fp, {"data.image_size (planned)": image_size},
                                    min_width_px=min_width_px, min_object_px=min_object_px)
     return plan
@@ -283,15 +284,19 @@ def size_warnings(fp: DatasetFingerprint, sizes: dict[str, int], *,
     return out
 
 
-def teacher_logit_warnings(fp: DatasetFingerprint, teacher_size: int) -> list[str]:
+def teacher_logit_warnings(fp: DatasetFingerprint, teacher_size: int, *,
+                           patch_scale: float = 1.0) -> list[str]:
     """Warnings for each class whose typical structures span less than one cell of the teacher's
-    logit grid (``teacher_size / 4``, relative to the native images)."""
-    scale = teacher_size / fp.native_size / TEACHER_LOGIT_STRIDE
-    return [f"class {c!r}: teacher.img_size={teacher_size} puts SAM's logits on a "
+    logit grid (``teacher_size / 4``, relative to the native images; with patches the teacher
+    sees a ``1 / patch_scale`` share of the image's side at ``teacher_size``)."""
+    scale = teacher_size * patch_scale / fp.native_size / TEACHER_LOGIT_STRIDE
+    where = "" if patch_scale == 1.0 else f" per patch ({1 / patch_scale:.2f} of the image side)"
+    return [f"class {c!r}: teacher.img_size={teacher_size}{where} puts SAM's logits on a "
             f"{teacher_size // TEACHER_LOGIT_STRIDE}-px grid (1/{TEACHER_LOGIT_STRIDE} of its "
             f"input): its {s.width_px:.1f}-px structures span {s.width_px * scale:.2f} of a "
             f"logit cell; a teacher input of "
-            f"{_round_up(TEACHER_LOGIT_STRIDE * fp.native_size / s.width_px, 16)} px gives one"
+            f"{_round_up(TEACHER_LOGIT_STRIDE * fp.native_size / s.width_px / patch_scale, 16)}"
+            f" px gives one"
             for c, s in fp.classes.items()
             if math.isfinite(s.width_px) and s.width_px > 0 and s.width_px * scale < 1.0]
 
@@ -332,15 +337,28 @@ def budget_cases(info: DatasetInfo, cfg: ExperimentConfig) -> list[str]:
     return [*splits.labelled, *splits.val]
 
 
-def model_sizes(cfg: ExperimentConfig, image_size: int) -> dict[str, int]:
+def model_sizes(cfg: ExperimentConfig, image_size: int,
+                patch: int | None = None) -> dict[str, int]:
     """The sizes a run's models see the data at: ``data.image_size``, and the teacher's and the
-    student's input sizes where they shrink the data further."""
+    student's input sizes where they shrink the data further. With patches (``patch`` <
+    ``image_size``) a model sees each ``patch``-px crop at its input size: the whole-image size
+    it amounts to is ``img_size * image_size / patch``."""
+    patch = image_size if patch is None else min(patch, image_size)
     sizes = {"data.image_size": image_size}
     for name, size in (("teacher.img_size", cfg.teacher.img_size),
                        ("student.img_size", cfg.student.img_size)):
+        if patch < image_size:
+            name = f"{name} ({size} px per {patch}-px patch)"
+            size = round(size * image_size / patch)
         if size < image_size:
             sizes[name] = size
     return sizes
+
+
+def resolved_patch(cfg: ExperimentConfig, image_size: int) -> int:
+    """``data.patch_size`` for an image size: ``auto`` = ``min(image_size, max_image_size)``,
+    an integer capped at ``image_size``."""
+    return dataclasses.replace(cfg.data, image_size=image_size).patch
 
 
 def plan_for_config(info: DatasetInfo, cfg: ExperimentConfig
@@ -350,18 +368,19 @@ def plan_for_config(info: DatasetInfo, cfg: ExperimentConfig
     fp = compute_fingerprint(info, budget_cases(info, cfg), seed=cfg.seed)
     plan = plan_resolution(fp, max_size=cfg.data.max_image_size)
     size = plan.image_size if cfg.data.image_size == "auto" else int(cfg.data.image_size)
-    warnings = (size_warnings(fp, model_sizes(cfg, size))
-                + teacher_logit_warnings(fp, cfg.teacher.img_size))
-    if cfg.data.image_size == "auto" and plan.needs_patches:
-        warnings = [plan.warnings[0], *warnings]
+    patch = resolved_patch(cfg, size)
+    warnings = (size_warnings(fp, model_sizes(cfg, size, patch))
+                + teacher_logit_warnings(fp, cfg.teacher.img_size, patch_scale=size / patch))
     return fp, plan, warnings
 
 
 def resolve_image_size(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with ``data.image_size: auto`` replaced by a number: the plan's ``image_size``
+    (its working size; beyond ``data.max_image_size`` the models train on patches of that size)
     for a dataset directory, ``data.demo.size`` for the built-in demos (their native size).
-    Explicit sizes are returned unchanged. The result is validated again (size rules of the
-    reference network)."""
+    Explicit sizes are returned unchanged. ``data.patch_size`` stays as configured: the crop /
+    window side is ``cfg.data.patch`` (``auto``: ``min(image_size, max_image_size)``). The
+    result is validated again (size rules of the reference network)."""
     if cfg.data.image_size != "auto":
         return cfg
     if cfg.data.root is None:

@@ -8,12 +8,15 @@ foreground class, then a random pixel of it), the others anywhere. Images smalle
 patch are padded (image 0, mask 0 = background, fov False). Inference on whole images goes
 through :func:`tskd.evaluation.sliding_window_logits` with the same window.
 
-Not wired into the training stages yet (``data.image_size`` whole-image training is what the
-stages do); see the issue on patch training.
+The training stages build their labelled sets with :func:`training_set`: with
+``data.patch_size`` below ``data.image_size`` a :class:`PatchDataset` of
+:func:`patches_per_image` crops per image and epoch; otherwise the whole-image dataset itself
+(one patch = the whole image: exactly the whole-image path).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,14 @@ class PatchDataset(Dataset):
         self.base, self.patch, self.fg_fraction = base, int(patch), float(fg_fraction)
         self.samples_per_item = int(samples_per_item)
         self._rng = np.random.default_rng(seed)
+
+    def set_random_state(self, seed: int) -> None:
+        """Restart the crop stream (and ``base``'s augmentation stream, if it has one) from
+        ``seed``: the training loops re-seed every epoch, so a resumed run crops as an
+        uninterrupted one."""
+        self._rng = np.random.default_rng(int(seed) % (2**32))
+        if hasattr(self.base, "set_random_state"):
+            self.base.set_random_state(seed)
 
     def __len__(self) -> int:
         return self.samples_per_item * len(self.base)  # type: ignore[arg-type]
@@ -76,3 +87,50 @@ class PatchDataset(Dataset):
         if fov is not None:
             out["fov"] = fov[y:y + p, x:x + p]
         return out
+
+
+def patches_per_image(image_size: int, patch: int) -> int:
+    """Crops per image and epoch: ``ceil((image_size / patch)**2)``, so an epoch covers about
+    as many pixels as one pass over the whole images (1 when the patch covers the image)."""
+    return max(1, math.ceil((image_size / patch) ** 2 - 1e-9))
+
+
+def training_set(base: Dataset, *, image_size: int, patch: int, fg_fraction: float = 1 / 3,
+                 seed: int = 0) -> Dataset:
+    """What the training loops iterate: ``base`` itself when ``patch >= image_size`` (whole
+    images), else a :class:`PatchDataset` of ``base`` with :func:`patches_per_image` crops per
+    image and epoch.
+
+    Args:
+        base: whole-image items at ``image_size`` (``image`` float32 (3, S, S), ``mask`` int64
+            (S, S)).
+    """
+    if patch >= image_size:
+        return base
+    return PatchDataset(base, patch, fg_fraction=fg_fraction,
+                        samples_per_item=patches_per_image(image_size, patch), seed=seed)
+
+
+def crop_arrays(images: np.ndarray, masks: np.ndarray | None, *, patch: int,
+                per_image: int = 1, fg_fraction: float = 1 / 3, seed: int = 0) -> np.ndarray:
+    """``per_image`` :class:`PatchDataset` crops of each of ``images`` (the transfer set's
+    patches: the DDPM's training images, the real unlabelled images).
+
+    Args:
+        images: uint8 (N, H, W, 3).
+        masks: int64 (N, H, W) for foreground oversampling, or None (crops anywhere).
+
+    Returns:
+        uint8 (N * per_image, patch, patch, 3): image ``i``'s crops at ``i * per_image ...``.
+    """
+    n = len(images)
+    items = [{"image": torch.from_numpy(images[i].transpose(2, 0, 1).copy()),
+              "mask": torch.zeros(images.shape[1:3], dtype=torch.int64) if masks is None
+              else torch.from_numpy(np.asarray(masks[i], np.int64))} for i in range(n)]
+    crops = PatchDataset(items, patch, fg_fraction=fg_fraction if masks is not None else 0.0,
+                         seed=seed)  # type: ignore[arg-type]
+    out = np.empty((n * per_image, patch, patch, 3), np.uint8)
+    for i in range(n):
+        for k in range(per_image):
+            out[i * per_image + k] = crops[i]["image"].numpy().transpose(1, 2, 0)
+    return out

@@ -48,7 +48,7 @@ def model_config(row: Row) -> dict[str, Any]:
     if row.kind == "reference":
         known = ReferenceConfig.__dataclass_fields__
         ref = ReferenceConfig(**{k: v for k, v in sc["reference"].items() if k in known})
-        return to_dict(ref.student(sc["image_size"]))
+        return to_dict(ref.student(sc.get("patch_size", sc["image_size"])))
     return dict(sc["student"])
 
 

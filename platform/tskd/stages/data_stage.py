@@ -87,7 +87,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
              "on" if splits.n_val_labels else "off: last epoch kept", len(splits.test),
              len(splits.unlabelled))
     record = record_fingerprint(ctx, info)
-    return {"data/num_classes": info.num_classes, "data/n_labelled": len(splits.labelled),
+    patches: dict[str, Any] = {}
+    if data.image_size != "auto" and data.patches:
+        log.info("patch training: %d-px crops of the %d-px images (%.0f%% centred on "
+                 "foreground); sliding-window inference", data.patch, data.image_size,
+                 100 * data.fg_fraction)
+        patches = {"data/patch_size": data.patch, "data/fg_fraction": data.fg_fraction}
+    return patches | {
+            "data/num_classes": info.num_classes, "data/n_labelled": len(splits.labelled),
             "data/image_size": ctx.cfg.data.image_size,
             "data/plan": record["plan"], "data/size_warnings": record["size_warnings"],
             "data/fingerprint": record["fingerprint"],

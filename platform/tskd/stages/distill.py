@@ -12,7 +12,9 @@ engine (``distill.engine``: DeepSpeed on GPUs and DDP on CPU by default,
 :mod:`tskd.stages.engine`). Report: KD losses
 per epoch, a full-state checkpoint every ``ray.checkpoint_every`` epochs (a restarted worker
 group or re-run resumes from it); the student of the last epoch is the stage's output
-``student.pt``.
+``student.pt``. With patch training (``data.patch_size`` < ``data.image_size``) the transfer
+stage already holds patch-sized images (the DDPM's samples, and crops of the real unlabelled
+images), so the teacher sees each crop at its ``img_size`` and the student at its own.
 
 The teacher is placed by :func:`place_teacher` — a seam where later issues add a ZeRO-3 sharded
 teacher and a precomputed teacher-target cache.
@@ -313,6 +315,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f = cfg.student_finetune
         config["rungs"] = {"info": info, "labelled": list(splits.labelled),
                            "val": list(splits.val), "image_size": cfg.data.image_size,
+                           "patch": cfg.data.patch, "fg_fraction": cfg.data.fg_fraction,
                            "augment": cfg.data.augment, "epochs": cfg.distill.rung_epochs,
                            "batch_size": f.batch_size, "lr": f.lr,
                            "weight_decay": f.weight_decay, "seed": cfg.seed}

@@ -2,8 +2,10 @@
 reference on the test split (each student and the reference with its arch, parameters, size and
 CPU latency).
 
-Models see test images at the working resolution (``data.image_size``); their logits are
-upsampled to each image's original size and scored against the original mask (and field of view)
+Models see test images at the working resolution (``data.image_size``), window by window
+when they were trained on patches (``data.patch_size``: MONAI's sliding window with Gaussian
+blending, :func:`tskd.evaluation.window_logits`; one window = the whole-image forward); their
+logits are upsampled to each image's original size and scored against the original mask (and field of view)
 with the dataset's pixel spacing, so HD95 is in mm when the spacing is known. The empty-mask
 convention (``evaluate.convention``) and whether the mIoU counts the background
 (``evaluate.miou_background``) are :mod:`tskd.metrics`'; both are written into the results.
@@ -36,10 +38,13 @@ RESULTS_FILE = "results.json"
 @torch.no_grad()
 def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], size: int,
                        batch_size: int, *, convention: str = "tskd",
-                       miou_background: bool = False) -> dict[str, Any]:
-    """Score ``model`` on ``case_ids`` at each image's original resolution."""
+                       miou_background: bool = False,
+                       window: int | None = None) -> dict[str, Any]:
+    """Score ``model`` on ``case_ids`` at each image's original resolution (the images at
+    ``size``, predicted by sliding ``window`` when they are larger than it)."""
     from tskd.data.dataset import SegmentationDataset
     from tskd.data.format import read_case, read_fov
+    from tskd.evaluation import window_logits
     from tskd.metrics import SegmentationMetrics
 
     model.eval()
@@ -48,7 +53,7 @@ def score_on_originals(model: torch.nn.Module, info: Any, case_ids: list[str], s
                                   miou_background=miou_background)
     dataset = SegmentationDataset(info, case_ids, size)
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(batch["image"]).logits
+        logits = window_logits(model, batch["image"], window)
         for i, case_id in enumerate(batch["id"]):
             _, mask = read_case(info, case_id)
             up = F.interpolate(logits[i:i + 1], size=mask.shape, mode="bilinear",
@@ -110,7 +115,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     info, splits = load_data(ctx.inputs["data"])
     test = list(splits.test)
     size, bs = cfg.data.image_size, ev.batch_size
-    opts = {"convention": ev.convention, "miou_background": ev.miou_background}
+    opts = {"convention": ev.convention, "miou_background": ev.miou_background,
+            "window": cfg.data.patch}
     log.info("evaluating the teacher and %d students on %d test images (%s convention)",
              len(cfg.students), len(test), ev.convention)
     teacher = score_on_originals(load_finetuned_teacher(ctx.inputs["teacher"]), info, test, size,

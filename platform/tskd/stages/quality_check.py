@@ -1,7 +1,7 @@
 """Stages ``teacher_check`` and ``check_distill_ts_kd``: is the model good enough to learn from?
 
 Setup: the data's validation images (the labelled training images when model selection is off)
-at ``data.image_size``, and the model: the LoRA-tuned teacher (``params.model == "teacher"``) or
+at ``data.image_size`` (scored by sliding window with patches, as the training loops do), and the model: the LoRA-tuned teacher (``params.model == "teacher"``) or
 the TS-KD student as distillation left it. Loop: its Dice on those images, and the floor
 (:mod:`tskd.quality`): an all-background prediction, ``check.min_dice`` and, for the teacher, a
 tiny U-Net trained from scratch on the same labels for ``check.baseline_epochs``. Report: the
@@ -43,6 +43,7 @@ def load_checked_model(ctx: StageContext, num_classes: int) -> torch.nn.Module:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     from tskd.data.dataset import SegmentationDataset
+    from tskd.data.patches import training_set
     from tskd.evaluation import score_model
     from tskd.quality import (BackgroundOnly, check_against_floor, failure_message,
                               likely_causes, train_baseline)
@@ -51,19 +52,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
     info, splits = load_data(ctx.inputs["data"])
     split = "validation" if splits.val else "labelled training"
     ids = list(splits.val or splits.labelled)
-    size = int(cfg.data.image_size)
+    size, patch = int(cfg.data.image_size), cfg.data.patch
     eval_set = SegmentationDataset(info, ids, size)
 
     def dice(model: torch.nn.Module) -> float:
         with torch.no_grad():
             return float(score_model(model, eval_set, num_classes=info.num_classes,
-                                     class_names=list(info.class_names))["dice"])
+                                     class_names=list(info.class_names), window=patch)["dice"])
 
     floors: dict[str, float] = {"all-background": dice(BackgroundOnly(info.num_classes)),
                                 "check.min_dice": cfg.check.min_dice}
     if what == "teacher" and cfg.check.baseline_epochs > 0:
-        baseline = train_baseline(SegmentationDataset(info, splits.labelled, size),
-                                  num_classes=info.num_classes, img_size=size,
+        train = training_set(SegmentationDataset(info, splits.labelled, size), image_size=size,
+                             patch=patch, fg_fraction=cfg.data.fg_fraction, seed=cfg.seed)
+        baseline = train_baseline(train, num_classes=info.num_classes, img_size=patch,
                                   epochs=cfg.check.baseline_epochs, seed=cfg.seed)
         floors["tiny scratch U-Net"] = dice(baseline)
     name = "teacher" if what == "teacher" else f"student after {what.removeprefix('distill_')}"

@@ -2,7 +2,7 @@
 without it ("does this beat a U-Net trained on my labels?").
 
 Setup: ``reference.arch`` (default MONAI ``BasicUNet``) from the student registry, random init,
-at ``reference.img_size`` (null: ``data.image_size``). Loop: the students' fine-tuning loop
+at ``reference.img_size`` (null: ``data.image_size``, or the patch side with patches). Loop: the students' fine-tuning loop
 (:func:`tskd.stages.student_finetune.fit_student`: the same labelled subset, augmentation and
 0.2·CE + 0.8·Dice, AdamW, warm-up then cosine) with ``reference``'s epochs, batch size and
 learning rate. Report: validation Dice per epoch; the best-validation network is ``student.pt``;
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def reference_student(cfg: ExperimentConfig) -> dict[str, Any]:
     """The reference network as a student config dict (for ``tskd.models.students``)."""
-    return to_dict(cfg.reference.student(cfg.data.image_size))
+    return to_dict(cfg.reference.student(cfg.data.patch))
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -40,7 +40,9 @@ def rung_dice(student_state: Mapping[str, torch.Tensor], config: Mapping[str, An
         student_state: the current student's full state dict (gathered under ZeRO-3).
         config: ``student`` (a StudentConfig dict), ``num_classes`` and ``rungs``: ``info``
             (DatasetInfo), ``labelled`` and ``val`` (case ids), ``image_size``, ``augment``,
-            ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``seed``.
+            ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``seed`` and (optional)
+            ``patch``, ``fg_fraction``: crops as the fine-tuning stages train on, validation
+            by sliding window.
         device: where to train the copy.
 
     Returns:
@@ -50,20 +52,25 @@ def rung_dice(student_state: Mapping[str, torch.Tensor], config: Mapping[str, An
     from torch.utils.data import DataLoader
 
     from tskd.data.dataset import SegmentationDataset
+    from tskd.data.patches import training_set
     from tskd.evaluation import score_model
     from tskd.losses import SegLoss
     from tskd.models.students import build_student
 
     r = config["rungs"]
     info = r["info"]
+    patch = r.get("patch", r["image_size"])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(r["seed"])
         model = build_student(config["student"], config["num_classes"])
         model.load_state_dict(copy.deepcopy(dict(student_state)))
         model.to(device).train()
         if r["epochs"] > 0:
-            train_set = SegmentationDataset(info, list(r["labelled"]), r["image_size"],
-                                            augment=r["augment"], seed=r["seed"])
+            train_set = training_set(
+                SegmentationDataset(info, list(r["labelled"]), r["image_size"],
+                                    augment=r["augment"], seed=r["seed"]),
+                image_size=r["image_size"], patch=patch,
+                fg_fraction=r.get("fg_fraction", 1 / 3), seed=r["seed"])
             loader = DataLoader(train_set, batch_size=r["batch_size"], shuffle=True,
                                 generator=torch.Generator().manual_seed(r["seed"]))
             optim = torch.optim.AdamW(model.parameters(), lr=r["lr"],
@@ -78,7 +85,8 @@ def rung_dice(student_state: Mapping[str, torch.Tensor], config: Mapping[str, An
                     optim.step()
         val = SegmentationDataset(info, list(r["val"]), r["image_size"])
         scores = score_model(model, val, num_classes=info.num_classes,
-                             class_names=list(info.class_names), device=device)
+                             class_names=list(info.class_names), device=device,
+                             window=patch)
     return float(scores["dice"])
 
 

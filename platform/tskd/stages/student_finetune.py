@@ -23,7 +23,7 @@ from tskd.stages.data_stage import load_data
 from tskd.stages.distill import STUDENT_FILE, build_student
 from tskd.stages.engine import build_engine
 from tskd.stages.ray_train import fit_torch_trainer, load_result_state, run_storage, worker_setup
-from tskd.stages.supervised import fit_supervised
+from tskd.stages.supervised import fit_supervised, labelled_sets
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from torch.utils.data import DataLoader
 
-    from tskd.data.dataset import SegmentationDataset
-
     f = config["finetune"]
     device = worker_setup(config["ray"], config["seed"])
-    info, size = config["info"], config["image_size"]
+    info = config["info"]
     student = build_student(config["student"], info.num_classes)
     if config["init"] is not None:
         student.load_state_dict(torch.load(config["init"], map_location="cpu", weights_only=True))
-    train_set = SegmentationDataset(info, config["labelled"], size, augment=config["augment"],
-                                    seed=config["seed"])
+    train_set, val_set = labelled_sets(config)
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(train_set, batch_size=f["batch_size"], shuffle=True))
     engine = build_engine(
@@ -52,7 +49,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         device=device,
         schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
             opt, int(f["warmup_epochs"] * per_epoch), total))
-    fit_supervised(engine, loader, SegmentationDataset(info, config["val"], size), info=info,
+    fit_supervised(engine, loader, val_set, info=info, window=config["patch"],
                    epochs=f["epochs"], device=device, seed=config["seed"],
                    checkpoint_every=config["ray"]["checkpoint_every"],
                    state_fn=lambda m: {"student": {k: v.detach().cpu().clone()
@@ -79,6 +76,7 @@ def fit_student(ctx: StageContext, student: dict[str, Any], finetune: dict[str, 
     config = {"student": student, "finetune": finetune,
               "init": init, "info": info, "labelled": list(splits.labelled),
               "val": list(splits.val), "image_size": cfg.data.image_size,
+              "patch": cfg.data.patch, "fg_fraction": cfg.data.fg_fraction,
               "augment": cfg.data.augment, "seed": cfg.seed, "ray": to_dict(cfg.ray)}
     log.info("fine-tuning the %s student on %d labelled images", what, len(splits.labelled))
     storage = run_storage(ctx)

@@ -1,6 +1,7 @@
 """The supervised loop shared by teacher and student fine-tuning (runs inside a Ray worker).
 
-Per epoch: 0.2·CE + 0.8·Dice over the labelled loader, each step through the training engine
+Per epoch: 0.2·CE + 0.8·Dice over the labelled loader (whole images, or patches of them:
+:func:`tskd.data.patches.training_set`), each step through the training engine
 (:mod:`tskd.stages.engine`), then, with model selection (a non-empty validation set), Dice on
 the validation split: reports ``train/loss``, ``val/dice``, ``val/best_dice``; the state of every
 new best validation epoch becomes the run's output. Without validation images
@@ -29,9 +30,29 @@ from tskd.stages.ray_train import checkpoint, checkpoint_due, is_rank_zero, repo
 log = logging.getLogger(__name__)
 
 
+def labelled_sets(config: dict[str, Any]) -> tuple[Dataset, Dataset]:
+    """The training set and the validation set of a fine-tuning worker.
+
+    ``config`` carries ``info``, ``labelled``, ``val``, ``image_size``, ``augment``, ``seed``,
+    ``patch`` and ``fg_fraction``: the labelled images at ``image_size`` (augmented), as
+    ``patch``-px crops when ``patch < image_size`` (:func:`tskd.data.patches.training_set`);
+    the validation images whole, at ``image_size`` (scored by sliding window).
+    """
+    from tskd.data.dataset import SegmentationDataset
+    from tskd.data.patches import training_set
+
+    info, size = config["info"], config["image_size"]
+    base = SegmentationDataset(info, config["labelled"], size, augment=config["augment"],
+                               seed=config["seed"])
+    train = training_set(base, image_size=size, patch=config["patch"],
+                         fg_fraction=config["fg_fraction"], seed=config["seed"])
+    return train, SegmentationDataset(info, config["val"], size)
+
+
 def fit_supervised(engine: Any, loader: DataLoader, val_set: Dataset | None, *, info: Any,
                    epochs: int, device: torch.device, seed: int, checkpoint_every: int,
-                   state_fn: Callable[[torch.nn.Module], dict[str, Any]], tag: str) -> None:
+                   state_fn: Callable[[torch.nn.Module], dict[str, Any]], tag: str,
+                   window: int | None = None) -> None:
     """Train through ``engine`` (:class:`tskd.stages.engine.Engine`) for ``epochs``; see the
     module docstring.
 
@@ -42,6 +63,8 @@ def fit_supervised(engine: Any, loader: DataLoader, val_set: Dataset | None, *, 
         state_fn: what the stage keeps, given the plain module (e.g. adapters only); called
             with the parameters gathered (ZeRO-3), on every rank.
         tag: name used in progress logs ("teacher", "student").
+        window: the training patch side (``data.patch_size``): validation images larger than
+            it are predicted by sliding window at their full size; None = whole images.
     """
     from tskd.evaluation import score_model
     from tskd.losses import SegLoss
@@ -70,7 +93,8 @@ def fit_supervised(engine: Any, loader: DataLoader, val_set: Dataset | None, *, 
         if validate:
             engine.eval()
             scores = score_model(engine.module, val_set, num_classes=info.num_classes,
-                                 class_names=list(info.class_names), device=device)
+                                 class_names=list(info.class_names), device=device,
+                                 window=window)
             improved = scores["dice"] > best
             best = max(best, scores["dice"])
             metrics |= {"val/dice": scores["dice"], "val/best_dice": best}

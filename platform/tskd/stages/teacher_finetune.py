@@ -27,7 +27,7 @@ from tskd.stages.data_stage import load_data
 from tskd.stages.engine import build_engine
 from tskd.stages.ray_train import (fit_torch_trainer, is_rank_zero, load_result_state,
                                    run_storage, worker_setup)
-from tskd.stages.supervised import fit_supervised
+from tskd.stages.supervised import fit_supervised, labelled_sets
 from tskd.stages.teacher_pretrain import base_checkpoint
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
     from torch.utils.data import DataLoader
 
-    from tskd.data.dataset import SegmentationDataset
     from tskd.lora import count_trainable, lora_state_dict
 
     f = config["finetune"]
@@ -72,9 +71,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     model = build_teacher(config["teacher"], lora=True)
     if is_rank_zero():
         log.info("teacher LoRA: %d trainable parameters", count_trainable(model))
-    info, size = config["info"], config["image_size"]
-    train_set = SegmentationDataset(info, config["labelled"], size, augment=config["augment"],
-                                    seed=config["seed"])
+    info = config["info"]
+    train_set, val_set = labelled_sets(config)
     loader = ray.train.torch.prepare_data_loader(
         DataLoader(train_set, batch_size=f["batch_size"], shuffle=True))
     engine = build_engine(
@@ -83,7 +81,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         device=device,
         schedule=lambda opt, per_epoch, total: get_polynomial_decay_schedule_with_warmup(
             opt, warmup_steps(f["warmup_iters"], total), total, lr_end=0.0, power=0.9))
-    fit_supervised(engine, loader, SegmentationDataset(info, config["val"], size), info=info,
+    fit_supervised(engine, loader, val_set, info=info, window=config["patch"],
                    epochs=f["epochs"], device=device, seed=config["seed"],
                    checkpoint_every=config["ray"]["checkpoint_every"],
                    state_fn=lambda m: {"lora": lora_state_dict(m)}, tag="teacher")
@@ -97,7 +95,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "lora": to_dict(cfg.teacher.lora) | {"decoder": cfg.teacher.decoder}}
     config = {"teacher": spec, "finetune": to_dict(cfg.teacher.finetune), "info": info,
               "labelled": list(splits.labelled), "val": list(splits.val),
-              "image_size": cfg.data.image_size, "augment": cfg.data.augment,
+              "image_size": cfg.data.image_size, "patch": cfg.data.patch,
+              "fg_fraction": cfg.data.fg_fraction, "augment": cfg.data.augment,
               "seed": cfg.seed, "ray": to_dict(cfg.ray)}
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,

@@ -14,8 +14,9 @@ Synthetic part. Setup: the labelled training images (``data`` stage), augmented 
    sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always runs at batch
    ``sample_batch_size`` (the last batch is padded), so the images are bit-identical whatever the
    number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
-   ``data.image_size`` (and averages their channels when ``transfer.grayscale`` says so:
-   ``auto`` = the labelled images are grayscale) and attaches the nearest privacy reference
+   ``data.image_size`` (with patch training: the patch side), averages their channels when
+   ``transfer.grayscale`` says so (``auto`` = the labelled images are grayscale) and attaches
+   the nearest privacy reference
    (:func:`tskd.transfer_quality.privacy_references`: the labelled training images, their
    left-right and top-bottom flips, and the DDPM's augmented training copies): ``nn_index`` (the
    training image it derives from), ``nn_kind`` (``train``/``hflip``/``vflip``/``augmented``),
@@ -26,6 +27,13 @@ Synthetic part. Setup: the labelled training images (``data`` stage), augmented 
 Unlabelled part: ``transfer.n_unlabelled`` (null = all) of the unlabelled train images, a seeded
 subset, at ``data.image_size``, with ids after the synthetic ones (``n_images + k``),
 ``nn_index`` -1, ``nn_kind`` "", ``nn_mse``/``nn_psnr`` NaN.
+
+Patch training (``data.patch_size`` < ``data.image_size``): the transfer set holds patches.
+The DDPM trains on crops of the labelled images (:func:`tskd.data.patches.crop_arrays`,
+:func:`~tskd.data.patches.patches_per_image` per image, ``data.fg_fraction`` centred on
+foreground; they are also the privacy references, and ``quality.json``'s ``train_case_ids``
+names each crop's image), its samples are resized to the patch side, and each unlabelled image
+gives that many random crops (``unlabelled_case_ids`` names the image of every row).
 
 Output directory::
 
@@ -232,7 +240,8 @@ def use_grayscale(train_images: np.ndarray, cfg: ExperimentConfig) -> bool:
 def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: ExperimentConfig,
                         augmented: np.ndarray | None = None):
     """The Ray Data pipeline: ``range(n)`` → sampler actors → a materialized dataset of
-    :data:`COLUMNS` (all samples, before near-copy filtering), images at ``data.image_size``
+    :data:`COLUMNS` (all samples, before near-copy filtering), images at ``data.patch``
+    (``data.image_size`` without patches)
     (grayscale per :func:`use_grayscale`) scored against ``train_images`` at that size, their
     flips and the ``augmented`` copies (:func:`tskd.transfer_quality.privacy_references`)."""
     import ray
@@ -249,7 +258,7 @@ def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: Experime
             "model_dir": str(model_dir), "seed": cfg.seed,
             "num_inference_steps": t.diffusion.num_inference_steps,
             "batch_size": t.sample_batch_size, "sampler": t.diffusion.sampler,
-            "out_size": cfg.data.image_size, "references": refs_ref,
+            "out_size": cfg.data.patch, "references": refs_ref,
             "ref_index": ref_index, "ref_kind": ref_kind,
             "grayscale": use_grayscale(train_images, cfg),
             "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu},
@@ -306,7 +315,7 @@ def run(ctx: Any) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     manifest: dict[str, Any] = {
         "sources": list(t.sources), "n_kept": 0, "n_synthetic": 0, "n_unlabelled": 0,
-        "image_size": cfg.data.image_size, "columns": COLUMNS, "images_dir": IMAGES_DIR,
+        "image_size": cfg.data.patch, "columns": COLUMNS, "images_dir": IMAGES_DIR,
         "seed": cfg.seed}
     if "synthetic" in t.sources:
         from tskd.stages.ray_train import run_storage
@@ -352,6 +361,14 @@ def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     pick = np.sort(np.random.default_rng([cfg.seed, 0x0A1]).permutation(len(pool))[:n])
     case_ids = [pool[j] for j in pick]
     images, _ = load_arrays(info, case_ids, cfg.data.image_size)
+    if cfg.data.patches:  # random crops (no labels to oversample), as many as training takes
+        from tskd.data.patches import crop_arrays, patches_per_image
+
+        k = patches_per_image(cfg.data.image_size, cfg.data.patch)
+        images = crop_arrays(images, None, patch=cfg.data.patch, per_image=k,
+                             seed=cfg.seed + 0x0A1)
+        case_ids = [c for c in case_ids for _ in range(k)]
+        n = len(images)
     log.info("adding %d real unlabelled train images to the transfer set", n)
     ids = np.arange(first_id, first_id + n, dtype=np.int64)
     rows = {"id": ids, "image": images, "nn_index": np.full(n, -1, np.int64),
@@ -375,7 +392,17 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     from tskd.transfer_quality import json_safe, quality_report
 
     t = cfg.transfer
-    train_images, _ = load_arrays(info, splits.labelled, cfg.data.image_size)
+    train_images, train_masks = load_arrays(info, splits.labelled, cfg.data.image_size)
+    crops = 1
+    if cfg.data.patches:  # the DDPM learns (and generates) patches
+        from tskd.data.patches import crop_arrays, patches_per_image
+
+        crops = patches_per_image(cfg.data.image_size, cfg.data.patch)
+        train_images = crop_arrays(train_images, train_masks, patch=cfg.data.patch,
+                                   per_image=crops, fg_fraction=cfg.data.fg_fraction,
+                                   seed=cfg.seed)
+        log.info("patch training: the DDPM trains on %d crops of %d px", len(train_images),
+                 cfg.data.patch)
     log.info("augmenting %d labelled images to %d", len(train_images), t.diffusion.n_augmented)
     augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed,
                                strength=t.diffusion.augment_strength)
@@ -411,13 +438,15 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     quality = {"all": report_all, "kept": report_kept, "n_sampled": int(len(ids)),
                "n_kept": int(keep.sum()), "n_dropped": int(drop.sum()),
                "drop_near_copies": t.drop_near_copies, "sources": list(t.sources),
-               "compared_against": f"{n_refs} references at {cfg.data.image_size} px: the "
-                                   f"{len(train_images)} labelled training images, their "
+               "compared_against": f"{n_refs} references at {cfg.data.patch} px: the "
+                                   f"{len(train_images)} labelled training images"
+                                   f"{' (crops)' if cfg.data.patches else ''}, their "
                                    f"left-right and top-bottom flips, and the "
                                    f"{max(0, len(augmented) - len(train_images))} augmented "
                                    f"copies the DDPM was trained on",
                "nearest_kind_counts": {k: int((kinds == k).sum()) for k in np.unique(kinds)},
-               "train_case_ids": list(splits.labelled)}  # nearest_train / nn_index -> case id
+               # nearest_train / nn_index -> case id (with patches: the crop's image)
+               "train_case_ids": [c for c in splits.labelled for _ in range(crops)]}
     write_json(out / QUALITY_FILE, json_safe(quality))
     log.info("transfer quality: PSNR mean %s dB, MSE mean %.1f; %d near-copies (>= %g dB)%s",
              _fmt(report_all["psnr"]["mean"]), report_all["mse"]["mean"],
