@@ -85,8 +85,16 @@ def check_fresh(cfg: ExperimentConfig, resume: bool) -> None:
                           "experiment name")
 
 
+def isolated_base(base: dict[str, Any], name: str) -> dict[str, Any]:
+    """``base`` for a trial that shares nothing: its own output directory (store included) and
+    its own teacher pre-training cache, under ``<output_dir>/isolated/<name>/``."""
+    own = Path(base["output_dir"]) / "isolated" / name
+    return _merge(base, {"output_dir": str(own),
+                         "teacher": {"pretrain": {"cache_dir": str(own / "cache")}}})
+
+
 def _trial(sample: dict[str, Any], *, base: dict[str, Any], metric: str, mode: str,
-           planner: Callable | None) -> None:
+           planner: Callable | None, isolate: bool = False) -> None:
     """Tune function trainable: run the trial's pipeline, report the objective."""
     from ray import tune
 
@@ -95,6 +103,8 @@ def _trial(sample: dict[str, Any], *, base: dict[str, Any], metric: str, mode: s
 
     trial_id = tune.get_context().get_trial_id()
     name = f"{base['experiment']}-trial-{trial_id}"
+    if isolate:
+        base = isolated_base(base, name)
     started = time.time()
     try:
         cfg = trial_config(base, sample, name)
@@ -126,10 +136,14 @@ def _built_by(cfg: ExperimentConfig, rec: dict[str, str], name: str) -> bool:
 
 
 def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
-             planner: Callable | None = None, final: bool = True) -> TuneOutcome:
+             planner: Callable | None = None, final: bool = True,
+             isolate: bool = False) -> TuneOutcome:
     """Run the search (Ray must be initialised); see the module docstring.
 
     Args:
+        isolate: every trial builds all of its own artifacts (:func:`isolated_base`) instead of
+            sharing the store; for measuring what the store saves
+            (``benchmarks/tune_store.py``), not for real searches.
         final: afterwards run the best config's whole pipeline as experiment
             ``<experiment>-best`` (its evaluate stage scores the test split; every other stage
             is reused from the best trial).
@@ -156,7 +170,7 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
         tune.with_parameters(_trial, base=trial_base(base, space.objective_stage,
                                                      space.scheduler.rung_every),
                              metric=space.objective.metric, mode=mode,
-                             planner=planner),
+                             planner=planner, isolate=isolate),
         {"cpu": space.resources_per_trial.cpu, "gpu": space.resources_per_trial.gpu})
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
     searcher = OptunaSearch(metric=OBJECTIVE, mode=mode, seed=space.seed, storage=storage,
