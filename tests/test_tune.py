@@ -200,3 +200,30 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path, 
         sorted(0.5 + 0.1 * trials["distill.w_logits"]))
     assert result.best_value == pytest.approx(max(t.value for t in study.trials))
     assert (out / "best.yaml").is_file()
+
+
+def test_trial_status_from_tune_status_and_final_report():
+    from types import SimpleNamespace as NS
+
+    from tskd.tune import _status
+
+    final = {"objective": 0.5, "infeasible": False}
+    assert _status("TERMINATED", NS(metrics=final, error=None)) == "done"
+    assert _status("TERMINATED", NS(metrics={**final, "infeasible": True}, error=None)) \
+        == "infeasible"
+    assert _status("TERMINATED", NS(metrics={"objective": 0.4, "rung": 1}, error=None)) \
+        == "stopped"  # ASHA stopped it at a rung: no final report
+    assert _status("PENDING", NS(metrics=final, error=None)) == "interrupted"
+    assert _status("PENDING", NS(metrics=None, error=None)) == "interrupted"
+    assert _status("ERROR", NS(metrics={}, error=RuntimeError())) == "error"
+
+
+def test_isolated_trial_gets_its_own_output_dir_and_teacher_cache(tmp_path):
+    from tskd.config import to_dict
+    from tskd.tune import isolated_base, trial_config
+
+    base = to_dict(load_config(None, [f"output_dir={tmp_path}"]))
+    cfg = trial_config(isolated_base(base, "x-trial-1"), {"distill.w_logits": 0.5}, "x-trial-1")
+    assert Path(cfg.output_dir) == tmp_path / "isolated" / "x-trial-1"
+    assert Path(cfg.teacher.pretrain.cache_dir) == tmp_path / "isolated" / "x-trial-1" / "cache"
+    assert cfg.distill.w_logits == 0.5 and base["output_dir"] == str(tmp_path)
