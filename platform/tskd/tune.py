@@ -23,6 +23,12 @@ fine-tune's validation Dice), forwarded to Tune as the trial's objective, so ASH
 trials inside distillation; then the trial reports its final objective. A trial that reuses
 another's distillation entry replays that entry's rungs first, so every trial's
 ``training_iteration`` means the same. Not yet: a second objective (Pareto front).
+
+Interrupts: on the first Ctrl-C Ray Tune stops its trials and saves its state; :func:`run_tune`
+then writes the table (unfinished trials ``interrupted``) and raises :class:`SearchInterrupted`
+without writing ``best.yaml``. ``resume=True`` restores the Tuner (its OptunaSearch state
+included): finished trials are not run again, unfinished ones restart with their sampled values
+and complete their Optuna trial, so the study holds each trial once.
 """
 
 from __future__ import annotations
