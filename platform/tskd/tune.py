@@ -23,6 +23,12 @@ fine-tune's validation Dice), forwarded to Tune as the trial's objective, so ASH
 trials inside distillation; then the trial reports its final objective. A trial that reuses
 another's distillation entry replays that entry's rungs first, so every trial's
 ``training_iteration`` means the same. Not yet: a second objective (Pareto front).
+
+Interrupts: on the first Ctrl-C Ray Tune stops its trials and saves its state; :func:`run_tune`
+then writes the table (unfinished trials ``interrupted``) and raises :class:`SearchInterrupted`
+without writing ``best.yaml``. ``resume=True`` restores the Tuner (its OptunaSearch state
+included): finished trials are not run again, unfinished ones restart with their sampled values
+and complete their Optuna trial, so the study holds each trial once.
 """
 
 from __future__ import annotations
@@ -37,12 +43,17 @@ from typing import Any, Callable
 
 import yaml
 
-from tskd.config import ConfigError, ExperimentConfig, _merge, config_from_dict, nest, to_dict
+from tskd.config import (ConfigError, ExperimentConfig, TskdError, _merge, config_from_dict,
+                         nest, to_dict)
 from tskd.search_space import SearchSpace, trial_base
 from tskd.stages.rungs import OBJECTIVE
 
 log = logging.getLogger(__name__)
 
+
+
+class SearchInterrupted(TskdError):
+    """The search stopped before every trial finished (Ctrl-C); ``--resume`` continues it."""
 
 
 @dataclass
@@ -80,8 +91,16 @@ def check_fresh(cfg: ExperimentConfig, resume: bool) -> None:
                           "experiment name")
 
 
+def isolated_base(base: dict[str, Any], name: str) -> dict[str, Any]:
+    """``base`` for a trial that shares nothing: its own output directory (store included) and
+    its own teacher pre-training cache, under ``<output_dir>/isolated/<name>/``."""
+    own = Path(base["output_dir"]) / "isolated" / name
+    return _merge(base, {"output_dir": str(own),
+                         "teacher": {"pretrain": {"cache_dir": str(own / "cache")}}})
+
+
 def _trial(sample: dict[str, Any], *, base: dict[str, Any], metric: str, mode: str,
-           planner: Callable | None) -> None:
+           planner: Callable | None, isolate: bool = False) -> None:
     """Tune function trainable: run the trial's pipeline, report the objective."""
     from ray import tune
 
@@ -90,6 +109,8 @@ def _trial(sample: dict[str, Any], *, base: dict[str, Any], metric: str, mode: s
 
     trial_id = tune.get_context().get_trial_id()
     name = f"{base['experiment']}-trial-{trial_id}"
+    if isolate:
+        base = isolated_base(base, name)
     started = time.time()
     try:
         cfg = trial_config(base, sample, name)
@@ -121,10 +142,14 @@ def _built_by(cfg: ExperimentConfig, rec: dict[str, str], name: str) -> bool:
 
 
 def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
-             planner: Callable | None = None, final: bool = True) -> TuneOutcome:
+             planner: Callable | None = None, final: bool = True,
+             isolate: bool = False) -> TuneOutcome:
     """Run the search (Ray must be initialised); see the module docstring.
 
     Args:
+        isolate: every trial builds all of its own artifacts (:func:`isolated_base`) instead of
+            sharing the store; for measuring what the store saves
+            (``benchmarks/tune_store.py``), not for real searches.
         final: afterwards run the best config's whole pipeline as experiment
             ``<experiment>-best`` (its evaluate stage scores the test split; every other stage
             is reused from the best trial).
@@ -151,7 +176,7 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
         tune.with_parameters(_trial, base=trial_base(base, space.objective_stage,
                                                      space.scheduler.rung_every),
                              metric=space.objective.metric, mode=mode,
-                             planner=planner),
+                             planner=planner, isolate=isolate),
         {"cpu": space.resources_per_trial.cpu, "gpu": space.resources_per_trial.gpu})
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'optuna.db'}")
     searcher = OptunaSearch(metric=OBJECTIVE, mode=mode, seed=space.seed, storage=storage,
@@ -174,8 +199,14 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
             run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0,
                                       callbacks=[_progress(mode, space.num_samples)]))
     results = tuner.fit()
-    table = _table(results, list(space.params))
+    table = _table(results, list(space.params), _statuses(tune_dir))
     _write_table(table, out)
+    finished = sum(row["status"] != "interrupted" for row in table)
+    if finished < space.num_samples:  # Ctrl-C: Tune saved its state and returned early
+        raise SearchInterrupted(
+            f"the search {cfg.experiment} was interrupted after {finished} of "
+            f"{space.num_samples} trials (their table: {out / 'trials.csv'}); continue it with "
+            "`tskd tune ... --resume` (the same config, space and --set)")
     best = results.get_best_result(metric=OBJECTIVE, mode=mode)
     best_params = {k: best.config[k] for k in space.params}
     try:  # the best values with every arm of the experiment
@@ -205,7 +236,6 @@ def _progress(mode: str, total: int) -> Any:
     class Progress(tune.Callback):
         def __init__(self) -> None:
             self.best: float | None = None
-            self.done = 0
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
             value = (trial.last_result or {}).get(OBJECTIVE)
@@ -213,27 +243,53 @@ def _progress(mode: str, total: int) -> Any:
                     self.best is None or (value > self.best if mode == "max"
                                           else value < self.best)):
                 self.best = value
-            self.done += 1  # ``trial`` is not marked TERMINATED yet
             status = Counter(t.status for t in trials if t is not trial)
+            # ``trial`` is not marked TERMINATED yet; counted from the trials, so that a
+            # resumed search counts the trials finished before the interrupt too
+            done = status["TERMINATED"] + status["ERROR"] + 1
             log.info("trial %s: %s = %s | best %s | %d/%d done, %d running, %d errored",
                      trial.trial_id, OBJECTIVE, "n/a" if value is None else f"{value:.4f}",
                      "n/a" if self.best is None else f"{self.best:.4f}",
-                     self.done, total, status["RUNNING"], status["ERROR"])
-            export_trials({"done": self.done, "running": status["RUNNING"],
+                     done, total, status["RUNNING"], status["ERROR"])
+            export_trials({"done": done, "running": status["RUNNING"],
                            "pending": status["PENDING"], "error": status["ERROR"]})
 
     return Progress()
 
 
-def _table(results: Any, params: list[str]) -> list[dict[str, Any]]:
+def _statuses(tune_dir: Path) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """Trial directory -> (trial id, Tune status: ``TERMINATED``, ``ERROR``, ``PENDING``...,
+    sampled values), from the saved experiment state."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.path: (t.trial_id, t.status, t.config)
+            for t in ExperimentAnalysis(str(tune_dir)).trials}
+
+
+def _status(tune_status: str | None, result: Any) -> str:
+    """``done``, ``infeasible``, ``stopped`` (by ASHA: no final report), ``error`` or
+    ``interrupted`` (not finished when the search stopped)."""
+    m = result.metrics or {}
+    if tune_status == "ERROR" or result.error:
+        return "error"
+    if tune_status != "TERMINATED":
+        return "interrupted"
+    if "infeasible" not in m:  # the final report carries it; ASHA stopped the trial before
+        return "stopped"
+    return "infeasible" if m["infeasible"] else "done"
+
+
+def _table(results: Any, params: list[str],
+           statuses: dict[str, tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        rows.append({"trial": m.get("trial_id", Path(r.path).name),
-                     **{p: r.config.get(p) for p in params},
+        trial, tune_status, config = statuses.get(r.path, (m.get("trial_id"), None, {}))
+        config = r.config or config or {}  # a trial that never started has no result config
+        rows.append({"trial": trial,
+                     **{p: config.get(p) for p in params},
                      OBJECTIVE: m.get(OBJECTIVE),
-                     "status": "error" if r.error else ("infeasible" if m.get("infeasible")
-                                                        else "done"),
+                     "status": _status(tune_status, r),
                      "iterations": m.get("training_iteration"),
                      "wall_time_s": m.get("wall_time_s"),
                      "built": m.get("built"), "reused": m.get("reused")})
