@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tskd.storage import remove_tree
 from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.models.students import build_student  # the registry; re-exported for other stages
@@ -333,7 +333,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                callbacks=callbacks)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_tree(storage)
     return {k: v for k, v in result.metrics.items()
             if k.startswith(("distill/", "kd/", "rung/history", "perf/"))}
 

@@ -45,7 +45,7 @@ def resolve_backend(ray_cfg: RayConfig) -> str:
 
 
 def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_config: dict[str, Any],
-                      ray_cfg: RayConfig, name: str, storage: Path,
+                      ray_cfg: RayConfig, name: str, storage: Path | str,
                       datasets: dict[str, Any] | None = None,
                       num_workers: int | None = None,
                       callbacks: list[Any] | None = None) -> Any:
@@ -58,7 +58,9 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         name: the run name (a folder under ``storage``).
         storage: directory for Ray's run state and checkpoints (:func:`run_storage`): a run
             started again with the same ``storage`` and ``name`` resumes from its latest
-            checkpoint (Ray Train V2 restores its checkpoint manager from there).
+            checkpoint (Ray Train V2 restores its checkpoint manager from there). An
+            object-store URI (``s3://...``) is handed to Ray as it is: Ray opens it with
+            pyarrow from each node's environment (credentials never travel in the config).
         datasets: Ray Data datasets, sharded across workers (``get_dataset_shard``).
         num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
         callbacks: Ray Train ``UserCallback``s (e.g. :func:`tskd.stages.rungs.tune_callback`).
@@ -86,7 +88,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=resolve_backend(ray_cfg)),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage).resolve()),
+            name=name, storage_path=_storage_path(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
@@ -136,10 +138,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {text[0] if text else ''}"
 
 
-def run_storage(ctx: Any) -> Path:
+def run_storage(ctx: Any) -> Path | str:
     """Where a stage's Ray Train runs keep their state: ``ctx.train_dir`` (stable per stage
-    fingerprint, so a re-run resumes), else a folder of the temporary entry."""
-    return Path(ctx.train_dir) if getattr(ctx, "train_dir", None) else Path(ctx.dir) / "ray"
+    fingerprint, so a re-run resumes; an ``s3://``-style URI for object-store outputs), else a
+    folder of the temporary entry. Remove it with :func:`tskd.storage.remove_tree`."""
+    from tskd.storage import is_remote
+
+    train_dir = getattr(ctx, "train_dir", None)
+    if not train_dir:
+        return Path(ctx.dir) / "ray"
+    return str(train_dir) if is_remote(str(train_dir)) else Path(train_dir)
+
+
+def _storage_path(storage: Path | str) -> str:
+    from tskd.storage import is_remote
+
+    return str(storage) if is_remote(str(storage)) else str(Path(storage).resolve())
 
 
 def load_result_state(result: Any) -> dict[str, Any]:

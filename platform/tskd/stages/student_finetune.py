@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tskd.storage import remove_tree
 from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
@@ -86,7 +86,7 @@ def fit_student(ctx: StageContext, student: dict[str, Any], finetune: dict[str, 
                                name=ctx.name, storage=storage)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_tree(storage)
     model = load_student(ctx.dir, student, info.num_classes)
     return {"val/dice": state["val/dice"], "student/best_epoch": state["epoch"],
             "train/loss": result.metrics.get("train/loss")} | footprint_metrics(

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tskd.storage import remove_tree
 from tskd.artifacts import StageContext, write_json
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
@@ -105,7 +105,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     state = load_result_state(result)
     torch.save(state["lora"], ctx.dir / LORA_FILE)
     write_json(ctx.dir / TEACHER_FILE, {**spec, "best_epoch": state["epoch"]})
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_tree(storage)
     return {"val/dice": state["val/dice"], "teacher/best_epoch": state["epoch"],
             "teacher/adapter_mb": round((ctx.dir / LORA_FILE).stat().st_size / 2**20, 3),
             "teacher/trained_params": sum(t.numel() for t in state["lora"].values()),

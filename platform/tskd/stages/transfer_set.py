@@ -45,13 +45,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tskd.storage import remove_tree
 from tskd.config import DiffusionConfig, ExperimentConfig, to_dict
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def train_diffusion(images: np.ndarray, cfg: ExperimentConfig, out_dir: Path, st
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name="ddpm", storage=storage, num_workers=1)
     state = load_result_state(result)
-    shutil.rmtree(storage, ignore_errors=True)  # kept after a failure: a re-run resumes
+    remove_tree(storage)  # kept after a failure: a re-run resumes
     unet = build_unet(dcfg)
     unet.load_state_dict(state["unet"])
     save_diffusion(unet, out_dir, build_scheduler(dcfg))
