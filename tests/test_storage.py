@@ -236,3 +236,46 @@ def test_output_dir_uris_in_the_config(tmp_path):
         load_config(None, ["output_dir=s3://"])
     with pytest.raises(ConfigError, match="mirror_dir"):
         load_config(None, ["mirror_dir=s3://b/m"])
+
+
+def test_a_worker_on_another_node_fetches_the_stage_inputs(s3, tmp_path):
+    from tskd.artifacts import StageContext
+    from tskd.config import ExperimentConfig
+    from tskd.stages.ray_train import fetch_then_train
+    from tskd.store import InputRefs
+
+    uri = f"{s3}/runs"
+    driver = Store.for_output_dir(uri, tmp_path / "driver")
+    entry, _ = driver.resolve("data", "fp1", _builder([]))
+    refs = InputRefs(uri, str(tmp_path / "node-b"), (("data", "fp1"),))
+    node_b_path = Store.for_output_dir(uri, tmp_path / "node-b").entry_dir("data", "fp1")
+    seen = {}
+
+    def loop(config):  # what a Ray Train worker's loop would read
+        seen["files"] = _tree(Path(config["data_dir"]))
+
+    fetch_then_train(loop, refs, {"data_dir": str(node_b_path)})
+    assert {k: v for k, v in seen["files"].items() if k in FILES} == FILES
+    assert refs.uri("data", "fp1") == f"{uri}/store/data/fp1"
+
+    ctx = StageContext("s", tmp_path, {"data": entry.path}, ExperimentConfig(),
+                       remote_inputs={"data": refs.uri("data", "fp1")})
+    assert ctx.input_location("data") == f"{uri}/store/data/fp1"
+    assert StageContext("s", tmp_path, {"data": entry.path},
+                        ExperimentConfig()).input_location("data") == entry.path
+    with pytest.raises(StoreError, match="no complete entry"):
+        InputRefs(uri, str(tmp_path / "c"), (("data", "missing"),)).fetch()
+
+
+def test_ray_train_storage_on_an_object_store(tmp_path):
+    from tskd.artifacts import StageContext
+    from tskd.config import ExperimentConfig
+    from tskd.stages.ray_train import _storage_path, run_storage
+
+    ctx = StageContext("s", tmp_path, {}, ExperimentConfig(),
+                       train_dir="s3://b/runs/store/s/.train-fp")
+    assert run_storage(ctx) == "s3://b/runs/store/s/.train-fp"
+    assert _storage_path(run_storage(ctx)) == "s3://b/runs/store/s/.train-fp"
+    local = StageContext("s", tmp_path, {}, ExperimentConfig(), train_dir=tmp_path / "t")
+    assert run_storage(local) == tmp_path / "t"
+    assert _storage_path("rel") == str(Path("rel").resolve())

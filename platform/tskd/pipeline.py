@@ -24,8 +24,8 @@ from tskd.stages import (data_stage, distill, evaluate, imagenet_init, quality_c
                          transfer_set)
 from tskd.stages import pretrain as ssl_pretrain  # (plan() has a local named pretrain)
 from tskd.memory_plan import dataset_classes
-from tskd.storage import remove_tree, tree_exists
-from tskd.store import Entry, Store
+from tskd.storage import is_remote, remove_tree, tree_exists
+from tskd.store import Entry, InputRefs, Store
 from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
 log = logging.getLogger(__name__)
@@ -259,6 +259,11 @@ def _builder(stage: Stage, cfg: ExperimentConfig, fp: str, inputs: dict[str, Ent
         started = time.time()
         ctx = StageContext(stage.name, tmp, {d: e.path for d, e in inputs.items()}, cfg,
                            dict(stage.params), train_dir=train_dir)
+        if is_remote(cfg.output_dir):  # workers on other nodes fetch what they read
+            refs = InputRefs(cfg.output_dir, str(Path(cfg.mirror_dir).expanduser().resolve()),
+                             tuple((d, e.fingerprint) for d, e in inputs.items()))
+            ctx.input_refs = refs
+            ctx.remote_inputs = {d: refs.uri(d, e.fingerprint) for d, e in inputs.items()}
         result = _run_stage(stage, ctx)
         return stage_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result,
                               started=started,

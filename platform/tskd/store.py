@@ -587,6 +587,29 @@ class Store:
         return True
 
 
+@dataclass(frozen=True)
+class InputRefs:
+    """The input entries of a stage being built on an object-store output, as a Ray worker
+    on any node fetches them: :meth:`fetch` downloads each into that node's mirror, at the
+    same path as on the driver (``mirror_dir`` is resolved by the driver, so every node must
+    be able to write it: the same user and home on every node, or an absolute path).
+    Holds no credentials: each node's filesystem reads its own environment."""
+
+    output_dir: str
+    mirror_dir: str
+    entries: tuple[tuple[str, str], ...]
+
+    def fetch(self) -> None:
+        store = Store.for_output_dir(self.output_dir, self.mirror_dir)
+        for stage, fp in self.entries:
+            if store.get(stage, fp) is None:
+                raise StoreError(f"{self.output_dir}/store/{stage}/{fp}: no complete entry "
+                                 "(removed while a stage that reads it ran?)")
+
+    def uri(self, stage: str, fp: str) -> str:
+        return f"{self.output_dir.rstrip('/')}/store/{stage}/{fp}"
+
+
 # ---------------------------------------------------------------------------------- runs
 
 

@@ -320,17 +320,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # the id column lets ray.deterministic sort the rows (Parquet holds them in the order the
     # sampler tasks finished), so every run streams the same batches to the same workers
     if cache_dir is None:
-        dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+        dataset = read_transfer_set(ctx.input_location("transfer")).select_columns(
+            ["id", "image"])
     else:
         cache = check_cache(cache_dir, expected_cache(ctx, arm))
         config["cache"] = cache["shapes"]
-        dataset = read_targets(cache_dir, check=False)
+        dataset = read_targets(ctx.input_location(f"targets_{arm}"), check=False)
     log.info("distilling (%s) on %d transfer images for %d epochs, teacher %s", arm,
              n_transfer, cfg.distill.epochs, "targets cached" if cache_dir else "replicated")
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name=ctx.name, storage=storage, datasets={"transfer": dataset},
-                               callbacks=callbacks)
+                               callbacks=callbacks,
+                               inputs=ctx.input_refs)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
     remove_tree(storage)

@@ -17,6 +17,7 @@ re-runs of the same stage fingerprint, so a re-run ``tskd run`` resumes too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -48,7 +49,8 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
                       ray_cfg: RayConfig, name: str, storage: Path | str,
                       datasets: dict[str, Any] | None = None,
                       num_workers: int | None = None,
-                      callbacks: list[Any] | None = None) -> Any:
+                      callbacks: list[Any] | None = None,
+                      inputs: Any = None) -> Any:
     """Run ``train_fn`` on Ray Train workers and return the ``ray.train.Result``.
 
     Args:
@@ -64,6 +66,9 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         datasets: Ray Data datasets, sharded across workers (``get_dataset_shard``).
         num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
         callbacks: Ray Train ``UserCallback``s (e.g. :func:`tskd.stages.rungs.tune_callback`).
+        inputs: ``StageContext.input_refs`` (object-store outputs): each worker first fetches
+            the stage's input entries into its node's mirror, so the driver's paths in
+            ``train_config`` are valid on every node.
 
     Raises:
         RuntimeError: the training run failed; Ray's error (which holds the worker's) is chained,
@@ -75,6 +80,8 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = num_workers or ray_cfg.num_workers
+    if inputs is not None:
+        train_fn = functools.partial(fetch_then_train, train_fn, inputs)
     data_config = DataConfig()
     if ray_cfg.deterministic and datasets:
         datasets, data_config = deterministic_datasets(datasets)
@@ -104,6 +111,14 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         raise RuntimeError(f"Ray Train run {name!r} failed: {_first_line(result.error)}") \
             from result.error
     return result
+
+
+def fetch_then_train(train_fn: Callable[[dict[str, Any]], None], inputs: Any,
+                     config: dict[str, Any]) -> None:
+    """A worker's loop on an object-store output: the stage's inputs into this node's mirror
+    (:meth:`tskd.store.InputRefs.fetch`; nothing is downloaded twice), then ``train_fn``."""
+    inputs.fetch()
+    train_fn(config)
 
 
 def deterministic_datasets(datasets: dict[str, Any]) -> tuple[dict[str, Any], Any]:

@@ -83,7 +83,8 @@ def fit_student(ctx: StageContext, student: dict[str, Any], finetune: dict[str, 
     log.info("fine-tuning the %s student on %d labelled images", what, len(splits.labelled))
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name=ctx.name, storage=storage)
+                               name=ctx.name, storage=storage,
+                               inputs=ctx.input_refs)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
     remove_tree(storage)

@@ -101,7 +101,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     n = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
     teacher, distill = teacher_config(ctx, arm)
     t = cfg.transfer
-    dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+    dataset = read_transfer_set(ctx.input_location("transfer")).select_columns(["id", "image"])
     log.info("teacher targets (%s): %d transfer images x %d views on %d actor(s)", arm, n,
              VIEWS, t.num_actors)
     targets = dataset.map_batches(
@@ -160,13 +160,17 @@ def check_cache(targets_dir: Path, expected: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def read_targets(stage_dir: Path, *, check: bool = True, expected: dict[str, Any] | None = None):
+def read_targets(stage_dir: Path | str, *, check: bool = True, expected: dict[str, Any] | None = None):
     """The cache as a ``ray.data.Dataset`` (columns as in the module docstring), after
     :func:`check_cache` against ``expected`` when given."""
     import ray.data
 
+    from tskd.storage import is_remote
+
     if check and expected is not None:
         check_cache(Path(stage_dir), expected)
+    if is_remote(str(stage_dir)):  # an object-store entry: every node reads it there
+        return ray.data.read_parquet(f"{str(stage_dir).rstrip('/')}/{TARGETS_DIR}")
     return ray.data.read_parquet(str(Path(stage_dir) / TARGETS_DIR))
 
 

@@ -101,7 +101,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
               "seed": cfg.seed, "ray": to_dict(cfg.ray)}
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name="teacher", storage=storage)
+                               name="teacher", storage=storage,
+                               inputs=ctx.input_refs)
     state = load_result_state(result)
     torch.save(state["lora"], ctx.dir / LORA_FILE)
     write_json(ctx.dir / TEACHER_FILE, {**spec, "best_epoch": state["epoch"]})

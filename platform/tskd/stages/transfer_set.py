@@ -435,11 +435,16 @@ def _fmt(x: float | None) -> str:
 # ---------------------------------------------------------------------------- readers
 
 
-def read_transfer_set(stage_dir: Path):
+def read_transfer_set(stage_dir: Path | str):
     """The kept transfer images as a ``ray.data.Dataset`` of :data:`COLUMNS` (``image`` is a
-    ``uint8 (H, W, 3)`` tensor column). Row order is not guaranteed; sort by ``id`` if needed."""
+    ``uint8 (H, W, 3)`` tensor column). Row order is not guaranteed; sort by ``id`` if needed.
+    ``stage_dir`` may be an object-store entry's URI (``StageContext.input_location``)."""
     import ray.data
 
+    from tskd.storage import is_remote
+
+    if is_remote(str(stage_dir)):  # every node's read tasks open it there
+        return ray.data.read_parquet(f"{str(stage_dir).rstrip('/')}/{IMAGES_DIR}")
     images = Path(stage_dir) / IMAGES_DIR
     if not images.is_dir():
         raise FileNotFoundError(f"{stage_dir}: no transfer set (missing {IMAGES_DIR}/)")
