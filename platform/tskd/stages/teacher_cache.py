@@ -37,6 +37,8 @@ import numpy as np
 
 from tskd.artifacts import StageContext, write_json
 from tskd.config import TskdError
+from tskd.stages.outputs import write_parquet
+from tskd.stages.ray_train import run_storage
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         batch_size=cfg.distill.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
         num_gpus=1 if cfg.ray.use_gpu else 0)
-    targets.write_parquet(str(Path(ctx.dir) / TARGETS_DIR))
+    write_parquet(targets, Path(ctx.dir) / TARGETS_DIR, run_storage(ctx))
     first = next(iter(read_targets(ctx.dir, check=False).take(1)))
     shapes = {k: list(np.asarray(v).shape) for k, v in first.items() if k.startswith(
         ("hidden", "logits"))}

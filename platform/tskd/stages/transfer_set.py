@@ -53,6 +53,7 @@ import numpy as np
 
 from tskd.storage import remove_tree
 from tskd.config import DiffusionConfig, ExperimentConfig, to_dict
+from tskd.stages.outputs import write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -285,16 +286,18 @@ def run(ctx: Any) -> dict[str, Any]:
         "sources": list(t.sources), "n_kept": 0, "n_synthetic": 0, "n_unlabelled": 0,
         "image_size": cfg.data.image_size, "columns": COLUMNS, "images_dir": IMAGES_DIR,
         "seed": cfg.seed}
-    if "synthetic" in t.sources:
-        from tskd.stages.ray_train import run_storage
+    from tskd.stages.ray_train import run_storage
 
-        metrics |= _synthetic_part(cfg, info, splits, out, manifest, run_storage(ctx))
+    storage = run_storage(ctx)
+    if "synthetic" in t.sources:
+        metrics |= _synthetic_part(cfg, info, splits, out, manifest, storage)
     else:
         write_json(out / QUALITY_FILE, {"sources": list(t.sources), "n_sampled": 0,
                                         "note": "no synthetic images: nothing to check"})
     if "unlabelled" in t.sources:
         first_id = t.n_images if "synthetic" in t.sources else 0
-        manifest["unlabelled_case_ids"] = _unlabelled_part(cfg, info, splits, out, first_id)
+        manifest["unlabelled_case_ids"] = _unlabelled_part(cfg, info, splits, out, first_id,
+                                                           storage)
         manifest["n_unlabelled"] = len(manifest["unlabelled_case_ids"])
     manifest["n_kept"] = manifest["n_synthetic"] + manifest["n_unlabelled"]
     manifest["shards"] = sorted(p.relative_to(out).as_posix()
@@ -308,7 +311,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
 
 def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
-                     first_id: int) -> list[str]:
+                     first_id: int, storage: Path | str | None = None) -> list[str]:
     """Write ``transfer.n_unlabelled`` (null = all) real unlabelled train images, a seeded
     subset, as parquet rows of :data:`COLUMNS`; return their case ids (in id order)."""
     import ray
@@ -334,13 +337,13 @@ def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     rows = {"id": ids, "image": images, "nn_index": np.full(n, -1, np.int64),
             "nn_mse": np.full(n, np.nan), "nn_psnr": np.full(n, np.nan),
             "nn_kind": np.full(n, ""), "source": np.full(n, "unlabelled")}
-    ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(n)]
-                        ).write_parquet(str(out / IMAGES_DIR))
+    write_parquet(ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(n)]),
+                  out / IMAGES_DIR, storage)
     return case_ids
 
 
 def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
-                    manifest: dict[str, Any], storage: Path) -> dict[str, Any]:
+                    manifest: dict[str, Any], storage: Path | str) -> dict[str, Any]:
     """Train the DDPM (Ray Train state under ``storage``), sample, check quality and privacy,
     write the kept samples; fill the synthetic entries of ``manifest``; return ``diffusion/*``
     and ``transfer/*`` metrics."""
@@ -409,7 +412,7 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
 
     kept = samples.map_batches(_keep_below, fn_kwargs={"threshold": t.near_copy_psnr},
                                batch_format="numpy") if drop.any() else samples
-    kept.write_parquet(str(out / IMAGES_DIR))
+    write_parquet(kept, out / IMAGES_DIR, storage)
     manifest.update({
         "n_images": t.n_images, "n_sampled": int(len(ids)), "n_synthetic": int(keep.sum()),
         "n_dropped": int(drop.sum()), "diffusion_image_size": t.diffusion.image_size,
