@@ -279,3 +279,18 @@ def test_ray_train_storage_on_an_object_store(tmp_path):
     local = StageContext("s", tmp_path, {}, ExperimentConfig(), train_dir=tmp_path / "t")
     assert run_storage(local) == tmp_path / "t"
     assert _storage_path("rel") == str(Path("rel").resolve())
+
+
+def test_commands_that_want_a_local_output_dir_say_so(tmp_path, capsys):
+    from tskd.cli import main
+    from tskd.grid import load_grid
+    from tskd.tune import check_fresh
+
+    assert main(["store", "ls", "--output-dir", "s3://bucket/runs"]) == 2
+    assert "local output directories only" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"output_dir: invalid value 's3://b/r'.*tskd tune"):
+        check_fresh(load_config(None, ["output_dir=s3://b/r"]), resume=False)
+    grid = tmp_path / "g.yaml"
+    grid.write_text("axes:\n  methods: [scratch]\n")
+    with pytest.raises(ConfigError, match=r"output_dir: invalid value 's3://b/r'.*tskd grid"):
+        load_grid(grid, ["output_dir=s3://b/r"])
