@@ -535,6 +535,8 @@ class Store:
     def _remove_temporaries(self, stage: str, fp: str) -> None:
         """Leftovers of crashed builders of ``stage/fp`` (only called under the entry lock)."""
         for tmp in (self.root / stage).glob(f"{TMP_PREFIX}{fp}-*"):
+            if _active_download(tmp):  # another process of this node fetching the entry
+                continue
             log.info("removing the leftover of an interrupted build: %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -677,6 +679,14 @@ def garbage(store: Store, output_dir: Path) -> list[Entry]:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _active_download(tmp: Path, max_age_s: float = 3600.0) -> bool:
+    """A download directory (``.tmp-<fp>-dl-...``) touched in the last hour."""
+    try:
+        return "-dl-" in tmp.name and time.time() - tmp.stat().st_mtime < max_age_s
+    except FileNotFoundError:
+        return False
 
 
 def _complete(manifest: Any) -> bool:

@@ -60,7 +60,7 @@ def _objects(uri: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.slow  # two tiny runs in fresh processes: ~6 min on 2 shared cores
+@pytest.mark.slow  # two tiny runs in fresh processes: 10 min on 2 heavily shared cores
 def test_tiny_pipeline_writes_and_resumes_its_run_on_s3(s3, tmp_path):
     import tempfile
 

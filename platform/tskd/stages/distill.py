@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 
-from tskd.storage import remove_tree
 from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.models.students import build_student  # the registry; re-exported for other stages
@@ -38,6 +37,7 @@ from tskd.stages.ray_train import (checkpoint, checkpoint_due, fail_point, fit_t
                                    is_rank_zero, load_result_state, report, resume, run_storage,
                                    worker_setup)
 from tskd.stages.teacher_pretrain import base_checkpoint
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from tskd.storage import remove_tree
 from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
@@ -24,6 +23,7 @@ from tskd.stages.distill import STUDENT_FILE, build_student
 from tskd.stages.engine import build_engine
 from tskd.stages.ray_train import fit_torch_trainer, load_result_state, run_storage, worker_setup
 from tskd.stages.supervised import fit_supervised
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from tskd.storage import remove_tree
 from tskd.artifacts import StageContext, write_json
 from tskd.config import to_dict
 from tskd.stages.data_stage import load_data
@@ -29,6 +28,7 @@ from tskd.stages.ray_train import (fit_torch_trainer, is_rank_zero, load_result_
                                    run_storage, worker_setup)
 from tskd.stages.supervised import fit_supervised
 from tskd.stages.teacher_pretrain import base_checkpoint
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -51,9 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from tskd.storage import remove_tree
 from tskd.config import DiffusionConfig, ExperimentConfig, to_dict
 from tskd.stages.outputs import write_parquet
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 
