@@ -294,3 +294,19 @@ def test_commands_that_want_a_local_output_dir_say_so(tmp_path, capsys):
     grid.write_text("axes:\n  methods: [scratch]\n")
     with pytest.raises(ConfigError, match=r"output_dir: invalid value 's3://b/r'.*tskd grid"):
         load_grid(grid, ["output_dir=s3://b/r"])
+
+
+def test_driver_directories_reach_actors_through_the_bucket(s3, tmp_path):
+    from tskd.stages.outputs import local_copy, shared_dir
+
+    model = tmp_path / "model"
+    for rel, data in FILES.items():
+        (model / rel).parent.mkdir(parents=True, exist_ok=True)
+        (model / rel).write_bytes(data)
+    with shared_dir(model, tmp_path / "train") as where:  # a local output: the path itself
+        assert where == str(model) and local_copy(where) == model
+    train_dir = f"{s3}/runs/store/transfer/.train-fp"
+    with shared_dir(model, train_dir) as where:
+        assert where.startswith(f"{train_dir}-share-")
+        assert _tree(local_copy(where)) == FILES  # what an actor on another node loads
+    assert _objects(s3) == {}  # the staging copy is gone

@@ -97,8 +97,8 @@ def test_tiny_pipeline_writes_and_resumes_its_run_on_s3(s3, tmp_path):
     # the staging and Ray Train prefixes were removed when each stage succeeded
     assert not [k for k in objects if "/.train-" in k]
     # the demo teacher's checkpoint travels in its entry (workers on any node fetch it)
-    base = json.loads(objects[f"runs/store/teacher_pretrain/{view['teacher_pretrain']['fingerprint']}"
-                              "/base.json"])
+    pretrain_fp = view["teacher_pretrain"]["fingerprint"]
+    base = json.loads(objects[f"runs/store/teacher_pretrain/{pretrain_fp}/base.json"])
     assert base["checkpoint"] == "sam.pth"
 
     # another machine: an empty mirror, the same bucket: every stage is reused

@@ -56,7 +56,8 @@ class _TeacherActor:
     """A frozen teacher that turns batches of transfer images into fp16 targets (Ray Data
     callable class: one teacher per actor)."""
 
-    def __init__(self, config: dict[str, Any], threads: int, use_gpu: bool) -> None:
+    def __init__(self, config: dict[str, Any], threads: int, use_gpu: bool,
+                 inputs: Any = None) -> None:
         import torch
 
         from tskd.stages.distill import place_teacher
@@ -64,6 +65,8 @@ class _TeacherActor:
 
         torch.set_num_threads(max(1, threads))
         configure_worker_logging()
+        if inputs is not None:  # object-store output: the teacher's entries on this node
+            inputs.fetch()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = place_teacher(config, self.device)
         self.done = self.calls = 0
@@ -109,7 +112,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     targets = dataset.map_batches(
         _TeacherActor,
         fn_constructor_kwargs={"config": {"teacher": teacher, "distill": distill},
-                               "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu},
+                               "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu,
+                               "inputs": ctx.input_refs},
         batch_size=cfg.distill.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
         num_gpus=1 if cfg.ray.use_gpu else 0)
@@ -162,7 +166,8 @@ def check_cache(targets_dir: Path, expected: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def read_targets(stage_dir: Path | str, *, check: bool = True, expected: dict[str, Any] | None = None):
+def read_targets(stage_dir: Path | str, *, check: bool = True,
+                 expected: dict[str, Any] | None = None):
     """The cache as a ``ray.data.Dataset`` (columns as in the module docstring), after
     :func:`check_cache` against ``expected`` when given."""
     import ray.data

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from tskd.config import DiffusionConfig, ExperimentConfig, to_dict
-from tskd.stages.outputs import write_parquet
+from tskd.stages.outputs import local_copy, shared_dir, write_parquet
 from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class _Sampler:
 
         torch.set_num_threads(max(1, threads))
         configure_worker_logging()
-        self.unet, self.scheduler = load_diffusion(model_dir)
+        self.unet, self.scheduler = load_diffusion(local_copy(model_dir))
         self.seed, self.steps, self.batch_size = seed, num_inference_steps, batch_size
         self.sampler, self.out_size, self.grayscale = sampler, out_size, grayscale
         self.refs = ray.get(references) if isinstance(references, ray.ObjectRef) \
@@ -228,7 +228,7 @@ def use_grayscale(train_images: np.ndarray, cfg: ExperimentConfig) -> bool:
     return mode == "always" or (mode == "auto" and is_grayscale(train_images))
 
 
-def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: ExperimentConfig,
+def sample_transfer_set(model_dir: Path | str, train_images: np.ndarray, cfg: ExperimentConfig,
                         augmented: np.ndarray | None = None):
     """The Ray Data pipeline: ``range(n)`` → sampler actors → a materialized dataset of
     :data:`COLUMNS` (all samples, before near-copy filtering), images at ``data.image_size``
@@ -365,7 +365,8 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
              ", grayscale" if use_grayscale(train_images, cfg) else "", t.num_actors,
              t.actor_cpus)
     start = time.time()
-    samples = sample_transfer_set(out / MODEL_DIR, train_images, cfg, augmented)
+    with shared_dir(out / MODEL_DIR, storage) as model_location:  # actors on any node
+        samples = sample_transfer_set(model_location, train_images, cfg, augmented)
     meta = samples.select_columns(["id", "nn_index", "nn_mse", "nn_psnr", "nn_kind"]).to_pandas()
     meta = meta.sort_values("id").reset_index(drop=True)
     elapsed = time.time() - start
