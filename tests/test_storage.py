@@ -310,3 +310,20 @@ def test_driver_directories_reach_actors_through_the_bucket(s3, tmp_path):
         assert where.startswith(f"{train_dir}-share-")
         assert _tree(local_copy(where)) == FILES  # what an actor on another node loads
     assert _objects(s3) == {}  # the staging copy is gone
+
+
+def test_two_nodes_building_one_entry_the_first_manifest_wins(s3, tmp_path):
+    uri = f"{s3}/runs"
+    node_a = Store.for_output_dir(uri, tmp_path / "a")
+    node_b = Store.for_output_dir(uri, tmp_path / "b")
+    published = {}
+
+    def slow_build_on_b(tmp: Path) -> dict:  # node A publishes while node B is still building
+        published["a"], _ = node_a.resolve("s", "fp1", _builder([], {"w.bin": b"from A"}))
+        return _builder([], {"w.bin": b"from B"})(tmp)
+
+    entry, built = node_b.resolve("s", "fp1", slow_build_on_b)
+    assert built
+    assert entry.content_hash == published["a"].content_hash
+    assert (entry.path / "w.bin").read_bytes() == b"from A"  # B's own copy was discarded
+    assert _objects(uri)["runs/store/s/fp1/w.bin"] == b"from A"
