@@ -118,9 +118,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
         num_gpus=1 if cfg.ray.use_gpu else 0)
     write_parquet(targets, Path(ctx.dir) / TARGETS_DIR, run_storage(ctx))
-    first = next(iter(read_targets(ctx.dir, check=False).take(1)))
-    shapes = {k: list(np.asarray(v).shape) for k, v in first.items() if k.startswith(
-        ("hidden", "logits"))}
+    shapes = _row_shapes(Path(ctx.dir) / TARGETS_DIR)
     size = sum(p.stat().st_size for p in (Path(ctx.dir) / TARGETS_DIR).glob("*.parquet"))
     write_json(Path(ctx.dir) / CACHE_FILE, expected_cache(ctx, arm) | {
         "n_images": n, "views": VIEWS, "dtype": "float16", "shapes": shapes})
@@ -164,6 +162,22 @@ def check_cache(targets_dir: Path, expected: dict[str, Any]) -> dict[str, Any]:
                                 + "; ".join(wrong) + " (they are recomputed by the "
                                 "targets stage of this run's teacher and transfer set)")
     return found
+
+
+def _row_shapes(targets_dir: Path) -> dict[str, list[int]]:
+    """Per-image shapes of the ``hidden*``/``logits*`` columns, from the first non-empty shard
+    (read here with pyarrow: the shards are on this node, whichever node a Ray task would
+    run on)."""
+    import pyarrow.parquet as pq
+    import ray.data.extensions  # noqa: F401  registers the tensor extension type
+
+    for path in sorted(targets_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        if table.num_rows:
+            return {name: list(np.asarray(table.column(name).slice(0, 1).combine_chunks()
+                                          .to_numpy_ndarray())[0].shape)
+                    for name in table.column_names if name.startswith(("hidden", "logits"))}
+    return {}
 
 
 def read_targets(stage_dir: Path | str, *, check: bool = True,
