@@ -62,3 +62,33 @@ def tiny_run(tmp_path_factory):
         "hd95_unit": "pixels", "teacher": scores,
         "students": {"ts_kd": scores, "scratch": {**scores, "dice": 0.2}}}))
     return run
+
+
+PLANTED_SECRET = "planted-secret-7f3a9c"
+"""The S3 secret key the ``s3`` fixture puts in the environment (tests grep for it)."""
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 API on 127.0.0.1 (moto's server mode, stopped after the test) with one empty
+    bucket; the client environment (``AWS_ENDPOINT_URL``, keys: the secret is
+    :data:`PLANTED_SECRET`) is set for this test only. Yields ``s3://<bucket>``."""
+    import secrets
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "tskd-test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        bucket = f"tskd-{secrets.token_hex(4)}"
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()

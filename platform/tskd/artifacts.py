@@ -49,7 +49,12 @@ class StageContext:
             (``store/<stage>/.train-<fp>``): Ray Train's run storage, so a stage killed with its
             driver resumes from its last checkpoint when run again
             (:func:`tskd.stages.ray_train.run_storage`); the stage removes it when it succeeds.
-            ``None`` (e.g. tests): inside ``dir``.
+            ``None`` (e.g. tests): inside ``dir``. An ``s3://``-style URI for object-store outputs.
+        remote_inputs: for an object-store output, upstream stage name -> its entry's URI
+            (what Ray Data tasks on any node read: :meth:`input_location`); empty otherwise.
+        input_refs: for an object-store output, what a Ray Train worker on another node fetches
+            into its own mirror before it reads ``inputs`` (:class:`tskd.store.InputRefs`,
+            passed as ``fit_torch_trainer(..., inputs=ctx.input_refs)``); None otherwise.
     """
 
     name: str
@@ -57,7 +62,14 @@ class StageContext:
     inputs: dict[str, Path]
     cfg: ExperimentConfig
     params: dict[str, Any] = field(default_factory=dict)
-    train_dir: Path | None = None
+    train_dir: Path | str | None = None
+    remote_inputs: dict[str, str] = field(default_factory=dict)
+    input_refs: Any = None
+
+    def input_location(self, name: str) -> Path | str:
+        """Where tasks on any node read input ``name``: its object-store URI for remote
+        outputs, else its (local or shared) directory."""
+        return self.remote_inputs.get(name) or self.inputs[name]
 
 
 def package_versions() -> dict[str, str]:

@@ -527,6 +527,13 @@ def cmd_store(args: argparse.Namespace) -> int:
     from tskd.store import Store, garbage, referenced
     from tskd.store import tree_size as store_tree_size
 
+    from tskd.storage import is_remote
+
+    if is_remote(args.output_dir):
+        print(f"error: --output-dir {args.output_dir}: tskd store works on local output "
+              "directories only (an object store's entries are listed by its own tools)",
+              file=sys.stderr)
+        return 2
     output_dir = Path(args.output_dir).expanduser().resolve()
     store = Store.for_output_dir(output_dir)
     entries = store.entries()

@@ -25,6 +25,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from tskd.storage import REMOTE_SCHEMES
+
 SAM_ARCHS = ("vit_b", "vit_l", "vit_h", "sam_demo", "sam_tiny")
 """Teacher architectures; must equal the keys of ``tskd.models.sam.SAM_ARCHS`` (tested)."""
 OFFICIAL_SAM_ARCHS = ("vit_b", "vit_l", "vit_h")
@@ -934,6 +936,10 @@ class ExperimentConfig:
 
     experiment: str = "demo"
     output_dir: str = "runs"
+    """A local directory or shared mount, or an object-store URI (``s3://bucket/prefix``,
+    ``gs://``, ``abfs://``; credentials from the environment only, see :mod:`tskd.storage`)."""
+    mirror_dir: str = "~/.cache/tskd/mirror"
+    """Each node's local copy of an object-store ``output_dir`` (unused for local ones)."""
     seed: int = 0
     students: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     data: DataConfig = field(default_factory=DataConfig)
@@ -953,6 +959,14 @@ class ExperimentConfig:
     def validate(self, path: str = "") -> None:
         _check(bool(self.experiment) and all(c.isalnum() or c in "-_." for c in self.experiment),
                "experiment", self.experiment, "a non-empty name of letters, digits, '-', '_', '.'")
+        scheme = self.output_dir.split("://", 1)[0].lower() if "://" in self.output_dir else None
+        _check(scheme in (None, "file", *REMOTE_SCHEMES)
+               and (scheme in (None, "file") or len(self.output_dir.split("://", 1)[1]) > 0),
+               "output_dir", self.output_dir,
+               "a local path or a URI s3://bucket/prefix, gs://..., abfs://... "
+               f"(schemes: file, {', '.join(REMOTE_SCHEMES)})")
+        _check(bool(self.mirror_dir) and "://" not in self.mirror_dir, "mirror_dir",
+               self.mirror_dir, "a local directory")
         _check(len(self.students) > 0 and all(s in STUDENT_ARMS for s in self.students)
                and len(set(self.students)) == len(self.students),
                "students", self.students, f"a non-empty list of distinct names from {list(STUDENT_ARMS)}")
@@ -1004,7 +1018,13 @@ class ExperimentConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve() / self.experiment
+        """The run's local directory: under ``output_dir``, or for an object-store output
+        under this node's mirror of it (uploaded by the store)."""
+        from tskd.storage import is_remote, local_path, mirror_root
+
+        if is_remote(self.output_dir):
+            return mirror_root(self.output_dir, self.mirror_dir) / self.experiment
+        return local_path(self.output_dir) / self.experiment
 
 
 # ----------------------------------------------------------------------------------------------

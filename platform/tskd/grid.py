@@ -134,6 +134,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         base = to_dict(config_from_dict(base))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if "://" in base["output_dir"] and not base["output_dir"].startswith("file://"):
+        raise ConfigError(f"{path}: output_dir: invalid value {base['output_dir']!r}; allowed "
+                          "for tskd grid: a local directory or a shared mount (object stores: "
+                          "tskd run only)")
     # cells run in Tune's trial directories: every path absolute (relative ones: to the cwd)
     base["output_dir"] = str(Path(base["output_dir"]).expanduser().resolve())
     if base["data"]["root"] is not None:

@@ -24,7 +24,8 @@ from tskd.stages import (data_stage, distill, evaluate, imagenet_init, quality_c
                          transfer_set)
 from tskd.stages import pretrain as ssl_pretrain  # (plan() has a local named pretrain)
 from tskd.memory_plan import dataset_classes
-from tskd.store import Entry, Store, record_use
+from tskd.storage import is_remote, remove_tree, tree_exists
+from tskd.store import Entry, InputRefs, Store
 from tskd.stages.errors import StageFailed, error_log_path, own_error, write_error_log
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
     cfg = resolve_image_size(cfg)  # data.image_size: auto -> the dataset plan's size
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = store or Store.for_output_dir(cfg.output_dir)
+    store = store or Store.for_output_dir(cfg.output_dir, cfg.mirror_dir)
+    store.pull_run(run_dir)  # an object-store output: the run's view so far
     stages = (planner or plan)(cfg)
     if only:
         stages = _closure(stages, only)
@@ -213,7 +215,7 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
     for i, stage in enumerate(stages, 1):
         inputs = {d: entries[d] for d in stage.deps}
         fp = stage_fingerprint(stage, cfg, inputs)
-        train_dir = store.root / stage.name / f"{TRAIN_PREFIX}{fp}"
+        train_dir = store.train_dir(stage.name, fp, TRAIN_PREFIX)
         entry, built = store.resolve(stage.name, fp,
                                      _builder(stage, cfg, fp, inputs, train_dir, force),
                                      force=force, rebuilt_after=run_started)
@@ -222,10 +224,11 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
                      entry.manifest["wall_time_s"])
         else:
             log.info("[%d/%d] %s: up to date (%s), reused", i, len(stages), stage.name, fp)
-        record_use(run_dir, stage.name, entry)
+        store.record_run(run_dir, stage.name, entry)
         for name in RUN_FILES:
             if (entry.path / name).is_file():
                 _copy_atomic(entry.path / name, run_dir / name)
+                store.push_run_file(run_dir, name)
         entries[stage.name] = entry
         metrics[stage.name] = entry.manifest["metrics"]
         _stop_on_failed_check(cfg, stage.name, metrics[stage.name])
@@ -243,20 +246,25 @@ def _stop_on_failed_check(cfg: ExperimentConfig, name: str, result: dict[str, An
 
 
 def _builder(stage: Stage, cfg: ExperimentConfig, fp: str, inputs: dict[str, Entry],
-             train_dir: Path, force: bool):
+             train_dir: Path | str, force: bool):
     """The store's build callback: run the stage in the temporary entry, return its manifest.
     Training state left in ``train_dir`` by an interrupted build is resumed from (``--force``
     discards it)."""
     def build(tmp: Path) -> dict[str, Any]:
         if force:
-            shutil.rmtree(train_dir, ignore_errors=True)
-        if train_dir.is_dir():
+            remove_tree(train_dir)
+        if tree_exists(train_dir):
             log.info("%s: resuming the interrupted build's training state (%s)", stage.name,
                      train_dir)
         log.info("%s: running (%s)", stage.name, fp)
         started = time.time()
         ctx = StageContext(stage.name, tmp, {d: e.path for d, e in inputs.items()}, cfg,
                            dict(stage.params), train_dir=train_dir)
+        if is_remote(cfg.output_dir):  # workers on other nodes fetch what they read
+            refs = InputRefs(cfg.output_dir, str(Path(cfg.mirror_dir).expanduser().resolve()),
+                             tuple((d, e.fingerprint) for d, e in inputs.items()))
+            ctx.input_refs = refs
+            ctx.remote_inputs = {d: refs.uri(d, e.fingerprint) for d, e in inputs.items()}
         result = _run_stage(stage, ctx)
         return stage_manifest(ctx, fp=fp, config_slice=stage.config, metrics=result,
                               started=started,

@@ -25,6 +25,27 @@ stores) need their own lock service: replace :class:`EntryLock`.
 
 Runs reference entries through ``<output_dir>/<experiment>/stages.json`` (see
 :mod:`tskd.artifacts`); :func:`garbage` lists entries that no run references.
+
+**Object-store outputs** (``output_dir: s3://bucket/prefix``, ``gs://``, ``abfs://``; see
+:mod:`tskd.storage`). The remote tree has the same layout and is the source of truth; each node
+works in a local mirror (``<mirror_dir>/<sha of the URI>/``, the layout above) through the same
+code as a local store. :meth:`Store.get` reads the remote entry's ``manifest.json``; a complete
+one is downloaded into the mirror once (checked against its ``content_hash``; a mirror copy with
+that hash is used as it is). A build runs in the mirror exactly as locally (flock, temporary
+entry, rename), then :meth:`Store.resolve` uploads every file and the manifest *last*: a crashed
+upload leaves files without a manifest, which no reader takes for complete and the next builder
+deletes before its own upload. A mirror entry whose upload was lost is uploaded by the next
+``resolve`` that needs it instead of being rebuilt. Run views (``stages.json``,
+``results.json``) are uploaded after every change (:meth:`Store.record_run`) and pulled at the
+start of a run (:meth:`Store.pull_run`), so a second run on another machine resumes.
+
+Locking on object stores: there is no flock and no lease object. The flock above still keeps
+builders on one node apart; builders on *different* nodes of one entry may both build (the
+fingerprint makes their outputs equivalent, not necessarily bit-identical: e.g. GPU kernels).
+A builder that finds a complete remote manifest when it is about to upload discards its own
+copy and uses the published one (first complete manifest wins); if two uploads overlap
+exactly, the last manifest wins and a reader whose download does not match the manifest's
+content hash retries. ``tskd store gc`` works on local output directories only.
 """
 
 from __future__ import annotations
@@ -44,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from tskd import storage
 from tskd.artifacts import write_json
 
 log = logging.getLogger(__name__)
@@ -269,22 +291,63 @@ Builder = Callable[[Path], dict[str, Any]]
 (without ``content_hash``/``published``, which the store adds)."""
 
 
+@dataclass(frozen=True)
+class Remote:
+    """The object-store side of a store: ``uri`` (the ``output_dir``), its pyarrow filesystem
+    and the output root inside it (``bucket/prefix``)."""
+
+    uri: str
+    fs: Any
+    root: str
+
+    @property
+    def store(self) -> str:
+        return storage.join(self.root, "store")
+
+
 class Store:
     """The store under ``root`` (``<output_dir>/store``).
 
     Args:
-        root: the store directory (created on first publish).
+        root: the store directory (created on first publish); for an object-store output, the
+            store of this node's mirror.
         lock_timeout: seconds a builder waits for another builder of the same entry;
             ``None`` waits as long as that builder's process lives.
+        remote: the object store behind the mirror (None: a local store).
     """
 
-    def __init__(self, root: Path, lock_timeout: float | None = None) -> None:
+    def __init__(self, root: Path, lock_timeout: float | None = None,
+                 remote: Remote | None = None) -> None:
         self.root = Path(root)
         self.lock_timeout = lock_timeout
+        self.remote = remote
 
     @classmethod
-    def for_output_dir(cls, output_dir: str | Path, **kwargs: Any) -> Store:
-        return cls(Path(output_dir).expanduser().resolve() / "store", **kwargs)
+    def for_output_dir(cls, output_dir: str | Path,
+                       mirror_dir: str | Path | None = None, **kwargs: Any) -> Store:
+        """The store of ``output_dir``: a local path, or an object-store URI (entries mirrored
+        under ``mirror_dir`` on this node; default: the config's)."""
+        if storage.is_remote(str(output_dir)):
+            from tskd.config import ExperimentConfig
+
+            mirror_dir = mirror_dir or ExperimentConfig.mirror_dir
+            uri = str(output_dir).rstrip("/")
+            fs, root = storage.open_output(uri)
+            return cls(storage.mirror_root(uri, mirror_dir) / "store",
+                       remote=Remote(uri, fs, root), **kwargs)
+        return cls(storage.local_path(output_dir) / "store", **kwargs)
+
+    @property
+    def output_dir(self) -> Path:
+        """The local output directory (for an object store: this node's mirror of it)."""
+        return self.root.parent
+
+    def train_dir(self, stage: str, fp: str, prefix: str) -> str | Path:
+        """Ray Train's storage for building ``stage/fp``: ``store/<stage>/<prefix><fp>``, a URI
+        on the object store for remote outputs (every node reaches it)."""
+        if self.remote is not None:
+            return f"{self.remote.uri}/store/{stage}/{prefix}{fp}"
+        return self.root / stage / f"{prefix}{fp}"
 
     def entry_dir(self, stage: str, fp: str) -> Path:
         return self.root / stage / fp
@@ -293,12 +356,121 @@ class Store:
         return EntryLock(self.root / stage / LOCKS / f"{fp}.lock", self.lock_timeout)
 
     def get(self, stage: str, fp: str) -> Entry | None:
-        """The complete entry, or None."""
+        """The complete entry, or None. For an object-store output: the remote entry, in this
+        node's mirror (downloaded the first time)."""
+        if self.remote is None:
+            return self._local_get(stage, fp)
+        manifest = self._remote_manifest(stage, fp)
+        if manifest is None:
+            return None
+        local = self._local_get(stage, fp)
+        if local is not None and local.content_hash == manifest["content_hash"]:
+            return local
+        return self._download(stage, fp)
+
+    def _local_get(self, stage: str, fp: str) -> Entry | None:
         path = self.entry_dir(stage, fp)
         manifest = read_json(path / MANIFEST)
-        if not manifest or manifest.get("status") != "complete" or "content_hash" not in manifest:
+        if not _complete(manifest):
             return None
         return Entry(stage, fp, path, manifest)
+
+    def _remote_dir(self, stage: str, fp: str) -> str:
+        assert self.remote is not None
+        return storage.join(self.remote.store, stage, fp)
+
+    def _remote_manifest(self, stage: str, fp: str) -> dict[str, Any] | None:
+        manifest = storage.read_json(self.remote.fs, storage.join(self._remote_dir(stage, fp),
+                                                                 MANIFEST))
+        return manifest if _complete(manifest) else None
+
+    def _download(self, stage: str, fp: str, attempts: int = 3) -> Entry | None:
+        """The remote entry into the mirror (a temporary directory renamed into place); None if
+        it disappeared. Retries when the files do not match the manifest's content hash (an
+        upload of the same entry by another builder overlapped)."""
+        for attempt in range(attempts):
+            manifest = self._remote_manifest(stage, fp)
+            if manifest is None:
+                return None
+            tmp = self.root / stage / f"{TMP_PREFIX}{fp}-dl-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                storage.download_dir(self.remote.fs, self._remote_dir(stage, fp), tmp)
+                got = read_json(tmp / MANIFEST)
+                if _complete(got) and content_hash(tmp) == got["content_hash"]:
+                    log.info("%s/%s: downloaded from %s", stage, fp, self.remote.uri)
+                    return self._place(stage, fp, tmp, got)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("%s/%s: the remote entry changed while it was downloaded (attempt %d)",
+                        stage, fp, attempt + 1)
+            time.sleep(0.5 * (attempt + 1))
+        raise StoreError(f"{self.remote.uri}/store/{stage}/{fp}: its files do not match its "
+                         f"manifest's content hash after {attempts} downloads")
+
+    def _place(self, stage: str, fp: str, tmp: Path, manifest: dict[str, Any]) -> Entry:
+        """Rename the downloaded ``tmp`` to the entry's mirror directory (an older copy there
+        moves aside; a concurrent downloader's identical copy is kept)."""
+        final = self.entry_dir(stage, fp)
+        touch(tmp / LAST_USED)
+        try:
+            if final.exists():
+                old = final.with_name(f"{TMP_PREFIX}{fp}-old-{secrets.token_hex(4)}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except OSError:
+            other = self._local_get(stage, fp)
+            if other is None or other.content_hash != manifest["content_hash"]:
+                raise
+        return Entry(stage, fp, final, manifest)
+
+    def _upload(self, entry: Entry, force: bool) -> Entry:
+        """Publish a mirror entry on the object store: delete what an interrupted upload left,
+        upload every file, the manifest last. Unless ``force``, a complete remote entry that
+        appeared meanwhile (another node's builder) wins: it replaces this node's copy."""
+        remote = self._remote_dir(entry.stage, entry.fingerprint)
+        fs = self.remote.fs
+        if not force and self._remote_manifest(entry.stage, entry.fingerprint) is not None:
+            log.info("%s/%s: published by another builder meanwhile; using its copy",
+                     entry.stage, entry.fingerprint)
+            return self._download(entry.stage, entry.fingerprint) or entry
+        manifest_path = storage.join(remote, MANIFEST)
+        if storage.exists(fs, manifest_path):  # --force: incomplete first, then replaced
+            fs.delete_file(manifest_path)
+        storage.delete_dir(fs, remote)
+        storage.upload_dir(entry.path, fs, remote, last=[MANIFEST], skip=[LAST_USED])
+        log.info("%s/%s: uploaded to %s", entry.stage, entry.fingerprint, self.remote.uri)
+        return entry
+
+    def pull_run(self, run_dir: Path) -> None:
+        """For an object-store output: the run's view (``stages.json`` and the run files) from
+        the remote into the mirror's ``run_dir`` (a run started on another machine resumes)."""
+        if self.remote is None:
+            return
+        run_dir = Path(run_dir)
+        src = storage.join(self.remote.root, run_dir.name)
+        for name in storage.list_files(self.remote.fs, src):
+            if "/" not in name and name.endswith(".json"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with self.remote.fs.open_input_stream(storage.join(src, name)) as f:
+                    data = f.read()
+                tmp = run_dir / f".{name}.{os.getpid()}.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, run_dir / name)
+
+    def push_run_file(self, run_dir: Path, name: str) -> None:
+        """Upload ``<run_dir>/<name>`` to ``<uri>/<experiment>/<name>`` (remote outputs)."""
+        if self.remote is None or not (Path(run_dir) / name).is_file():
+            return
+        storage.upload_file(Path(run_dir) / name, self.remote.fs,
+                            storage.join(self.remote.root, Path(run_dir).name, name))
+
+    def record_run(self, run_dir: Path, stage: str, entry: Entry) -> None:
+        """:func:`record_use`, and the view uploaded for remote outputs."""
+        record_use(run_dir, stage, entry)
+        self.push_run_file(run_dir, VIEW_FILE)
 
     def resolve(self, stage: str, fp: str, build: Builder, *, force: bool = False,
                 rebuilt_after: float | None = None) -> tuple[Entry, bool]:
@@ -322,8 +494,17 @@ class Store:
                 log.info("%s/%s: built by another run meanwhile, reused", stage, fp)
                 touch(entry.path / LAST_USED)
                 return entry, False
+            if self.remote is not None and not force:
+                local = self._local_get(stage, fp)
+                if local is not None:  # built here, but its upload was lost (or gc'd)
+                    log.info("%s/%s: uploading this node's copy (not on %s)", stage, fp,
+                             self.remote.uri)
+                    return self._upload(local, force=False), False
             self._remove_temporaries(stage, fp)
-            return self._build_and_publish(stage, fp, build), True
+            entry = self._build_and_publish(stage, fp, build)
+            if self.remote is not None:
+                entry = self._upload(entry, force=force)
+            return entry, True
 
     def _build_and_publish(self, stage: str, fp: str, build: Builder) -> Entry:
         tmp = self.root / stage / f"{TMP_PREFIX}{fp}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -354,6 +535,8 @@ class Store:
     def _remove_temporaries(self, stage: str, fp: str) -> None:
         """Leftovers of crashed builders of ``stage/fp`` (only called under the entry lock)."""
         for tmp in (self.root / stage).glob(f"{TMP_PREFIX}{fp}-*"):
+            if _active_download(tmp):  # another process of this node fetching the entry
+                continue
             log.info("removing the leftover of an interrupted build: %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -404,6 +587,29 @@ class Store:
         finally:
             lock.release()
         return True
+
+
+@dataclass(frozen=True)
+class InputRefs:
+    """The input entries of a stage being built on an object-store output, as a Ray worker
+    on any node fetches them: :meth:`fetch` downloads each into that node's mirror, at the
+    same path as on the driver (``mirror_dir`` is resolved by the driver, so every node must
+    be able to write it: the same user and home on every node, or an absolute path).
+    Holds no credentials: each node's filesystem reads its own environment."""
+
+    output_dir: str
+    mirror_dir: str
+    entries: tuple[tuple[str, str], ...]
+
+    def fetch(self) -> None:
+        store = Store.for_output_dir(self.output_dir, self.mirror_dir)
+        for stage, fp in self.entries:
+            if store.get(stage, fp) is None:
+                raise StoreError(f"{self.output_dir}/store/{stage}/{fp}: no complete entry "
+                                 "(removed while a stage that reads it ran?)")
+
+    def uri(self, stage: str, fp: str) -> str:
+        return f"{self.output_dir.rstrip('/')}/store/{stage}/{fp}"
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -473,6 +679,19 @@ def garbage(store: Store, output_dir: Path) -> list[Entry]:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def _active_download(tmp: Path, max_age_s: float = 3600.0) -> bool:
+    """A download directory (``.tmp-<fp>-dl-...``) touched in the last hour."""
+    try:
+        return "-dl-" in tmp.name and time.time() - tmp.stat().st_mtime < max_age_s
+    except FileNotFoundError:
+        return False
+
+
+def _complete(manifest: Any) -> bool:
+    return isinstance(manifest, dict) and manifest.get("status") == "complete" \
+        and "content_hash" in manifest
 
 
 def read_json(path: Path) -> Any:

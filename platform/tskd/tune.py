@@ -84,6 +84,9 @@ def search_dir(cfg: ExperimentConfig) -> Path:
 
 def check_fresh(cfg: ExperimentConfig, resume: bool) -> None:
     """A new search must not land on an old one (checked before Ray starts)."""
+    if "://" in cfg.output_dir and not cfg.output_dir.startswith("file://"):
+        raise ConfigError(f"output_dir: invalid value {cfg.output_dir!r}; allowed for tskd tune: "
+                          "a local directory or a shared mount (object stores: tskd run only)")
     out = search_dir(cfg)
     if not resume and ((out / "tune").exists() or (out / "optuna.db").exists()):
         raise ConfigError(f"experiment: invalid value {cfg.experiment!r}; a search already "

@@ -98,3 +98,22 @@ def test_the_plan_puts_a_targets_stage_before_each_distillation():
     assert stages["targets_ta_kd"].deps == ("data", "teacher_pretrain", "transfer")
     replicated = {s.name for s in plan(load_config(None, ["distill.teacher_placement=replicated"]))}
     assert not any(n.startswith("targets_") for n in replicated)
+
+
+def test_row_shapes_are_read_from_the_shards(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    from tskd.stages.teacher_cache import _row_shapes
+
+    hidden = np.zeros((3, 2, 8, 4, 4), np.float16)  # 3 images x (views, C, h, w)
+    logits = np.zeros((3, 2, 5, 16, 16), np.float16)
+    table = pa.table({"id": np.arange(3), "hidden": ArrowTensorArray.from_numpy(hidden),
+                      "logits": ArrowTensorArray.from_numpy(logits)})
+    (tmp_path / "t").mkdir()
+    pq.write_table(table.slice(0, 0), tmp_path / "t" / "0-empty.parquet")
+    pq.write_table(table, tmp_path / "t" / "1.parquet")
+    assert _row_shapes(tmp_path / "t") == {"hidden": [2, 8, 4, 4], "logits": [2, 5, 16, 16]}
+    assert _row_shapes(tmp_path / "none") == {}

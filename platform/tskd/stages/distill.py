@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from tskd.stages.ray_train import (checkpoint, checkpoint_due, fail_point, fit_t
                                    is_rank_zero, load_result_state, report, resume, run_storage,
                                    worker_setup)
 from tskd.stages.teacher_pretrain import base_checkpoint
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -324,22 +324,23 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # the id column lets ray.deterministic sort the rows (Parquet holds them in the order the
     # sampler tasks finished), so every run streams the same batches to the same workers
     if cache_dir is None:
-        dataset = read_transfer_set(transfer_dir, columns=["id", "image"],
+        dataset = read_transfer_set(ctx.input_location("transfer"), columns=["id", "image"],
                                     materialize_share=cfg.ray.materialize_share)
     else:
         cache = check_cache(cache_dir, expected_cache(ctx, arm))
         config["cache"] = cache["shapes"]
-        dataset = read_targets(cache_dir, check=False,
+        dataset = read_targets(ctx.input_location(f"targets_{arm}"), check=False,
                                materialize_share=cfg.ray.materialize_share)
     log.info("distilling (%s) on %d transfer images for %d epochs, teacher %s", arm,
              n_transfer, cfg.distill.epochs, "targets cached" if cache_dir else "replicated")
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name=ctx.name, storage=storage, datasets={"transfer": dataset},
-                               callbacks=callbacks)
+                               callbacks=callbacks,
+                               inputs=ctx.input_refs)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_tree(storage)
     return {k: v for k, v in result.metrics.items()
             if k.startswith(("distill/", "kd/", "rung/history", "perf/"))}
 

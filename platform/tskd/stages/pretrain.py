@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from typing import Any
 
@@ -31,7 +30,8 @@ from tskd.models.students import build_student
 from tskd.stages.data_stage import load_data
 from tskd.stages.distill import STUDENT_FILE
 from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.ray_train import run_storage, unwrap, worker_setup
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +144,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = {"method": method, "pretrain": p, "student": to_dict(cfg.student),
               "num_classes": info.num_classes, "n_transfer": n_transfer, "seed": cfg.seed,
               "ray": to_dict(cfg.ray)}
-    dataset = read_transfer_set(transfer_dir, columns=["id", "image"],
+    dataset = read_transfer_set(ctx.input_location("transfer"), columns=["id", "image"],
                                 materialize_share=cfg.ray.materialize_share)
     log.info("%s pre-training on %d transfer images for %d epochs", method, n_transfer,
              p["epochs"])
     started = time.time()
+    storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name=ctx.name, storage=ctx.dir / "ray",
-                               datasets={"transfer": dataset})
+                               name=ctx.name, storage=storage,
+                               datasets={"transfer": dataset},
+                               inputs=ctx.input_refs)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
+    remove_tree(storage)
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("pretrain/")}
     metrics["pretrain/fit_time_s"] = round(time.time() - started, 3)
     metrics["pretrain/lr"] = scaled_lr(p["base_lr"], p["batch_size"] * cfg.ray.num_workers)

@@ -17,6 +17,7 @@ re-runs of the same stage fingerprint, so a re-run ``tskd run`` resumes too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -46,10 +47,11 @@ def resolve_backend(ray_cfg: RayConfig) -> str:
 
 
 def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_config: dict[str, Any],
-                      ray_cfg: RayConfig, name: str, storage: Path,
+                      ray_cfg: RayConfig, name: str, storage: Path | str,
                       datasets: dict[str, Any] | None = None,
                       num_workers: int | None = None,
-                      callbacks: list[Any] | None = None) -> Any:
+                      callbacks: list[Any] | None = None,
+                      inputs: Any = None) -> Any:
     """Run ``train_fn`` on Ray Train workers and return the ``ray.train.Result``.
 
     Args:
@@ -59,10 +61,15 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         name: the run name (a folder under ``storage``).
         storage: directory for Ray's run state and checkpoints (:func:`run_storage`): a run
             started again with the same ``storage`` and ``name`` resumes from its latest
-            checkpoint (Ray Train V2 restores its checkpoint manager from there).
+            checkpoint (Ray Train V2 restores its checkpoint manager from there). An
+            object-store URI (``s3://...``) is handed to Ray as it is: Ray opens it with
+            pyarrow from each node's environment (credentials never travel in the config).
         datasets: Ray Data datasets, sharded across workers (``get_dataset_shard``).
         num_workers: overrides ``ray_cfg.num_workers`` (e.g. 1 for a small job).
         callbacks: Ray Train ``UserCallback``s (e.g. :func:`tskd.stages.rungs.tune_callback`).
+        inputs: ``StageContext.input_refs`` (object-store outputs): each worker first fetches
+            the stage's input entries into its node's mirror, so the driver's paths in
+            ``train_config`` are valid on every node.
 
     Raises:
         RuntimeError: the training run failed; Ray's error (which holds the worker's) is chained,
@@ -74,6 +81,8 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = num_workers or ray_cfg.num_workers
+    if inputs is not None:
+        train_fn = functools.partial(fetch_then_train, train_fn, inputs)
     data_config = DataConfig()
     if datasets:
         datasets, data_config = prepare_datasets(datasets, ray_cfg)
@@ -87,7 +96,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=resolve_backend(ray_cfg)),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage).resolve()),
+            name=name, storage_path=_storage_path(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
@@ -105,9 +114,18 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     return result
 
 
-def read_parquet_dataset(folder: Path, *, columns: list[str] | None = None,
+def fetch_then_train(train_fn: Callable[[dict[str, Any]], None], inputs: Any,
+                     config: dict[str, Any]) -> None:
+    """A worker's loop on an object-store output: the stage's inputs into this node's mirror
+    (:meth:`tskd.store.InputRefs.fetch`; nothing is downloaded twice), then ``train_fn``."""
+    inputs.fetch()
+    train_fn(config)
+
+
+def read_parquet_dataset(folder: Path | str, *, columns: list[str] | None = None,
                          materialize_share: float = 0.0) -> Any:
     """The Parquet files under ``folder`` as a ``ray.data.Dataset`` of ``columns`` (all: None).
+    An object-store URI always streams (every node's read tasks open it there).
 
     When their uncompressed size (from the Parquet metadata) is at most ``materialize_share``
     of the cluster's object store, they are read once with pyarrow, sorted by ``id`` where there
@@ -119,6 +137,10 @@ def read_parquet_dataset(folder: Path, *, columns: list[str] | None = None,
     import ray.data
     import ray.data.extensions  # noqa: F401 - registers the tensor extension type for pyarrow
 
+    from tskd.storage import is_remote
+
+    if is_remote(str(folder)):
+        return ray.data.read_parquet(str(folder), columns=columns)
     folder = Path(folder)
     if materialize_share > 0:
         files = sorted(folder.rglob("*.parquet"))
@@ -208,10 +230,22 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {text[0] if text else ''}"
 
 
-def run_storage(ctx: Any) -> Path:
+def run_storage(ctx: Any) -> Path | str:
     """Where a stage's Ray Train runs keep their state: ``ctx.train_dir`` (stable per stage
-    fingerprint, so a re-run resumes), else a folder of the temporary entry."""
-    return Path(ctx.train_dir) if getattr(ctx, "train_dir", None) else Path(ctx.dir) / "ray"
+    fingerprint, so a re-run resumes; an ``s3://``-style URI for object-store outputs), else a
+    folder of the temporary entry. Remove it with :func:`tskd.storage.remove_tree`."""
+    from tskd.storage import is_remote
+
+    train_dir = getattr(ctx, "train_dir", None)
+    if not train_dir:
+        return Path(ctx.dir) / "ray"
+    return str(train_dir) if is_remote(str(train_dir)) else Path(train_dir)
+
+
+def _storage_path(storage: Path | str) -> str:
+    from tskd.storage import is_remote
+
+    return str(storage) if is_remote(str(storage)) else str(Path(storage).resolve())
 
 
 def load_result_state(result: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from tskd.stages.distill import STUDENT_FILE, build_student
 from tskd.stages.engine import build_engine
 from tskd.stages.ray_train import fit_torch_trainer, load_result_state, run_storage, worker_setup
 from tskd.stages.supervised import fit_supervised, labelled_sets
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,11 @@ def fit_student(ctx: StageContext, student: dict[str, Any], finetune: dict[str, 
     log.info("fine-tuning the %s student on %d labelled images", what, len(splits.labelled))
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name=ctx.name, storage=storage)
+                               name=ctx.name, storage=storage,
+                               inputs=ctx.input_refs)
     state = load_result_state(result)
     torch.save(state["student"], ctx.dir / STUDENT_FILE)
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_tree(storage)
     model = load_student(ctx.dir, student, info.num_classes)
     return {"val/dice": state["val/dice"], "student/best_epoch": state["epoch"],
             "train/loss": result.metrics.get("train/loss")} | footprint_metrics(

@@ -37,6 +37,8 @@ import numpy as np
 
 from tskd.artifacts import StageContext, write_json
 from tskd.config import TskdError
+from tskd.stages.outputs import write_parquet
+from tskd.stages.ray_train import run_storage
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class _TeacherActor:
     """A frozen teacher that turns batches of transfer images into fp16 targets (Ray Data
     callable class: one teacher per actor)."""
 
-    def __init__(self, config: dict[str, Any], threads: int, use_gpu: bool) -> None:
+    def __init__(self, config: dict[str, Any], threads: int, use_gpu: bool,
+                 inputs: Any = None) -> None:
         import torch
 
         from tskd.stages.distill import place_teacher
@@ -62,6 +65,8 @@ class _TeacherActor:
 
         torch.set_num_threads(max(1, threads))
         configure_worker_logging()
+        if inputs is not None:  # object-store output: the teacher's entries on this node
+            inputs.fetch()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.teacher = place_teacher(config, self.device)
         self.done = self.calls = 0
@@ -101,20 +106,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
     n = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
     teacher, distill = teacher_config(ctx, arm)
     t = cfg.transfer
-    dataset = read_transfer_set(transfer_dir).select_columns(["id", "image"])
+    dataset = read_transfer_set(ctx.input_location("transfer")).select_columns(["id", "image"])
     log.info("teacher targets (%s): %d transfer images x %d views on %d actor(s)", arm, n,
              VIEWS, t.num_actors)
     targets = dataset.map_batches(
         _TeacherActor,
         fn_constructor_kwargs={"config": {"teacher": teacher, "distill": distill},
-                               "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu},
+                               "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu,
+                               "inputs": ctx.input_refs},
         batch_size=cfg.distill.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
         num_gpus=1 if cfg.ray.use_gpu else 0)
-    targets.write_parquet(str(Path(ctx.dir) / TARGETS_DIR))
-    first = next(iter(read_targets(ctx.dir, check=False).take(1)))
-    shapes = {k: list(np.asarray(v).shape) for k, v in first.items() if k.startswith(
-        ("hidden", "logits"))}
+    write_parquet(targets, Path(ctx.dir) / TARGETS_DIR, run_storage(ctx))
+    shapes = _row_shapes(Path(ctx.dir) / TARGETS_DIR)
     size = sum(p.stat().st_size for p in (Path(ctx.dir) / TARGETS_DIR).glob("*.parquet"))
     write_json(Path(ctx.dir) / CACHE_FILE, expected_cache(ctx, arm) | {
         "n_images": n, "views": VIEWS, "dtype": "float16", "shapes": shapes})
@@ -160,16 +164,34 @@ def check_cache(targets_dir: Path, expected: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def read_targets(stage_dir: Path, *, check: bool = True, expected: dict[str, Any] | None = None,
-                 materialize_share: float = 0.0):
+def _row_shapes(targets_dir: Path) -> dict[str, list[int]]:
+    """Per-image shapes of the ``hidden*``/``logits*`` columns, from the first non-empty shard
+    (read here with pyarrow: the shards are on this node, whichever node a Ray task would
+    run on)."""
+    import pyarrow.parquet as pq
+    import ray.data.extensions  # noqa: F401  registers the tensor extension type
+
+    for path in sorted(targets_dir.glob("*.parquet")):
+        table = pq.read_table(path)
+        if table.num_rows:
+            return {name: list(np.asarray(table.column(name).slice(0, 1).combine_chunks()
+                                          .to_numpy_ndarray())[0].shape)
+                    for name in table.column_names if name.startswith(("hidden", "logits"))}
+    return {}
+
+
+def read_targets(stage_dir: Path | str, *, check: bool = True,
+                 expected: dict[str, Any] | None = None, materialize_share: float = 0.0):
     """The cache as a ``ray.data.Dataset`` (columns as in the module docstring), after
     :func:`check_cache` against ``expected`` when given; held in the object store when it fits
     ``materialize_share`` of it (:func:`tskd.stages.ray_train.read_parquet_dataset`)."""
     from tskd.stages.ray_train import read_parquet_dataset
+    from tskd.storage import is_remote
 
     if check and expected is not None:
         check_cache(Path(stage_dir), expected)
-    return read_parquet_dataset(Path(stage_dir) / TARGETS_DIR,
+    return read_parquet_dataset(f"{str(stage_dir).rstrip('/')}/{TARGETS_DIR}"
+                                if is_remote(str(stage_dir)) else Path(stage_dir) / TARGETS_DIR,
                                 materialize_share=materialize_share)
 
 

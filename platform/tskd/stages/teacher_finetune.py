@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from tskd.stages.ray_train import (fit_torch_trainer, is_rank_zero, load_result_
                                    run_storage, worker_setup)
 from tskd.stages.supervised import fit_supervised, labelled_sets
 from tskd.stages.teacher_pretrain import base_checkpoint
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
               "seed": cfg.seed, "ray": to_dict(cfg.ray)}
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name="teacher", storage=storage)
+                               name="teacher", storage=storage,
+                               inputs=ctx.input_refs)
     state = load_result_state(result)
     torch.save(state["lora"], ctx.dir / LORA_FILE)
     write_json(ctx.dir / TEACHER_FILE, {**spec, "best_epoch": state["epoch"]})
-    shutil.rmtree(storage, ignore_errors=True)
+    remove_tree(storage)
     return {"val/dice": state["val/dice"], "teacher/best_epoch": state["epoch"],
             "teacher/adapter_mb": round((ctx.dir / LORA_FILE).stat().st_size / 2**20, 3),
             "teacher/trained_params": sum(t.numel() for t in state["lora"].values()),

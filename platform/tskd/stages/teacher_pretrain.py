@@ -10,7 +10,8 @@ The result is cached under ``teacher.pretrain.cache_dir`` keyed by a fingerprint
 architecture, input size, pre-training settings and ``teacher.pretrain.seed`` (not the
 experiment's seed: experiments with several seeds share one foundation model), so it is trained
 once per machine.
-Output: ``base.json`` naming the checkpoint.
+Output: ``base.json`` naming the checkpoint; for an object-store ``output_dir`` the checkpoint
+itself is copied into the entry (``sam.pth``, named relatively) so workers on every node fetch it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 from tskd.artifacts import StageContext, write_json
 from tskd.config import fingerprint, to_dict
 from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import unwrap, worker_setup
+from tskd.stages.ray_train import run_storage, unwrap, worker_setup
+from tskd.storage import is_remote, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +104,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
         started = time.time()
         config = {"arch": t.arch, "img_size": t.img_size, "pretrain": to_dict(t.pretrain),
                   "seed": t.pretrain.seed, "ray": to_dict(ctx.cfg.ray)}
+        storage = run_storage(ctx)
         result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=ctx.cfg.ray,
-                                   name="teacher_pretrain", storage=ctx.dir / "ray")
+                                   name="teacher_pretrain", storage=storage)
         state = load_result_state(result)
         meta = {"pretrain/loss": result.metrics.get("pretrain/loss"),
                 "pretrain/wall_time_s": round(time.time() - started, 1), "arch": t.arch,
                 "img_size": t.img_size}
         _write_cache(cache, state["model"], meta)
-        shutil.rmtree(ctx.dir / "ray", ignore_errors=True)
-    write_json(ctx.dir / BASE_FILE, {"checkpoint": str(cache / "sam.pth"), **meta})
+        remove_tree(storage)
+    checkpoint = str(cache / "sam.pth")
+    if is_remote(ctx.cfg.output_dir):  # workers on other nodes read it from the entry
+        shutil.copyfile(cache / "sam.pth", ctx.dir / "sam.pth")
+        checkpoint = "sam.pth"
+    write_json(ctx.dir / BASE_FILE, {"checkpoint": checkpoint, **meta})
     return {k: v for k, v in meta.items() if k.startswith("pretrain/")}
 
 
@@ -133,4 +140,6 @@ def base_checkpoint(ctx: StageContext) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"teacher.checkpoint: {path} does not exist")
         return path
-    return Path(json.loads((ctx.inputs["teacher_pretrain"] / BASE_FILE).read_text())["checkpoint"])
+    entry = Path(ctx.inputs["teacher_pretrain"])
+    # absolute: this machine's cache; relative: inside the entry (object-store outputs)
+    return entry / json.loads((entry / BASE_FILE).read_text())["checkpoint"]

@@ -53,7 +53,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,8 @@ from typing import Any
 import numpy as np
 
 from tskd.config import DiffusionConfig, ExperimentConfig, to_dict
+from tskd.stages.outputs import local_copy, shared_dir, write_parquet
+from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def train_diffusion(images: np.ndarray, cfg: ExperimentConfig, out_dir: Path, st
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name="ddpm", storage=storage, num_workers=1)
     state = load_result_state(result)
-    shutil.rmtree(storage, ignore_errors=True)  # kept after a failure: a re-run resumes
+    remove_tree(storage)  # kept after a failure: a re-run resumes
     unet = build_unet(dcfg)
     unet.load_state_dict(state["unet"])
     save_diffusion(unet, out_dir, build_scheduler(dcfg))
@@ -192,7 +193,7 @@ class _Sampler:
 
         torch.set_num_threads(max(1, threads))
         configure_worker_logging()
-        self.unet, self.scheduler = load_diffusion(model_dir)
+        self.unet, self.scheduler = load_diffusion(local_copy(model_dir))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.seed, self.steps, self.batch_size = seed, num_inference_steps, batch_size
         self.sampler, self.out_size, self.grayscale = sampler, out_size, grayscale
@@ -237,7 +238,7 @@ def use_grayscale(train_images: np.ndarray, cfg: ExperimentConfig) -> bool:
     return mode == "always" or (mode == "auto" and is_grayscale(train_images))
 
 
-def sample_transfer_set(model_dir: Path, train_images: np.ndarray, cfg: ExperimentConfig,
+def sample_transfer_set(model_dir: Path | str, train_images: np.ndarray, cfg: ExperimentConfig,
                         augmented: np.ndarray | None = None):
     """The Ray Data pipeline: ``range(n)`` → sampler actors → a materialized dataset of
     :data:`COLUMNS` (all samples, before near-copy filtering), images at ``data.patch``
@@ -317,16 +318,18 @@ def run(ctx: Any) -> dict[str, Any]:
         "sources": list(t.sources), "n_kept": 0, "n_synthetic": 0, "n_unlabelled": 0,
         "image_size": cfg.data.patch, "columns": COLUMNS, "images_dir": IMAGES_DIR,
         "seed": cfg.seed}
-    if "synthetic" in t.sources:
-        from tskd.stages.ray_train import run_storage
+    from tskd.stages.ray_train import run_storage
 
-        metrics |= _synthetic_part(cfg, info, splits, out, manifest, run_storage(ctx))
+    storage = run_storage(ctx)
+    if "synthetic" in t.sources:
+        metrics |= _synthetic_part(cfg, info, splits, out, manifest, storage)
     else:
         write_json(out / QUALITY_FILE, {"sources": list(t.sources), "n_sampled": 0,
                                         "note": "no synthetic images: nothing to check"})
     if "unlabelled" in t.sources:
         first_id = t.n_images if "synthetic" in t.sources else 0
-        manifest["unlabelled_case_ids"] = _unlabelled_part(cfg, info, splits, out, first_id)
+        manifest["unlabelled_case_ids"] = _unlabelled_part(cfg, info, splits, out, first_id,
+                                                           storage)
         manifest["n_unlabelled"] = len(manifest["unlabelled_case_ids"])
     manifest["n_kept"] = manifest["n_synthetic"] + manifest["n_unlabelled"]
     manifest["shards"] = sorted(p.relative_to(out).as_posix()
@@ -340,7 +343,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
 
 def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
-                     first_id: int) -> list[str]:
+                     first_id: int, storage: Path | str | None = None) -> list[str]:
     """Write ``transfer.n_unlabelled`` (null = all) real unlabelled train images, a seeded
     subset, as parquet rows of :data:`COLUMNS`; return their case ids (in id order)."""
     import ray
@@ -374,13 +377,13 @@ def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     rows = {"id": ids, "image": images, "nn_index": np.full(n, -1, np.int64),
             "nn_mse": np.full(n, np.nan), "nn_psnr": np.full(n, np.nan),
             "nn_kind": np.full(n, ""), "source": np.full(n, "unlabelled")}
-    ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(n)]
-                        ).write_parquet(str(out / IMAGES_DIR))
+    write_parquet(ray.data.from_items([{k: v[i] for k, v in rows.items()} for i in range(n)]),
+                  out / IMAGES_DIR, storage)
     return case_ids
 
 
 def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
-                    manifest: dict[str, Any], storage: Path) -> dict[str, Any]:
+                    manifest: dict[str, Any], storage: Path | str) -> dict[str, Any]:
     """Train the DDPM (Ray Train state under ``storage``), sample, check quality and privacy,
     write the kept samples; fill the synthetic entries of ``manifest``; return ``diffusion/*``
     and ``transfer/*`` metrics."""
@@ -414,7 +417,8 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
              ", grayscale" if use_grayscale(train_images, cfg) else "", t.num_actors,
              t.actor_cpus)
     start = time.time()
-    samples = sample_transfer_set(out / MODEL_DIR, train_images, cfg, augmented)
+    with shared_dir(out / MODEL_DIR, storage) as model_location:  # actors on any node
+        samples = sample_transfer_set(model_location, train_images, cfg, augmented)
     meta = samples.select_columns(["id", "nn_index", "nn_mse", "nn_psnr", "nn_kind"]).to_pandas()
     meta = meta.sort_values("id").reset_index(drop=True)
     elapsed = time.time() - start
@@ -463,7 +467,7 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
 
     kept = samples.map_batches(_keep_below, fn_kwargs={"threshold": t.near_copy_psnr},
                                batch_format="numpy") if drop.any() else samples
-    kept.write_parquet(str(out / IMAGES_DIR))
+    write_parquet(kept, out / IMAGES_DIR, storage)
     manifest.update({
         "n_images": t.n_images, "n_sampled": int(len(ids)), "n_synthetic": int(keep.sum()),
         "n_dropped": int(drop.sum()), "diffusion_image_size": t.diffusion.image_size,
@@ -489,14 +493,18 @@ def _fmt(x: float | None) -> str:
 # ---------------------------------------------------------------------------- readers
 
 
-def read_transfer_set(stage_dir: Path, *, columns: list[str] | None = None,
+def read_transfer_set(stage_dir: Path | str, *, columns: list[str] | None = None,
                       materialize_share: float = 0.0):
     """The kept transfer images as a ``ray.data.Dataset`` of ``columns`` (default
     :data:`COLUMNS`; ``image`` is a ``uint8 (H, W, 3)`` tensor column). Streamed, row order is
     not guaranteed (sort by ``id`` if needed); held in the object store when it fits
-    ``materialize_share`` of it (:func:`tskd.stages.ray_train.read_parquet_dataset`)."""
+    ``materialize_share`` of it (:func:`tskd.stages.ray_train.read_parquet_dataset`).
+    ``stage_dir`` may be an object-store entry's URI (``StageContext.input_location``)."""
     from tskd.stages.ray_train import read_parquet_dataset
+    from tskd.storage import is_remote
 
+    if is_remote(str(stage_dir)):  # every node's read tasks open it there
+        return read_parquet_dataset(f"{str(stage_dir).rstrip('/')}/{IMAGES_DIR}", columns=columns)
     images = Path(stage_dir) / IMAGES_DIR
     if not images.is_dir():
         raise FileNotFoundError(f"{stage_dir}: no transfer set (missing {IMAGES_DIR}/)")

@@ -1,0 +1,205 @@
+"""Where ``output_dir`` lives: a local directory, or an object store (``s3://``, ``gs://``,
+``abfs://``) reached through a pyarrow filesystem.
+
+A local ``output_dir`` (a path, a shared mount) is used as it is: nothing here runs for it. For a
+URI, :func:`open_output` gives the pyarrow filesystem and the root path inside it
+(``pyarrow.fs.FileSystem.from_uri``; an fsspec filesystem wrapped for pyarrow where pyarrow has
+none for the scheme). Credentials and endpoints come only from the environment and the
+filesystem's usual configuration (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
+``AWS_ENDPOINT_URL``, ``~/.aws``, Google's application-default credentials, Azure's
+``AZURE_STORAGE_*``), never from tskd configs, and nothing here writes or logs them.
+
+Each node keeps a local mirror of the remote output (:func:`mirror_root`,
+``<mirror_dir>/<sha256(uri)[:16]>/``, the same layout as a local ``output_dir``): the store
+(:mod:`tskd.store`) downloads entries into it and builds there before uploading. The helpers
+below copy trees and small JSON files between the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az")
+"""URI schemes ``output_dir`` may use (anything else with ``://`` is refused)."""
+_CHUNK = 8 << 20
+
+
+def scheme(uri: str) -> str | None:
+    """``"s3"`` for ``s3://bucket/prefix``; None for a local path (``file://`` included)."""
+    if "://" not in str(uri):
+        return None
+    s = str(uri).split("://", 1)[0].lower()
+    return None if s == "file" else s
+
+
+def is_remote(uri: str | Path) -> bool:
+    """True for an object-store URI (``s3://``, ``gs://``, ``abfs://``...)."""
+    return scheme(str(uri)) is not None
+
+
+def local_path(uri: str | Path) -> Path:
+    """A local ``output_dir`` (or ``file://`` URI) as an absolute path."""
+    text = str(uri)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return Path(text).expanduser().resolve()
+
+
+def mirror_root(uri: str, mirror_dir: str | Path) -> Path:
+    """This node's local mirror of the remote output ``uri``: ``<mirror_dir>/<sha[:16]>``.
+    The directory name depends on the URI only (trailing slashes ignored), so every process on
+    a node shares one mirror."""
+    key = hashlib.sha256(str(uri).rstrip("/").encode()).hexdigest()[:16]
+    return Path(mirror_dir).expanduser().resolve() / key
+
+
+def open_output(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of an object-store URI and the root path inside it (no scheme, no
+    trailing slash), e.g. ``(S3FileSystem, "bucket/prefix")``. Credentials: the environment
+    and the filesystem's own configuration only."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(str(uri))
+    except (pafs.lib.ArrowInvalid, pafs.lib.ArrowNotImplementedError, ValueError) as exc:
+        try:  # e.g. abfs:// on a pyarrow built without Azure: fsspec (adlfs) if installed
+            import fsspec
+
+            fsspec_fs, root = fsspec.core.url_to_fs(str(uri))
+        except (ImportError, ValueError) as exc2:
+            raise ValueError(f"cannot open {uri}: {exc} / {exc2}") from exc
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
+    return fs, root.rstrip("/")
+
+
+def join(*parts: str) -> str:
+    """A path inside a filesystem from its parts (always ``/``-separated)."""
+    return posixpath.join(*[p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts)])
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """Paths relative to ``root`` of every file under it (sorted; empty if none)."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(posixpath.relpath(i.path, root) for i in infos
+                  if i.type == pafs.FileType.File)
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> Any:
+    """A small JSON file, or None if it does not exist or does not parse."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        if not exists(fs, path):
+            return None
+        log.warning("ignoring unreadable %s (%s)", path, type(exc).__name__)
+        return None
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """One object (object stores write it whole or not at all)."""
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_json(fs: pafs.FileSystem, path: str, data: Any) -> None:
+    write_bytes(fs, path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def upload_file(local: Path, fs: pafs.FileSystem, dest: str) -> None:
+    with open(local, "rb") as src, fs.open_output_stream(dest) as out:
+        while chunk := src.read(_CHUNK):
+            out.write(chunk)
+
+
+def upload_dir(local: Path, fs: pafs.FileSystem, dest: str, *, last: Iterable[str] = (),
+               skip: Iterable[str] = ()) -> list[str]:
+    """Copy every file under ``local`` to ``dest`` (relative paths kept); the files named in
+    ``last`` (relative paths, e.g. the manifest) go after all others, so a reader that waits
+    for them never sees a partial tree. Symlinks are refused (object stores have none).
+    Returns the relative paths uploaded."""
+    local = Path(local)
+    last, skip = list(last), set(skip)
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(local):
+        base = Path(dirpath)
+        for name in dirnames + filenames:
+            if (base / name).is_symlink():
+                raise ValueError(f"{base / name}: symlinks cannot be stored on an object store")
+        rels += [(base / n).relative_to(local).as_posix() for n in filenames]
+    rels = sorted(r for r in rels if r not in skip and r not in last)
+    rels += [r for r in last if (local / r).is_file()]
+    for rel in rels:
+        upload_file(local / rel, fs, join(dest, rel))
+    return rels
+
+
+def download_dir(fs: pafs.FileSystem, src: str, local: Path) -> list[str]:
+    """Copy every file under ``src`` into ``local`` (created); returns the relative paths."""
+    local = Path(local)
+    rels = list_files(fs, src)
+    for rel in rels:
+        target = local / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.dl-{secrets.token_hex(4)}")
+        with fs.open_input_stream(join(src, rel)) as f, open(tmp, "wb") as out:
+            while chunk := f.read(_CHUNK):
+                out.write(chunk)
+        os.replace(tmp, target)
+    return rels
+
+
+def delete_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Remove ``path`` and everything under it (nothing if it does not exist)."""
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif exists(fs, path):
+        fs.delete_file(path)
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a directory tree, local path or object-store URI (errors ignored: cleanup)."""
+    if is_remote(str(path)):
+        try:
+            fs, root = open_output(str(path))
+            delete_dir(fs, root)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", path, exc)
+        return
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def tree_exists(path: str | Path) -> bool:
+    """True if a directory (local) or any object under the prefix (remote) exists."""
+    if is_remote(str(path)):
+        fs, root = open_output(str(path))
+        return bool(list_files(fs, root))
+    return Path(path).is_dir()

@@ -1,0 +1,127 @@
+"""A tiny pipeline whose output_dir is on S3 (moto's server on 127.0.0.1): ``tskd run`` twice,
+as two machines would (each with its own empty mirror); the second reuses every stage."""
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from conftest import PLANTED_SECRET
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [  # task-agnostic KD: a transfer set (Ray Data writes and reads) and distillation too
+    "experiment=tiny", "students=[ta_kd]", "reference.arch=none",
+    "data.demo.n_images=24", "data.demo.size=32", "data.image_size=32",
+    "data.n_labels=8", "data.val_share=0.25",
+    "teacher.arch=sam_tiny", "teacher.img_size=32",
+    "teacher.pretrain.steps=2", "teacher.pretrain.batch_size=2",
+    "teacher.finetune.epochs=1", "teacher.finetune.batch_size=4",
+    "transfer.n_images=8", "transfer.diffusion.image_size=16", "transfer.diffusion.n_augmented=8",
+    "transfer.diffusion.train_steps=2", "transfer.diffusion.batch_size=4",
+    "transfer.diffusion.num_inference_steps=2", "transfer.diffusion.block_out_channels=[32,32]",
+    "transfer.sample_batch_size=4", "transfer.actor_cpus=0.5", "transfer.near_copy_psnr=99",
+    "student.img_size=32", "student.patch_size=8", "student.decoder_dim=16",
+    "distill.epochs=1", "distill.batch_size=4",
+    "student_finetune.epochs=1", "student_finetune.batch_size=4",
+    "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
+]
+STAGES = {"data", "teacher_pretrain", "teacher", "transfer", "distill_ta_kd", "student_ta_kd",
+          "evaluate"}
+
+
+def _tskd_run(uri: str, mirror: Path, cache: Path, tmp: Path) -> str:
+    """``tskd run`` in a fresh process (its own local Ray, Ray's files under ``tmp``); returns
+    its console output."""
+    sets = [*TINY, f"output_dir={uri}/runs", f"mirror_dir={mirror}",
+            f"teacher.pretrain.cache_dir={cache}"]
+    cmd = [sys.executable, "-m", "tskd.cli", "run"] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "RAY_TMPDIR": str(tmp)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _objects(uri: str) -> dict[str, bytes]:
+    """Every object of the bucket, read with boto3 (directory markers left out)."""
+    bucket = uri[len("s3://"):]
+    s3 = boto3.client("s3")
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                out[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+@pytest.mark.slow  # two tiny runs in fresh processes: 10 min on 2 heavily shared cores
+def test_tiny_pipeline_writes_and_resumes_its_run_on_s3(s3, tmp_path):
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tskd-ray-", dir="/tmp"))  # short: Ray's sockets
+    requests: list[str] = []  # what the S3 server was asked (moto logs through werkzeug)
+
+    class _Requests(logging.Handler):
+        def emit(self, record):
+            requests.append(record.getMessage())
+
+    handler = _Requests(logging.INFO)
+    server_log = logging.getLogger("werkzeug")
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    try:
+        first = _tskd_run(s3, tmp_path / "node-a", tmp_path / "cache", ray_tmp)
+    finally:
+        server_log.removeHandler(handler)
+    objects = _objects(s3)
+    view = json.loads(objects["runs/tiny/stages.json"])["stages"]
+    assert set(view) >= STAGES
+    for stage in view:
+        assert re.search(rf"\] {stage}: built ", first), (stage, first[-3000:])
+    # Ray Train kept its run state in the bucket, Ray Data wrote the transfer set through it
+    assert any("PUT" in r and "/.train-" in r for r in requests)
+    assert any("PUT" in r and "-write-" in r for r in requests)
+    for stage, rec in view.items():
+        manifest = json.loads(objects[f"runs/store/{stage}/{rec['fingerprint']}/manifest.json"])
+        assert manifest["status"] == "complete" and manifest["content_hash"] == \
+            rec["content_hash"]
+    results = json.loads(objects["runs/tiny/results.json"])
+    assert set(results["students"]) == {"ta_kd"}
+    assert 0.0 <= results["students"]["ta_kd"]["dice"] <= 1.0
+    # the staging and Ray Train prefixes were removed when each stage succeeded
+    assert not [k for k in objects if "/.train-" in k]
+    # the demo teacher's checkpoint travels in its entry (workers on any node fetch it)
+    pretrain_fp = view["teacher_pretrain"]["fingerprint"]
+    base = json.loads(objects[f"runs/store/teacher_pretrain/{pretrain_fp}/base.json"])
+    assert base["checkpoint"] == "sam.pth"
+
+    # another machine: an empty mirror, the same bucket: every stage is reused
+    second = _tskd_run(s3, tmp_path / "node-b", tmp_path / "cache", ray_tmp)
+    for stage in view:
+        assert re.search(rf"\] {stage}: up to date \(", second), (stage, second[-3000:])
+    assert " built " not in second
+    assert json.loads(_objects(s3)["runs/tiny/results.json"]) == results
+    local = tmp_path / "node-b"
+    assert json.loads(next(local.glob("*/tiny/results.json")).read_text()) == results
+
+    # the planted secret is in no object, no mirror file, no console line and no Ray log
+    secret = PLANTED_SECRET.encode()
+    assert not [k for k, v in _objects(s3).items() if secret in v]
+    assert PLANTED_SECRET not in first + second
+    files = [p for root in (tmp_path, ray_tmp) for p in root.rglob("*")
+             if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix in (".log", ".err", ".out") for p in files)  # Ray's logs were searched
+    leaked = []
+    for p in files:
+        try:
+            if secret in p.read_bytes():
+                leaked.append(p)
+        except OSError:
+            pass
+    assert not leaked
