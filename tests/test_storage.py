@@ -6,7 +6,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import PLANTED_SECRET
+PLANTED_SECRET = "planted-secret-7f3a9c"  # tests/conftest.py plants it (s3 fixture)
 from tskd import storage
 from tskd.config import ConfigError, load_config
 from tskd.store import Store, StoreError

@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from conftest import PLANTED_SECRET
+PLANTED_SECRET = "planted-secret-7f3a9c"  # tests/conftest.py plants it (s3 fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [  # task-agnostic KD: a transfer set (Ray Data writes and reads) and distillation too
