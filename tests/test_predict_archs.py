@@ -106,3 +106,22 @@ def test_weights_of_another_arch_are_rejected_naming_the_keys(tmp_path):
     with pytest.raises(ModelError, match=r"student_segresnet/student.pt.*'basic_unet'.*"
                                          r"missing keys \['net\.conv_0"):
         load_model(stage)
+
+
+@pytest.mark.parametrize("arch,encoder", [("segresnet", None), ("timm_unet", "convnext_atto")])
+def test_torchscript_export_and_low_res_logits(tmp_path, arch, encoder):
+    """TorchScript traces the hooked MONAI student too; a timm_unet whose finest encoder map is
+    at stride 4 gives logits at stride 2 (upsampled by predict, as the module does itself)."""
+    stage, model = make_stage(tmp_path / "run", arch, encoder)
+    report = export_student(stage, "torchscript", tmp_path / "exp" / "m.pt")
+    scripted = load_model(report.path)
+    stride = 2 if encoder == "convnext_atto" else 1
+    assert scripted.meta.logits_stride == stride
+    x = torch.rand(2, 3, SIZE, SIZE) * 255
+    got = torch.from_numpy(scripted.logits(x.numpy()))
+    assert got.shape == (2, 3, SIZE // stride, SIZE // stride)
+    up = torch.nn.functional.interpolate(got, size=(SIZE, SIZE), mode="bilinear",
+                                         align_corners=False)
+    with torch.no_grad():
+        ref = model(x).logits
+    assert (up - ref).abs().max().item() < 1e-3
