@@ -86,7 +86,20 @@ def _run_context(stage_dir: Path) -> dict[str, Any]:
             return {}
     run_dir = stage_dir.parent
     return {"manifest": read(stage_dir / "manifest.json"), "results": read(run_dir / "results.json"),
-            "splits": read(run_dir / "data" / "splits.json"), "arm": stage_dir.name[len("student_"):]}
+            "splits": read(run_dir / "data" / "splits.json"),
+            "arm": "reference" if stage_dir.name == "reference" or read(
+                stage_dir / "manifest.json").get("stage") == "reference"
+            else stage_dir.name[len("student_"):]}
+
+
+def describe_student(cfg: dict[str, Any]) -> str:
+    """One line naming a student config's architecture (model card, ONNX doc string)."""
+    arch = cfg.get("arch", "vit")
+    return {"vit": f"timm `{cfg.get('model_name', 'n/a')}` + FPN head (patch "
+                   f"{cfg.get('patch_size', 'n/a')})",
+            "timm_unet": f"timm `{cfg.get('encoder', 'n/a')}` encoder + MONAI U-Net decoder",
+            "basic_unet": "MONAI `BasicUNet`",
+            "segresnet": "MONAI `SegResNet` (5 levels)"}.get(arch, f"`{arch}`")
 
 
 def _test_set(ctx: dict[str, Any]) -> tuple[Any, list[PredictItem]] | None:
@@ -174,15 +187,26 @@ def _set_onnx_meta(path: Path, meta: ModelMeta) -> None:
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta.to_dict())
-    model.doc_string = f"tskd student ({meta.student.get('model_name', '?')}, {meta.img_size} px)"
+    model.doc_string = f"tskd student ({describe_student(meta.student)}, {meta.img_size} px)"
     onnx.save(model, str(path))
 
 
 def quantize_int8(src: Path, dst: Path, meta: ModelMeta) -> Path:
     """onnxruntime dynamic quantisation of the MatMul/Gemm layers (the ViT's linear layers: int8
     weights, activations quantised at run time); convolutions stay fp32 (ConvInteger is slower
-    than fp32 Conv on CPU in onnxruntime)."""
+    than fp32 Conv on CPU in onnxruntime). The conv students (``timm_unet`` but its MobileViT
+    encoders' attention, ``basic_unet``, ``segresnet``) have no such layer: their int8 file is
+    the fp32 graph (logged)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ops = [n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node]
+    n_linear = sum(op in ("MatMul", "Gemm") for op in ops)
+    log.info("int8: %d MatMul/Gemm layers quantised, %d Conv layers stay fp32", n_linear,
+             ops.count("Conv"))
+    if not n_linear:
+        log.warning("int8: %s has no MatMul/Gemm layer (a conv student): nothing is quantised",
+                    src.name)
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul", "Gemm"])
@@ -306,7 +330,10 @@ def write_model_card(report: ExportReport, meta: ModelMeta, ctx: dict[str, Any],
     if isinstance(conventions, dict):
         conventions = "; ".join(f"{k}: {v}" for k, v in conventions.items())
     n = {k: len(splits.get(k) or []) for k in ("labelled", "val", "test", "unlabelled")}
-    kd = ("none (trained from random initialisation on the labels only)" if arm == "scratch" else
+    if arm == "reference":
+        scores = results.get("reference") or {}
+    kd = ("none (trained from random initialisation on the labels only)"
+          if arm in ("scratch", "reference") else
           f"arm `{arm}`: logit MSE weight {distill.get('w_logits', 'n/a')}, hidden MSE weight "
           f"{distill.get('w_hidden', 'n/a')}" + (" (task-agnostic: hidden term only)"
                                                  if arm == "ta_kd" else "")
@@ -333,9 +360,8 @@ def write_model_card(report: ExportReport, meta: ModelMeta, ctx: dict[str, Any],
         "title": f"{results.get('experiment', 'tskd')} — student `{arm}`",
         "file": report.path.name, "format": report.format,
         "tskd_version": meta.tskd_version,
-        "backbone": meta.student.get("model_name", "n/a"),
+        "model": describe_student(meta.student),
         "img_size": meta.img_size, "logits_size": meta.img_size // meta.logits_stride,
-        "patch_size": meta.student.get("patch_size", "n/a"),
         "classes": ", ".join(f"{i}: {c}" for i, c in enumerate(meta.class_names)),
         "mean": ", ".join(f"{v:.3f}" for v in meta.pixel_mean),
         "std": ", ".join(f"{v:.3f}" for v in meta.pixel_std),

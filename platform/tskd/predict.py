@@ -89,8 +89,9 @@ class ModelMeta:
     """What a model needs around it: input size, normalisation, classes, provenance.
 
     ``pixel_mean``/``pixel_std`` are on the 0..255 scale (the model applies them itself);
-    ``student`` is the student config (``model_name``, ``img_size``, ``patch_size``,
-    ``decoder_dim``); ``logits_stride`` is the ratio of input size to logits size.
+    ``student`` is the student config (``arch`` and what it reads: ``model_name``, ``img_size``,
+    ``patch_size``, ``decoder_dim``, ``head_stride``, ``encoder``); ``logits_stride`` is the
+    ratio of input size to logits size (1: full-size logits).
     """
 
     img_size: int
@@ -203,45 +204,94 @@ def _class_names_near(stage_dir: Path, num_classes: int) -> list[str]:
     return [f"class_{c}" for c in range(num_classes)]
 
 
-def load_student_artifact(path: str | Path) -> tuple[torch.nn.Module, ModelMeta]:
-    """The fine-tuned student of a ``student_<arm>`` stage (its directory or ``student.pt``).
+REFERENCE_STAGE = "reference"
+"""Name of the label-only reference's stage (``tskd.stages.reference``): its ``student.pt`` is
+read like a student's, its arch from ``config.reference``."""
 
-    Returns the :class:`~tskd.models.student.Student` in eval mode and its :class:`ModelMeta`.
-    Raises :class:`ModelError` naming the file when the weights or the manifest do not fit.
+
+def _stage_student_config(manifest: dict[str, Any], stage_dir: Path) -> dict[str, Any]:
+    """The student config (a ``StudentConfig`` as a dict, defaults filled in) a stage trained.
+
+    A ``student_<arm>`` stage: the manifest's ``config.student``. The ``reference`` stage:
+    ``config.reference`` as :meth:`tskd.config.ReferenceConfig.student` makes it (its
+    ``img_size``, else the data's patch / image size)."""
+    from tskd.config import DataConfig, StudentConfig, to_dict
+
+    config = manifest["config"]
+    if manifest.get("stage", stage_dir.name) == REFERENCE_STAGE:
+        ref = config["reference"]
+        img_size = ref.get("img_size")
+        if img_size is None:
+            data = config.get("data") or {}
+            img_size = DataConfig(**{k: v for k, v in data.items() if k in (
+                "image_size", "max_image_size", "patch_size") and v is not None}).patch
+        return to_dict(StudentConfig(arch=ref["arch"], encoder=ref.get("encoder", "resnet18"),
+                                     img_size=int(img_size)))
+    return {**to_dict(StudentConfig()), **config["student"]}
+
+
+def _key_problems(expected: dict[str, torch.Tensor], sd: dict[str, Any]) -> str:
+    """Missing / unexpected / mis-shaped keys of ``sd`` against ``expected`` ('' if none)."""
+    def few(keys: list[str]) -> str:
+        return f"{keys[:5]}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = sorted(f"{k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
+                    for k in set(expected) & set(sd)
+                    if getattr(sd[k], "shape", None) != expected[k].shape)
+    parts = [f"missing keys {few(missing)}"] * bool(missing) \
+        + [f"unexpected keys {few(unexpected)}"] * bool(unexpected) \
+        + [f"shape mismatch {few(shapes)}"] * bool(shapes)
+    return "; ".join(parts)
+
+
+def load_student_artifact(path: str | Path) -> tuple[torch.nn.Module, ModelMeta]:
+    """The fine-tuned student of a ``student_<arm>`` (or ``reference``) stage: its directory or
+    ``student.pt``.
+
+    Every ``student.arch`` of :data:`tskd.models.students.STUDENT_ARCHS` is rebuilt by
+    :func:`~tskd.models.students.build_student` from the stage manifest's config; the number of
+    classes is read from the arch's last convolution
+    (:data:`~tskd.models.students.CLASS_WEIGHT_KEYS`). Returns the model in eval mode and its
+    :class:`ModelMeta`. Raises :class:`ModelError` naming the file (and the arch and the keys
+    that do not fit) when the weights or the manifest do not fit.
     """
-    from tskd.models.student import Student
+    from tskd.models.students import CLASS_WEIGHT_KEYS, STUDENT_ARCHS, build_student
 
     path = Path(path)
     weights = path / STUDENT_FILE if path.is_dir() else path
     manifest_path = weights.parent / "manifest.json"
     try:
-        cfg = json.loads(manifest_path.read_text())["config"]["student"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        cfg = _stage_student_config(json.loads(manifest_path.read_text()), weights.parent)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise ModelError(f"{weights}: a student state dict needs its stage's manifest.json "
-                         f"(with config.student) beside it; {manifest_path} is missing or "
-                         "unreadable") from None
-    if cfg.get("arch", "vit") != "vit":
-        raise ModelError(f"{weights}: a student.arch={cfg['arch']!r} student; predict and export "
-                         "support the ViT student (student.arch=vit) so far")
+                         f"(with config.student, or config.reference for the reference stage) "
+                         f"beside it; {manifest_path} is missing or unreadable") from None
+    arch = cfg["arch"]
+    if arch not in STUDENT_ARCHS:
+        raise ModelError(f"{manifest_path}: student.arch {arch!r} is not one this tskd builds "
+                         f"({list(STUDENT_ARCHS)})")
     try:
         sd = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure: wrong kind of file
         raise ModelError(f"{weights}: not a torch state dict ({type(e).__name__}); expected "
                          + EXPECTED_MODELS) from None
-    head = "decoder.head.3.weight"
-    if not isinstance(sd, dict) or head not in sd or "backbone.patch_embed.proj.weight" not in sd:
-        some = list(sd)[:3] if isinstance(sd, dict) else type(sd).__name__
-        raise ModelError(f"{weights}: not a tskd student state dict (expected keys backbone.*, "
-                         f"decoder.head.*; found {some}); expected " + EXPECTED_MODELS)
-    num_classes = int(sd[head].shape[0])
-    student = Student(num_classes, int(cfg["img_size"]), model_name=cfg["model_name"],
-                      patch_size=int(cfg["patch_size"]), decoder_dim=int(cfg["decoder_dim"]),
-                      head_stride=int(cfg.get("head_stride", 4)))
+    if not isinstance(sd, dict):
+        raise ModelError(f"{weights}: holds a {type(sd).__name__}, not a tskd student state dict;"
+                         " expected " + EXPECTED_MODELS)
+    head = CLASS_WEIGHT_KEYS[arch]
+    num_classes = int(sd[head].shape[0]) if hasattr(sd.get(head), "shape") else 2
     try:
-        student.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ModelError(f"{weights}: weights do not fit the student of {manifest_path}: "
-                         f"{str(e).splitlines()[0]}") from None
+        student = build_student(cfg, num_classes)
+    except ValueError as e:
+        raise ModelError(f"{manifest_path}: cannot build its {arch!r} student: {e}") from None
+    problems = _key_problems(student.state_dict(), sd)
+    if problems:
+        raise ModelError(f"{weights}: not a tskd student state dict for the student.arch="
+                         f"{arch!r} student its {manifest_path.name} describes: {problems}; "
+                         "expected "
+                         + EXPECTED_MODELS)
+    student.load_state_dict(sd)
     meta = student_meta(student, dict(cfg), _class_names_near(weights.parent, num_classes),
                         source=str(weights), **_patch_meta(manifest_path))
     return student.eval(), meta
@@ -264,12 +314,12 @@ def _patch_meta(manifest_path: Path) -> dict[str, int]:
 def student_meta(student: torch.nn.Module, cfg: dict[str, Any], class_names: list[str], *,
                  source: str = "", working_size: int | None = None,
                  window: int | None = None) -> ModelMeta:
-    """The :class:`ModelMeta` of a :class:`~tskd.models.student.Student` built from ``cfg``."""
+    """The :class:`ModelMeta` of a student built from ``cfg`` (any ``build_student`` model)."""
     return ModelMeta(img_size=student.img_size, num_classes=student.num_classes,
                      class_names=list(class_names),
                      pixel_mean=student.pixel_mean.flatten().tolist(),
                      pixel_std=student.pixel_std.flatten().tolist(),
-                     logits_stride=student.decoder.finest_stride, student=cfg, source=source,
+                     logits_stride=int(student.logits_stride), student=cfg, source=source,
                      working_size=working_size, window=window)
 
 
@@ -292,11 +342,14 @@ def best_student_arm(run_dir: Path) -> str:
 
 
 def resolve_student_dir(path: Path, student: str | None = None) -> Path:
-    """The ``student_<arm>`` stage directory a run dir / stage dir / ``student.pt`` stands for."""
+    """The ``student_<arm>`` stage directory a run dir / stage dir / ``student.pt`` stands for
+    (``student="reference"``: the run's label-only ``reference`` stage)."""
     if path.is_file():
         return path.parent
     if (path / STUDENT_FILE).is_file():
         return path
+    if student == REFERENCE_STAGE and (path / REFERENCE_STAGE / STUDENT_FILE).is_file():
+        return path / REFERENCE_STAGE
     if any(path.glob(f"student_*/{STUDENT_FILE}")):
         arm = student or best_student_arm(path)
         stage = path / f"student_{arm}"

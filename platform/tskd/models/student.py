@@ -182,6 +182,11 @@ class Student(nn.Module):
         return int(self.backbone.embed_dim)
 
     @property
+    def logits_stride(self) -> int:
+        """``img_size`` / the side of the logits :meth:`features` returns (the head's stride)."""
+        return int(self.decoder.finest_stride)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         """Token grid ``(img_size/p, img_size/p)`` = spatial size of ``hidden``."""
         gh, gw = self.backbone.patch_embed.grid_size
@@ -256,22 +261,25 @@ class Student(nn.Module):
 
 
 class StudentInference(nn.Module):
-    """The lean inference (and export) path of a :class:`Student`: no hidden output, no
-    full-resolution upsampling inside the graph.
+    """The lean inference (and export) path of a student (a :class:`Student` or any model of
+    :func:`tskd.models.students.build_student`): no hidden output, no full-resolution upsampling
+    inside the graph.
 
     ``forward(images: float32 (B, 3, img_size, img_size) in 0..255) -> float32 (B, C,
-    img_size/s, img_size/s)`` low-res logits (``s`` = the head's finest stride, 4). Callers resize
-    images to ``img_size`` beforehand (antialiased bilinear, :func:`tskd.predict.to_model_input`)
-    and upsample the logits bilinearly to each image's own size before the argmax: together that
-    is exactly ``Student.forward(images).logits`` (up to float rounding), with one resize of the
-    image and one of the C-channel logits.
+    img_size/s, img_size/s)`` low-res logits (``s`` = ``student.logits_stride``: the ViT head's
+    finest stride, 4 by default; 1 for the MONAI U-Nets, whose logits are already full size).
+    Callers resize images to ``img_size`` beforehand (antialiased bilinear,
+    :func:`tskd.predict.to_model_input`) and upsample the logits bilinearly to each image's own
+    size before the argmax: together that is exactly ``student(images).logits`` (up to float
+    rounding), with one resize of the image and one of the C-channel logits.
     """
 
-    def __init__(self, student: Student, *, channels_last: bool = False) -> None:
+    def __init__(self, student: nn.Module, *, channels_last: bool = False) -> None:
         super().__init__()
         self.student = student
         self.channels_last = channels_last
-        if channels_last:  # the FPN head's convolutions run ~2x faster NHWC on CPU at 256 px
+        if channels_last and isinstance(student, Student):
+            # the FPN head's convolutions run ~2x faster NHWC on CPU at 256 px
             self.student.decoder.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:

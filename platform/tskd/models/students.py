@@ -8,6 +8,10 @@ one contract, whatever the architecture::
                          hidden (B, D, img_size/16, img_size/16))
     .hidden_dim      D, the channels of ``hidden`` (tskd.losses.KDLoss projects D -> teacher dim)
     .input_multiple  img_size must be a multiple of it (checked on the driver by tskd.config)
+    .logits_stride   img_size / the side of the logits ``features`` returns (1 = full size)
+    .features(x)     normalised (B, 3, img_size, img_size) -> (low-res logits (B, C, img_size /
+                     logits_stride, ...), hidden): the lean path tskd.models.student.StudentInference
+                     exports (no resize of the logits inside the graph)
 
 Each student normalises the 0..255 input with the ImageNet mean/std, resizes it to its working
 size ``img_size`` when it differs, and resizes the logits back to the input size. ``hidden`` is
@@ -41,7 +45,7 @@ from torch import Tensor, nn
 
 from tskd.models.student import Student, StudentOutput
 
-__all__ = ["STUDENT_ARCHS", "TIMM_ENCODERS", "StudentOutput", "TimmUNet", "MonaiStudent",
+__all__ = ["CLASS_WEIGHT_KEYS", "STUDENT_ARCHS", "TIMM_ENCODERS", "StudentOutput", "TimmUNet", "MonaiStudent",
            "build_student"]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,8 @@ class _Segmenter(nn.Module):
 
     hidden_dim: int
     input_multiple: int
+    logits_stride: int = 1
+    """``img_size`` / the side of the logits :meth:`features` returns."""
 
     def __init__(self, num_classes: int, img_size: int) -> None:
         super().__init__()
@@ -87,6 +93,11 @@ class _Segmenter(nn.Module):
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised ``x: (B, 3, img_size, img_size)`` -> (logits ``(B, C, img_size / s,
+        img_size / s)`` at ``s = logits_stride``, hidden) (as ``Student.features``)."""
+        return self._forward(x)
 
     def forward(self, images: Tensor) -> StudentOutput:
         """``images: float32 (B, 3, H, W)`` 0..255 -> ``StudentOutput(logits (B, C, H, W),
@@ -134,6 +145,8 @@ class TimmUNet(_Segmenter):
         self.hidden_index = reductions.index(HIDDEN_STRIDE)
         self.hidden_dim = channels[self.hidden_index]
         self.input_multiple = max(reductions)
+        # one x2 up-block per encoder level from the coarsest map
+        self.logits_stride = max(max(reductions) // 2 ** len(channels), 1)
         self._check_size()
         decoder_channels = _DECODER_CHANNELS[:len(channels)]
         # encoder_channels[0] stands for the input (UNetDecoder never uses it as a skip)
@@ -221,6 +234,15 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], int], nn.Module]] = {
 }
 STUDENT_ARCHS = tuple(_BUILDERS)
 """Values of ``student.arch`` (must equal ``tskd.config.STUDENT_ARCHS``; tested)."""
+
+CLASS_WEIGHT_KEYS: dict[str, str] = {
+    "vit": "decoder.head.3.weight",
+    "timm_unet": "head.weight",
+    "basic_unet": "net.final_conv.weight",
+    "segresnet": "net.conv_final.2.conv.weight",
+}
+"""Per arch, the state-dict key of the last convolution's weight, ``(C, ...)``: a saved
+student's number of classes (``tskd.predict.load_student_artifact``)."""
 
 
 def build_student(cfg: Mapping[str, Any], num_classes: int, *, hidden_block: int = -1) -> nn.Module:
