@@ -413,13 +413,7 @@ class Store:
         final = self.entry_dir(stage, fp)
         touch(tmp / LAST_USED)
         try:
-            if final.exists():
-                old = final.with_name(f"{TMP_PREFIX}{fp}-old-{secrets.token_hex(4)}")
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            _swap_in(tmp, final)
         except OSError:
             other = self._local_get(stage, fp)
             if other is None or other.content_hash != manifest["content_hash"]:
@@ -519,13 +513,7 @@ class Store:
             _fsync_dir(tmp)
             touch(tmp / LAST_USED)
             final = self.entry_dir(stage, fp)
-            if final.exists():  # --force: move the old entry aside, then swap the new one in
-                old = final.with_name(f"{TMP_PREFIX}{fp}-old-{secrets.token_hex(4)}")
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            _swap_in(tmp, final)  # --force: the old entry moves aside first
             _fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -630,6 +618,19 @@ def record_use(run_dir: Path, stage: str, entry: Entry) -> None:
                              "used": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json(view, data)
     _link(run_dir / stage, entry.path)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final``; an entry already at ``final`` is moved aside
+    first (renamed to a temporary name, removed after the swap), so readers never see a half
+    entry."""
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}{final.name}-old-{secrets.token_hex(4)}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
 
 
 def _link(link: Path, target: Path) -> None:
