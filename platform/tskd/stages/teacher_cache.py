@@ -106,7 +106,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     n = json.loads((transfer_dir / "transfer.json").read_text())["n_kept"]
     teacher, distill = teacher_config(ctx, arm)
     t = cfg.transfer
-    dataset = read_transfer_set(ctx.input_location("transfer")).select_columns(["id", "image"])
+    dataset = read_transfer_set(ctx.input_location("transfer"), columns=["id", "image"])
     log.info("teacher targets (%s): %d transfer images x %d views on %d actor(s)", arm, n,
              VIEWS, t.num_actors)
     targets = dataset.map_batches(
