@@ -293,16 +293,16 @@ def load_student_artifact(path: str | Path) -> tuple[torch.nn.Module, ModelMeta]
                          + EXPECTED_MODELS)
     student.load_state_dict(sd)
     meta = student_meta(student, dict(cfg), _class_names_near(weights.parent, num_classes),
-                        source=str(weights), **_patch_meta(manifest_path))
+                        source=str(weights), **patch_meta(manifest_path))
     return student.eval(), meta
 
 
-def _patch_meta(manifest_path: Path) -> dict[str, int]:
+def patch_meta(manifest_path: Path) -> dict[str, int]:
     """``working_size`` and ``window`` of a student trained on patches (its stage manifest's
-    resolved ``config.data``); ``{}`` for whole images."""
+    resolved ``config.data``); ``{}`` for whole images (or a manifest without ``config``)."""
     from tskd.config import DataConfig
 
-    data = json.loads(manifest_path.read_text())["config"].get("data") or {}
+    data = (json.loads(manifest_path.read_text()).get("config") or {}).get("data") or {}
     known = {k: v for k, v in data.items() if k in ("image_size", "max_image_size",
                                                      "patch_size") and v is not None}
     if known.get("image_size", "auto") == "auto":
@@ -468,6 +468,21 @@ def windowed_logits(model: Segmenter, images: Sequence[np.ndarray]) -> np.ndarra
     return out.float().numpy()
 
 
+def segment_logits(model: Segmenter, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Logits of ``uint8 (H_i, W_i, 3)`` images as ``tskd predict`` makes them: sliding windows
+    over the working size for a patch-trained model (``meta.window < meta.working_size``,
+    :func:`windowed_logits`), else one forward at ``meta.img_size``.
+
+    Returns:
+        float32 (B, C, h, w): ``(working_size,) * 2`` or ``img_size / logits_stride``; upsample
+        each to its image's size with :func:`labels_from_logits`.
+    """
+    meta = model.meta
+    if meta.window and meta.working_size and meta.window < meta.working_size:
+        return windowed_logits(model, images)
+    return model.logits(to_model_input(images, meta.img_size))
+
+
 def labels_from_logits(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Low-res ``logits (C, h, w)`` -> ``uint8 (H, W)`` labels: bilinear upsampling, argmax."""
     x = torch.from_numpy(np.ascontiguousarray(logits))[None]
@@ -555,10 +570,7 @@ def predict_batch(model: Segmenter, items: Sequence[PredictItem], out_dir: str |
             results.append(ItemResult(item.id, item.path, str(e)))
     if not good:
         return results
-    if model.meta.window and model.meta.working_size and model.meta.window < model.meta.working_size:
-        logits = windowed_logits(model, images)
-    else:
-        logits = model.logits(to_model_input(images, model.meta.img_size))
+    logits = segment_logits(model, images)
     for item, image, lg in zip(good, images, logits):
         labels = labels_from_logits(lg, image.shape[:2])
         Image.fromarray(labels).save(out_dir / MASKS_DIR / f"{item.id}.png")

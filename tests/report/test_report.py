@@ -192,7 +192,7 @@ def test_overlays_match_an_independent_prediction(single_run, tiny_models, fake_
     model = build_student(STUDENT_CFG, 3)
     model.load_state_dict(torch.load(tiny_models["ts_kd"], weights_only=True))
     model.eval()
-    (overlay,) = predict_overlays(model, STUDENT_CFG["img_size"], [image])
+    (overlay,) = predict_overlays(model, [image])
     with torch.no_grad():
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
         labels = model(x).logits.argmax(1)[0].numpy()
@@ -201,6 +201,54 @@ def test_overlays_match_an_independent_prediction(single_run, tiny_models, fake_
                       np.round(0.5 * image + 0.5 * PALETTE[labels].astype(np.float32)), image)
     agree = np.all(overlay == expect.astype(np.uint8), axis=-1).mean()
     assert agree > 0.99
+
+
+def test_overlays_of_a_patch_trained_student_use_sliding_windows(tiny_models, fake_dataset):
+    """A student trained on 16-px patches of 32-px images is drawn as `tskd predict` runs it:
+    MONAI's sliding windows (16 px, overlap 0.25, Gaussian) over the image, each window through
+    Student.forward, not one forward on the whole image squeezed into the model's input."""
+    from monai.inferers import sliding_window_inference
+
+    from tskd.data.format import load_dataset_info, read_case
+    from tskd.models.students import build_student
+    from tskd.predict import PALETTE
+    from tskd.report.images import predict_overlays
+
+    info = load_dataset_info(fake_dataset)
+    image = read_case(info, info.case_ids[1])[0]
+    cfg = dict(STUDENT_CFG, img_size=16, patch_size=8)
+    torch.manual_seed(3)
+    model = build_student(cfg, 3).eval()
+    with torch.no_grad():
+        model.decoder.head[-1].weight.mul_(20)
+    (windowed,) = predict_overlays(model, [image], working_size=32, window=16)
+    (whole,) = predict_overlays(model, [image])
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # already 32 px
+        logits = sliding_window_inference(x, roi_size=(16, 16), sw_batch_size=4, overlap=0.25,
+                                          mode="gaussian", predictor=lambda t: model(t).logits)
+    labels = logits.argmax(1)[0].numpy()
+    assert len(np.unique(labels)) > 1
+    expect = np.where((labels > 0)[..., None],
+                      np.round(0.5 * image + 0.5 * PALETTE[labels].astype(np.float32)), image)
+    assert np.all(windowed == expect.astype(np.uint8), axis=-1).mean() > 0.99
+    assert np.any(windowed != whole)  # the whole-image path draws something else
+
+
+def test_patch_meta_reads_the_stage_config(tmp_path):
+    """Windows only where the stage's resolved data config trained on patches; fake / older
+    manifests without `config` give whole images."""
+    from tskd.predict import patch_meta
+
+    def meta(manifest):
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        return patch_meta(tmp_path / "manifest.json")
+
+    assert meta({"config": {"data": {"image_size": 1024, "patch_size": 256}}}) == {
+        "working_size": 1024, "window": 256}
+    assert meta({"config": {"data": {"image_size": 128, "patch_size": "auto"}}}) == {}
+    assert meta({"config": {"data": {"image_size": "auto"}}}) == {}
+    assert meta({"stage_config": {"student": STUDENT_CFG}}) == {}
 
 
 def test_cli_report_and_errors(single_run, tmp_path, capsys):

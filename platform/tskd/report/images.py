@@ -4,8 +4,9 @@ image (core: torch, numpy, pyarrow; no Ray).
 
 Students and the reference are rebuilt from their stage's manifest (``stage_config``) with
 :func:`tskd.models.students.build_student` and their ``student.pt``, and run through the same
-pre- and post-processing as ``tskd predict`` (:func:`tskd.predict.to_model_input`,
-:func:`~tskd.predict.labels_from_logits`, :func:`~tskd.predict.overlay_image`). The teacher is not
+pre- and post-processing as ``tskd predict`` (:func:`tskd.predict.segment_logits`: sliding
+windows for a student trained on patches; :func:`~tskd.predict.labels_from_logits`,
+:func:`~tskd.predict.overlay_image`). The teacher is not
 drawn (loading SAM with its adapters is stage code).
 """
 
@@ -64,15 +65,19 @@ def load_row_model(row: Row, num_classes: int):
     return model.eval()
 
 
-def predict_overlays(model: Any, img_size: int, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """``uint8 (H, W, 3)`` images -> the model's predictions tinted over them (same shapes)."""
-    import torch
+def predict_overlays(model: Any, images: Sequence[np.ndarray], *,
+                     working_size: int | None = None, window: int | None = None
+                     ) -> list[np.ndarray]:
+    """``uint8 (H, W, 3)`` images -> the model's predictions tinted over them (same shapes), made
+    as ``tskd predict`` makes them (:func:`tskd.predict.segment_logits`): one forward at the
+    model's ``img_size``, or, for a model trained on patches (``window < working_size``),
+    sliding windows over the image resized to ``working_size``."""
+    from tskd.models.student import StudentInference
+    from tskd.predict import (TorchSegmenter, labels_from_logits, overlay_image, segment_logits,
+                              student_meta)
 
-    from tskd.predict import labels_from_logits, overlay_image, to_model_input
-
-    x = torch.from_numpy(to_model_input(images, img_size))
-    with torch.inference_mode():
-        logits = model(x).logits.float().numpy()
+    meta = student_meta(model, {}, [], working_size=working_size, window=window)
+    logits = segment_logits(TorchSegmenter(StudentInference(model), meta, Path("report")), images)
     return [overlay_image(img, labels_from_logits(lg, img.shape[:2]))
             for img, lg in zip(images, logits)]
 
@@ -98,7 +103,7 @@ def overlays_figure(runs: Sequence[Run], rows: Sequence[Row], n_images: int
     images (base64 PNG), and a note on what was drawn or why nothing was."""
     from tskd.data.format import read_case
     from tskd.report.plots import image_grid
-    from tskd.predict import overlay_image
+    from tskd.predict import overlay_image, patch_meta
 
     chosen = showcase_rows(rows)
     if not chosen or n_images <= 0:
@@ -118,7 +123,8 @@ def overlays_figure(runs: Sequence[Run], rows: Sequence[Row], n_images: int
     for row in chosen:
         try:
             model = load_row_model(row, info.num_classes)
-            preds = predict_overlays(model, int(model_config(row)["img_size"]), images)
+            preds = predict_overlays(model, images,
+                                     **patch_meta(Path(row.stage_dir) / "manifest.json"))
         except Exception as exc:  # noqa: BLE001 - one unloadable model must not stop the report
             log.warning("overlay of %s skipped: %s", row.method, exc)
             continue
