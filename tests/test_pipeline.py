@@ -1,8 +1,10 @@
 """Stage planning, fingerprints and resume/skip logic (no Ray: stages are faked)."""
 
 import json
+import math
 import os
 import sys
+import threading
 import uuid
 
 import pytest
@@ -375,3 +377,175 @@ def test_a_rerun_stage_gets_the_same_training_dir(tmp_path, monkeypatch):
         pipeline.run_pipeline(cfg, planner=plan(True), force=True)
     assert pipeline.run_pipeline(cfg, planner=plan(False), force=True)["t"] == \
         {"epochs_before": 0}
+
+
+# ---------------------------------------------------------------- independent stages at once
+
+INTERVALS: dict[str, tuple[float, float]] = {}
+
+
+def timed_stage(ctx):
+    """Records when it ran; waits at ``ctx.params["barrier"]`` (all parties must be running at
+    once) or sleeps ``ctx.params["sleep"]``; fails when told to."""
+    import time
+
+    start = time.monotonic()
+    CALLS.append(ctx.name)
+    if "barrier" in ctx.params:
+        BARRIERS[ctx.params["barrier"]].wait()  # BrokenBarrierError unless the others run too
+    time.sleep(ctx.params.get("sleep", 0.0))
+    INTERVALS[ctx.name] = (start, time.monotonic())
+    if ctx.params.get("fail"):
+        raise RuntimeError(f"{ctx.name} failed")
+    (ctx.dir / "out.txt").write_text(ctx.name)
+    return {}
+
+
+BARRIERS: dict[str, threading.Barrier] = {}
+
+
+def _diamond(monkeypatch, params_b, params_c, params_d=None):
+    """a -> (b, c) -> d, all timed_stage."""
+    def plan(cfg):
+        return [pipeline.Stage("a", timed_stage),
+                pipeline.Stage("b", timed_stage, ("a",), {}, params_b),
+                pipeline.Stage("c", timed_stage, ("a",), {}, params_c),
+                pipeline.Stage("d", timed_stage, ("b", "c"), {}, params_d or {})]
+    monkeypatch.setattr(pipeline, "plan", plan)
+    # fake stages train nothing: no cluster to count (another test may have left Ray running)
+    monkeypatch.setattr(pipeline, "_cluster_capacity", lambda: None)
+    CALLS.clear()
+    INTERVALS.clear()
+
+
+def test_independent_stages_run_at_the_same_time(tmp_path, monkeypatch):
+
+
+    BARRIERS["bc"] = threading.Barrier(2, timeout=20)
+    _diamond(monkeypatch, {"barrier": "bc"}, {"barrier": "bc"})
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    assert cfg.ray.concurrent_stages == 2  # the default
+    assert list(pipeline.run_pipeline(cfg)) == ["a", "b", "c", "d"]  # plan order
+    assert CALLS[0] == "a" and sorted(CALLS[1:3]) == ["b", "c"] and CALLS[3] == "d"
+    (b0, b1), (c0, c1) = INTERVALS["b"], INTERVALS["c"]
+    assert max(b0, c0) < min(b1, c1)  # overlapped
+    assert INTERVALS["d"][0] >= max(b1, c1)  # d read both
+    assert all((cfg.run_dir / s / MANIFEST).is_file() for s in "abcd")
+    # one at a time: the same barrier breaks (b waits for a c that never comes)
+    BARRIERS["bc"] = threading.Barrier(2, timeout=0.5)
+    _diamond(monkeypatch, {"barrier": "bc"}, {"barrier": "bc"})
+    one = load_config(None, [f"output_dir={tmp_path / 'one'}", "ray.concurrent_stages=1"])
+    with pytest.raises(threading.BrokenBarrierError):
+        pipeline.run_pipeline(one)
+    assert CALLS == ["a", "b"]
+
+
+def test_ray_data_stages_run_alone(tmp_path, monkeypatch):
+    """c feeds Ray Data to its workers (as distillation does): nothing runs beside it, even
+    with room for three stages."""
+    _diamond(monkeypatch, {"sleep": 0.4}, {"sleep": 0.4})
+    plan = pipeline.plan
+
+    def with_e(cfg):  # e: a third stage beside b and c
+        return plan(cfg)[:3] + [pipeline.Stage("e", timed_stage, ("a",), {}, {"sleep": 0.4}),
+                                plan(cfg)[3]]
+    monkeypatch.setattr(pipeline, "plan", with_e)
+
+    def data_stage(ctx):
+        return timed_stage(ctx)
+    monkeypatch.setattr(pipeline, "_RAY_DATA", {data_stage})
+    stages = with_e(None)
+    stages[2] = pipeline.Stage("c", data_stage, ("a",), {}, {"sleep": 0.4})
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: stages)
+    cfg = load_config(None, [f"output_dir={tmp_path}", "ray.concurrent_stages=3"])
+    # finished a, b, e, c, d; returned in plan order
+    assert list(pipeline.run_pipeline(cfg)) == ["a", "b", "c", "e", "d"]
+    c0, c1 = INTERVALS["c"]
+    for other in "abde":
+        o0, o1 = INTERVALS[other]
+        assert o1 <= c0 or o0 >= c1, f"{other} ran beside c"
+    # the stages that can share the cluster went first, side by side; c ran when they were done
+    assert CALLS.index("c") > max(CALLS.index("b"), CALLS.index("e"))
+    (b0, b1), (e0, e1) = INTERVALS["b"], INTERVALS["e"]
+    assert max(b0, e0) < min(b1, e1)
+
+
+def test_a_failure_lets_the_running_stages_finish_then_raises(tmp_path, monkeypatch):
+    _diamond(monkeypatch, {"fail": True}, {"sleep": 0.5})
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match="b failed"):
+        pipeline.run_pipeline(cfg)
+    assert sorted(CALLS) == ["a", "b", "c"]  # d never started
+    assert (cfg.run_dir / "c" / MANIFEST).is_file()  # c's work is kept
+    assert not (cfg.run_dir / "b" / MANIFEST).exists()
+    _diamond(monkeypatch, {}, {"sleep": 0.5})
+    pipeline.run_pipeline(cfg)
+    assert sorted(CALLS) == ["b", "d"]  # the re-run reuses a and c
+
+
+def test_stage_slots_count_the_clusters_cpus_and_gpus():
+    from tskd.stages import teacher_finetune
+
+    def trainer(name):
+        return pipeline.Stage(name, teacher_finetune.run)
+
+    def single(name):
+        return pipeline.Stage(name, pipeline.evaluate.run)
+
+    alone = pipeline.Stage("distill_ts_kd", pipeline.distill.run)
+    # CPU workers with default threads use every core of their node: they never share
+    default = load_config(None, [])
+    assert pipeline._worker_demand(default) == {"CPU": math.inf}
+    slots = pipeline.StageSlots(2, {"CPU": 64.0}, pipeline._worker_demand(default))
+    assert slots.fits(trainer("x"), []) and not slots.fits(trainer("y"), [trainer("x")])
+    assert slots.fits(single("e"), [trainer("x")])
+    cpu = load_config(None, ["ray.torch_threads=1"])  # 1 worker x 1 CPU x 1 thread
+    assert pipeline._worker_demand(cpu) == {"CPU": 1.0}
+    assert pipeline._worker_demand(load_config(None, ["ray.torch_threads=4", "ray.num_workers=2"])
+                                   ) == {"CPU": 8.0}
+    slots = pipeline.StageSlots(3, {"CPU": 2.0, "memory": 1e9}, pipeline._worker_demand(cpu))
+    assert slots.fits(trainer("x"), [])
+    assert slots.fits(trainer("y"), [trainer("x")])  # 2 x 1 CPU on 2 CPUs
+    assert not slots.fits(trainer("z"), [trainer("x"), trainer("y")])  # a third: no CPU left
+    assert slots.fits(single("e"), [trainer("x"), trainer("y")])  # runs on the driver
+    assert not slots.fits(trainer("z"), [trainer("x"), trainer("y"), single("e")])  # width 3
+    assert slots.fits(alone, []) and not slots.fits(alone, [single("e")])
+    assert not slots.fits(single("e"), [alone])
+    gpu = load_config(None, ["ray.use_gpu=true", "ray.num_workers=4", "ray.cpus_per_worker=2"])
+    assert pipeline._worker_demand(gpu) == {"CPU": 8.0, "GPU": 4.0}
+    slots = pipeline.StageSlots(2, {"CPU": 64.0, "GPU": 4.0}, pipeline._worker_demand(gpu))
+    assert not slots.fits(trainer("y"), [trainer("x")])  # the GPUs hold one stage's workers
+    slots = pipeline.StageSlots(2, {"CPU": 64.0, "GPU": 8.0}, pipeline._worker_demand(gpu))
+    assert slots.fits(trainer("y"), [trainer("x")])
+    assert pipeline.StageSlots(2, None, {"CPU": 1.0}).fits(trainer("y"), [trainer("x")])
+
+
+def test_concurrent_stages_is_checked():
+    with pytest.raises(ValueError, match=r"ray\.concurrent_stages.*0.*>= 1"):
+        load_config(None, ["ray.concurrent_stages=0"])
+
+
+def test_a_stage_with_an_existing_entry_does_not_wait_for_the_cluster(tmp_path, monkeypatch,
+                                                                      caplog):
+    """c must run alone when it builds; when its entry exists it is reused at once, while b
+    (changed) builds, instead of waiting for b."""
+    def data_stage(ctx):
+        return timed_stage(ctx)
+
+    def stages(b_sleep):
+        return [pipeline.Stage("a", timed_stage),
+                pipeline.Stage("b", timed_stage, ("a",), {"v": b_sleep}, {"sleep": b_sleep}),
+                pipeline.Stage("c", data_stage, ("a",)),
+                pipeline.Stage("d", timed_stage, ("b", "c"))]
+    monkeypatch.setattr(pipeline, "_RAY_DATA", {data_stage})
+    monkeypatch.setattr(pipeline, "_cluster_capacity", lambda: None)
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: stages(0.0))
+    pipeline.run_pipeline(cfg)
+    CALLS.clear()
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: stages(0.5))
+    with caplog.at_level("INFO", logger="tskd.pipeline"):
+        pipeline.run_pipeline(cfg)
+    assert CALLS == ["b", "d"]
+    order = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
+    assert order[1].startswith("[3/4] c: up to date") and order[2].startswith("[2/4] b: built")

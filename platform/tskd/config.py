@@ -902,6 +902,18 @@ class RayConfig:
     stage — Ray 2.60 retries every worker error, also tskd's own deterministic ones (a bad
     dataset or checkpoint), so a local run does not pay for retries; set it on clusters, where
     workers get lost (``jobs/kidneyus_vit_b.yaml``: 3). A re-run resumes either way."""
+    concurrent_stages: int = 2
+    """Stages that do not read each other (the students' arms, the scratch baseline and the
+    reference beside the teacher) run at the same time, up to this many, when the cluster holds
+    all their training workers at once: GPU workers by their GPUs (``num_workers``, ``use_gpu``)
+    and ``cpus_per_worker``; CPU workers by the cores their torch threads use (``num_workers`` x
+    ``torch_threads``; the default 0 takes every core of a node, so CPU stages then run one at a
+    time: two stages' threads on the same cores measured 1.6x slower than in turn). Stages that
+    feed Ray Data to their workers (transfer set, teacher targets, distillation, MAE / MoCo
+    pre-training) always run alone: their data tasks and actor pools take the CPUs that are
+    free. A stage whose entry exists is reused at once, whatever runs. 1 runs every stage alone,
+    in plan order. Each stage keeps its own torch threads, so its numbers do not depend on this.
+    Scheduling only: not in any fingerprint."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each training worker also requires, e.g. ``{worker_node: 0.01}`` to
     place training on the nodes that declare that resource (``ray start --resources``). CPU and
@@ -928,6 +940,8 @@ class RayConfig:
                "an integer >= 1")
         _check(self.max_failures >= 0, f"{path}.max_failures", self.max_failures,
                "an integer >= 0")
+        _check(self.concurrent_stages >= 1, f"{path}.concurrent_stages",
+               self.concurrent_stages, "an integer >= 1 (1: one stage at a time)")
 
 
 @dataclass

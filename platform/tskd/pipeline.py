@@ -9,9 +9,12 @@ building only the entries that do not exist yet, and points the run's view at th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -189,7 +192,7 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
                  planner: Callable[[ExperimentConfig], list[Stage]] | None = None,
                  ) -> dict[str, dict[str, Any]]:
     """Resolve every stage of ``plan(cfg)`` to a store entry (reuse or build); return each
-    stage's metrics.
+    stage's metrics, in plan order.
 
     Args:
         force: re-build the entries this run needs even when they exist (unless another run
@@ -212,18 +215,22 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
     run_started = time.time()
     entries: dict[str, Entry] = {}
     metrics: dict[str, dict[str, Any]] = {}
-    for i, stage in enumerate(stages, 1):
+
+    def resolve(stage: Stage) -> tuple[Entry, bool]:  # reuse or build; may run in a thread
         inputs = {d: entries[d] for d in stage.deps}
         fp = stage_fingerprint(stage, cfg, inputs)
         train_dir = store.train_dir(stage.name, fp, TRAIN_PREFIX)
-        entry, built = store.resolve(stage.name, fp,
-                                     _builder(stage, cfg, fp, inputs, train_dir, force),
-                                     force=force, rebuilt_after=run_started)
+        return store.resolve(stage.name, fp, _builder(stage, cfg, fp, inputs, train_dir, force),
+                             force=force, rebuilt_after=run_started)
+
+    def finish(stage: Stage, entry: Entry, built: bool) -> None:  # on this thread, in turn
+        i = stages.index(stage) + 1
         if built:
-            log.info("[%d/%d] %s: built %s in %.1f s", i, len(stages), stage.name, fp,
-                     entry.manifest["wall_time_s"])
+            log.info("[%d/%d] %s: built %s in %.1f s", i, len(stages), stage.name,
+                     entry.fingerprint, entry.manifest["wall_time_s"])
         else:
-            log.info("[%d/%d] %s: up to date (%s), reused", i, len(stages), stage.name, fp)
+            log.info("[%d/%d] %s: up to date (%s), reused", i, len(stages), stage.name,
+                     entry.fingerprint)
         store.record_run(run_dir, stage.name, entry)
         for name in RUN_FILES:
             if (entry.path / name).is_file():
@@ -232,7 +239,147 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
         entries[stage.name] = entry
         metrics[stage.name] = entry.manifest["metrics"]
         _stop_on_failed_check(cfg, stage.name, metrics[stage.name])
-    return metrics
+
+    if cfg.ray.concurrent_stages == 1:
+        for stage in stages:
+            finish(stage, *resolve(stage))
+        return metrics
+
+    def reused(stage: Stage) -> bool:  # its entry exists: resolving it runs nothing
+        inputs = {d: entries[d] for d in stage.deps}
+        return not force and store.has(stage.name, stage_fingerprint(stage, cfg, inputs))
+
+    _run_concurrently(stages, resolve, finish, reused,
+                      StageSlots(cfg.ray.concurrent_stages, _cluster_capacity(),
+                                 _worker_demand(cfg)))
+    return {s.name: metrics[s.name] for s in stages}  # plan order, whatever finished first
+
+
+# ----------------------------------------------------------------------------------------------
+# independent stages at the same time (ray.concurrent_stages)
+# ----------------------------------------------------------------------------------------------
+
+_RAY_DATA = {transfer_set.run, teacher_cache.run, distill.run, ssl_pretrain.run}
+"""Stage functions that feed Ray Data to their workers or run actor pools sized from the free
+CPUs: they run alone (:class:`StageSlots`)."""
+
+
+@dataclass
+class StageSlots:
+    """Which ready stage may start beside the running ones.
+
+    At most ``width`` stages at once; a stage of :data:`_RAY_DATA` only when nothing else runs
+    (and nothing starts beside it); a training stage only while the running training stages'
+    workers plus its own (``demand``: ``{"CPU": .., "GPU": ..}`` for one stage's worker group)
+    fit the cluster's ``capacity`` (``None``: no Ray cluster to ask, e.g. stages that do not
+    train; then only ``width`` limits).
+    """
+
+    width: int
+    capacity: dict[str, float] | None
+    demand: dict[str, float]
+
+    def fits(self, stage: Stage, running: list[Stage],
+             reused: frozenset[str] | set[str] = frozenset()) -> bool:
+        """Whether ``stage`` may start beside ``running``; stages named in ``reused`` have a
+        complete entry already (nothing to run): they always start and take no room."""
+        busy = [s for s in running if s.name not in reused]
+        if stage.name in reused or not busy:
+            return True
+        if len(busy) >= self.width or _alone(stage) or any(_alone(s) for s in busy):
+            return False
+        if self.capacity is None or stage.run in _SINGLE_PROCESS:
+            return True
+        trainers = 1 + sum(s.run not in _SINGLE_PROCESS for s in busy)
+        return all(trainers * amount <= self.capacity.get(key, 0.0) + 1e-9
+                   for key, amount in self.demand.items())
+
+
+def _alone(stage: Stage) -> bool:
+    return stage.run in _RAY_DATA
+
+
+def _worker_demand(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one training stage's worker group occupies: its GPUs and the CPUs it asks Ray for,
+    or, on CPU workers, the cores its torch threads keep busy (``ray.torch_threads``; 0 = every
+    core of the worker's node, so ``inf``: a CPU stage with default threads never shares)."""
+    r = cfg.ray
+    n = r.num_workers
+    cpus = r.cpus_per_worker
+    if not r.use_gpu:
+        cpus = max(cpus, r.torch_threads) if r.torch_threads else math.inf
+    demand = {"CPU": n * cpus, **{k: n * v for k, v in r.resources_per_worker.items()}}
+    if r.use_gpu:
+        demand["GPU"] = float(n)
+    return demand
+
+
+def _cluster_capacity() -> dict[str, float] | None:
+    """The Ray cluster's total resources (``None`` when this process is not connected)."""
+    import ray
+
+    return dict(ray.cluster_resources()) if ray.is_initialized() else None
+
+
+def _run_concurrently(stages: list[Stage], resolve: Callable[[Stage], tuple[Entry, bool]],
+                      finish: Callable[[Stage, Entry, bool], None],
+                      reused: Callable[[Stage], bool], slots: StageSlots) -> None:
+    """Start each stage once the stages it reads are finished and ``slots`` lets it in,
+    ``resolve`` it in a daemon thread, ``finish`` it here. Of the ready stages, those that can
+    run beside others start first (in plan order), a stage that must run alone when nothing else
+    is left to start: the stages that can share the cluster pair up as often as the plan allows.
+    A stage whose entry exists (``reused``, asked once it is ready) starts at once, whatever runs.
+    After a failure (or a failed check) nothing new starts; the running stages finish and
+    publish their entries, then the first error is raised."""
+    pending = list(stages)
+    running: dict[Future, Stage] = {}
+    done: set[str] = set()
+    error: BaseException | None = None
+    cached: set[str] = set()  # ready stages whose entry exists
+    probed: set[str] = set()
+    while pending or running:
+        if error is None:
+            ready = [s for s in pending if all(d in done for d in s.deps)]
+            for stage in ready:
+                if stage.name not in probed:
+                    probed.add(stage.name)
+                    if reused(stage):
+                        cached.add(stage.name)
+            # existing entries first, then the stages that can share the cluster
+            for stage in sorted(ready, key=lambda s: (s.name not in cached, _alone(s))):
+                if slots.fits(stage, list(running.values()), cached):
+                    pending.remove(stage)
+                    running[_in_thread(resolve, stage)] = stage
+        if not running:
+            break  # a failure with nothing left running
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in [f for f in running if f in finished]:  # in start order
+            stage = running.pop(future)
+            try:
+                finish(stage, *future.result())
+                done.add(stage.name)
+            except BaseException as exc:  # noqa: BLE001 - re-raised once the others finish
+                if error is None:
+                    error = exc
+                    if running:
+                        log.warning("%s failed; waiting for %s to finish before stopping",
+                                    stage.name, ", ".join(s.name for s in running.values()))
+    if error is not None:
+        raise error
+
+
+def _in_thread(fn: Callable[[Stage], Any], stage: Stage) -> Future:
+    """``fn(stage)`` in a daemon thread (Ctrl-C ends the driver without waiting for it)."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(fn(stage))
+        except BaseException as exc:  # noqa: BLE001 - handed to the scheduler
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=f"stage-{stage.name}", daemon=True).start()
+    return future
 
 
 def _stop_on_failed_check(cfg: ExperimentConfig, name: str, result: dict[str, Any]) -> None:

@@ -368,6 +368,13 @@ class Store:
             return local
         return self._download(stage, fp)
 
+    def has(self, stage: str, fp: str) -> bool:
+        """Whether the complete entry ``stage/fp`` exists (here, or on the object store), without
+        downloading it."""
+        if self._local_get(stage, fp) is not None:
+            return True
+        return self.remote is not None and self._remote_manifest(stage, fp) is not None
+
     def _local_get(self, stage: str, fp: str) -> Entry | None:
         path = self.entry_dir(stage, fp)
         manifest = read_json(path / MANIFEST)
