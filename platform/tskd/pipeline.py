@@ -216,9 +216,16 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
     entries: dict[str, Entry] = {}
     metrics: dict[str, dict[str, Any]] = {}
 
+    fps: dict[str, str] = {}
+
+    def fingerprint_of(stage: Stage) -> str:  # once per stage (it walks dataset roots)
+        if stage.name not in fps:
+            fps[stage.name] = stage_fingerprint(stage, cfg, {d: entries[d] for d in stage.deps})
+        return fps[stage.name]
+
     def resolve(stage: Stage) -> tuple[Entry, bool]:  # reuse or build; may run in a thread
         inputs = {d: entries[d] for d in stage.deps}
-        fp = stage_fingerprint(stage, cfg, inputs)
+        fp = fingerprint_of(stage)
         train_dir = store.train_dir(stage.name, fp, TRAIN_PREFIX)
         return store.resolve(stage.name, fp, _builder(stage, cfg, fp, inputs, train_dir, force),
                              force=force, rebuilt_after=run_started)
@@ -246,8 +253,7 @@ def run_pipeline(cfg: ExperimentConfig, *, force: bool = False,
         return metrics
 
     def reused(stage: Stage) -> bool:  # its entry exists: resolving it runs nothing
-        inputs = {d: entries[d] for d in stage.deps}
-        return not force and store.has(stage.name, stage_fingerprint(stage, cfg, inputs))
+        return not force and store.has(stage.name, fingerprint_of(stage))
 
     _run_concurrently(stages, resolve, finish, reused,
                       StageSlots(cfg.ray.concurrent_stages, _cluster_capacity(),
@@ -335,16 +341,14 @@ def _run_concurrently(stages: list[Stage], resolve: Callable[[Stage], tuple[Entr
     running: dict[Future, Stage] = {}
     done: set[str] = set()
     error: BaseException | None = None
-    cached: set[str] = set()  # ready stages whose entry exists
-    probed: set[str] = set()
+    exists: dict[str, bool] = {}  # ready stage -> its entry exists (asked once)
     while pending or running:
         if error is None:
             ready = [s for s in pending if all(d in done for d in s.deps)]
             for stage in ready:
-                if stage.name not in probed:
-                    probed.add(stage.name)
-                    if reused(stage):
-                        cached.add(stage.name)
+                if stage.name not in exists:
+                    exists[stage.name] = reused(stage)
+            cached = {name for name, yes in exists.items() if yes}
             # existing entries first, then the stages that can share the cluster
             for stage in sorted(ready, key=lambda s: (s.name not in cached, _alone(s))):
                 if slots.fits(stage, list(running.values()), cached):
