@@ -13,10 +13,20 @@ row, measured in this run:
   cache's one-off build time is printed beside it;
 - ``replicated``: the teacher's forward on every batch, then the student's step.
 
-Ratios are epoch time / floor epoch time; the issue's goal is ``cached`` ≤ 1.15×. ``--run-dir``
-also prints the data-stall share (time the loop waited for Ray Data) that each ``distill_*``
-stage of a finished ``tskd run`` reported (goal for ``cached``: ≤ 5%). The ``sharded`` placement
-is not built yet. Numbers are as measured, whichever way they fall.
+Ratios are epoch time / floor epoch time; the issue's goal is ``cached`` ≤ 1.15×.
+
+Then two workers (``--ranks 2``, gloo, ``threads / 2`` threads each, each rank half the batches,
+the student under DDP as distillation runs it on CPU): an epoch with the ``replicated`` teacher
+(each rank a whole copy) and with the ``sharded`` one (ZeRO-3 over the 2 ranks,
+``tskd.stages.engine.ShardedModule``, DeepSpeed's defaults: parameters under 1e5 elements kept
+whole, no prefetch), and the teacher's parameter memory per worker for both — held between
+batches and the peak inside its forward — for the benchmark's teacher and for
+``--memory-teacher`` (default ``vit_b``, one forward at ``--memory-size`` px: parameter memory
+does not depend on the batch). Goal: sharded peak ≤ 0.6× replicated.
+
+``--run-dir`` also prints the data-stall share (time the loop waited for Ray Data) that each
+``distill_*`` stage of a finished ``tskd run`` reported (goal for ``cached``: ≤ 5%). Numbers are
+as measured, whichever way they fall.
 """
 
 from __future__ import annotations
@@ -40,6 +50,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs (after one warm-up)")
     p.add_argument("--run-dir", help="a finished tskd run: print its distill stages' data stall")
+    p.add_argument("--ranks", type=int, default=2, help="workers of the sharded comparison "
+                   "(0: skip it)")
+    p.add_argument("--memory-teacher", default="vit_b")
+    p.add_argument("--memory-size", type=int, default=256)
     args = p.parse_args()
 
     from tskd.config import load_config, to_dict
@@ -113,6 +127,8 @@ def main() -> None:
     print(f"  cache build (2 views, once): {cache_s:.2f} s = {cache_s / times['replicated']:.2f} "
           "replicated epochs; goal cached <= 1.15x floor: "
           f"{'met' if times['cached'] <= 1.15 * times['floor'] else 'NOT met'}")
+    if args.ranks > 1:
+        two_workers(args)
     print(f"load average at the end: {os.getloadavg()}")
     if args.run_dir:
         for manifest in sorted(Path(args.run_dir).glob("distill_*/manifest.json")):
@@ -122,6 +138,114 @@ def main() -> None:
             print(f"  {m['stage']}: placement {placement}, data stall "
                   f"{'n/a' if stall is None else f'{100 * stall:.1f}%'} of the last epoch "
                   f"(goal for cached: <= 5%)")
+
+
+def two_workers(args: argparse.Namespace) -> None:
+    """The replicated and sharded placements on ``args.ranks`` gloo processes: epoch time and
+    teacher parameter memory per worker (rank 0's; every rank holds the same share)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rank, args=(args, port, out), nprocs=args.ranks)
+        rows = json.loads((Path(out) / "rows.json").read_text())
+    mb = 2**20
+    print(f"{args.ranks} workers, {max(1, args.threads // args.ranks)} thread(s) each, "
+          f"{args.images // args.ranks} images per worker per epoch:")
+    for name, row in rows.items():
+        t = row.get("epoch_s")
+        print(f"  {name:<30} {'' if t is None else f'{t:7.2f} s/epoch'}  teacher parameters "
+              f"per worker {row['held'] / mb:8.1f} MB held, {row['peak'] / mb:8.1f} MB peak")
+    for teacher in (args.teacher, args.memory_teacher):
+        rep, sh = rows[f"replicated {teacher}"], rows[f"sharded {teacher}"]
+        ratio = sh["peak"] / rep["peak"]
+        print(f"  {teacher}: sharded / replicated peak teacher parameter memory {ratio:.2f}x "
+              f"(held {sh['held'] / rep['held']:.2f}x); goal <= 0.6x: "
+              f"{'met' if ratio <= 0.6 else 'NOT met'}")
+    t_rep, t_sh = (rows[f"{k} {args.teacher}"]["epoch_s"] for k in ("replicated", "sharded"))
+    print(f"  sharded / replicated epoch time ({args.teacher}): {t_sh / t_rep:.2f}x")
+
+
+def _rank(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from tskd.config import load_config, to_dict
+    from tskd.losses import KDLoss
+    from tskd.models.sam import SamSegmenter, build_sam
+    from tskd.models.students import build_student
+    from tskd.stages.distill import Distillation, TeacherTargets, flip_per_sample
+    from tskd.stages.engine import (ShardedModule, build_engine, held_param_bytes,
+                                    peak_param_bytes)
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks),
+                      LOCAL_WORLD_SIZE=str(args.ranks), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(max(1, args.threads // args.ranks))
+    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+    cpu = torch.device("cpu")
+    cfg = load_config(None, [f"student.img_size={args.student_size}"])
+    per_rank = args.images // args.ranks
+    g = torch.Generator().manual_seed(rank)
+    images = torch.randint(0, 256, (per_rank, 3, args.teacher_size, args.teacher_size),
+                           generator=g).float()
+    batches = [images[i:i + args.batch] for i in range(0, per_rank, args.batch)]
+    rows = {}
+
+    def teacher(arch: str, size: int, sharded: bool):
+        torch.manual_seed(0)  # every rank the same weights
+        t = TeacherTargets(SamSegmenter(build_sam(arch, num_classes=3, img_size=size)),
+                           need_logits=True).eval()
+        t.requires_grad_(False)
+        return ShardedModule(t, batch_size=args.batch, device=cpu) if sharded else t
+
+    for placement in ("replicated", "sharded"):
+        for arch, size in ((args.teacher, args.teacher_size),
+                           (args.memory_teacher, args.memory_size)):
+            t = teacher(arch, size, placement == "sharded")
+            module = getattr(t, "module", t)
+            held = held_param_bytes(module)
+            x = torch.randint(0, 256, (1, 3, size, size)).float()
+            with peak_param_bytes(module) as peak, torch.no_grad():
+                t(x)
+            row = {"held": held, "peak": peak[0]}
+            if arch == args.teacher:  # distillation epochs with this teacher
+                torch.manual_seed(0)
+                student = build_student(to_dict(cfg.student), 3)
+                bundle = Distillation(student, KDLoss(student.hidden_dim, t.hidden_dim))
+                engine = build_engine(bundle, {"kind": "torch", "gradient_accumulation": 1,
+                                               "clip_grad_norm": 0.0, "precision": "fp32",
+                                               "optimizer": "adamw"},
+                                      lr=1e-4, weight_decay=0.05, batch_size=args.batch,
+                                      steps_per_epoch=len(batches), epochs=args.epochs + 1,
+                                      device=cpu)
+
+                def epoch() -> float:
+                    dist.barrier()
+                    start = time.perf_counter()
+                    for xb in batches:
+                        xb = flip_per_sample(xb)
+                        target = t(xb)
+                        if xb.shape[-1] != args.student_size:
+                            xb = torch.nn.functional.interpolate(
+                                xb, size=(args.student_size,) * 2, mode="bilinear",
+                                align_corners=False)
+                        loss, _ = engine(xb, target)
+                        engine.step(loss)
+                    dist.barrier()
+                    return time.perf_counter() - start
+
+                epoch()  # warm-up
+                row["epoch_s"] = min(epoch() for _ in range(args.epochs))
+            rows[f"{placement} {arch}"] = row
+            del t, module
+    if rank == 0:
+        (Path(out) / "rows.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

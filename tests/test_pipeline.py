@@ -1,6 +1,7 @@
 """Stage planning, fingerprints and resume/skip logic (no Ray: stages are faked)."""
 
 import json
+import logging
 import math
 import os
 import sys
@@ -382,6 +383,7 @@ def test_a_rerun_stage_gets_the_same_training_dir(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- independent stages at once
 
 INTERVALS: dict[str, tuple[float, float]] = {}
+EVENTS: dict[str, threading.Event] = {}
 
 
 def timed_stage(ctx):
@@ -393,6 +395,8 @@ def timed_stage(ctx):
     CALLS.append(ctx.name)
     if "barrier" in ctx.params:
         BARRIERS[ctx.params["barrier"]].wait()  # BrokenBarrierError unless the others run too
+    if "wait_for" in ctx.params:  # another stage's event, or a minute
+        EVENTS[ctx.params["wait_for"]].wait(timeout=60)
     time.sleep(ctx.params.get("sleep", 0.0))
     INTERVALS[ctx.name] = (start, time.monotonic())
     if ctx.params.get("fail"):
@@ -528,24 +532,37 @@ def test_concurrent_stages_is_checked():
 def test_a_stage_with_an_existing_entry_does_not_wait_for_the_cluster(tmp_path, monkeypatch,
                                                                       caplog):
     """c must run alone when it builds; when its entry exists it is reused at once, while b
-    (changed) builds, instead of waiting for b."""
+    (changed) builds, instead of waiting for b. The changed b builds until c's reuse is logged
+    (or a minute: then c waited for b, and the order below is wrong)."""
     def data_stage(ctx):
         return timed_stage(ctx)
 
-    def stages(b_sleep):
+    def stages(b_params):
         return [pipeline.Stage("a", timed_stage),
-                pipeline.Stage("b", timed_stage, ("a",), {"v": b_sleep}, {"sleep": b_sleep}),
+                pipeline.Stage("b", timed_stage, ("a",), {"v": bool(b_params)}, b_params),
                 pipeline.Stage("c", data_stage, ("a",)),
                 pipeline.Stage("d", timed_stage, ("b", "c"))]
+
+    class ReuseOfC(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("[3/4] c: up to date"):
+                EVENTS["c_reused"].set()
+
     monkeypatch.setattr(pipeline, "_RAY_DATA", {data_stage})
     monkeypatch.setattr(pipeline, "_cluster_capacity", lambda: None)
     cfg = load_config(None, [f"output_dir={tmp_path}"])
-    monkeypatch.setattr(pipeline, "plan", lambda cfg: stages(0.0))
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: stages({}))
     pipeline.run_pipeline(cfg)
     CALLS.clear()
-    monkeypatch.setattr(pipeline, "plan", lambda cfg: stages(0.5))
-    with caplog.at_level("INFO", logger="tskd.pipeline"):
-        pipeline.run_pipeline(cfg)
+    EVENTS["c_reused"] = threading.Event()
+    monkeypatch.setattr(pipeline, "plan", lambda cfg: stages({"wait_for": "c_reused"}))
+    handler = ReuseOfC()
+    logging.getLogger("tskd.pipeline").addHandler(handler)
+    try:
+        with caplog.at_level("INFO", logger="tskd.pipeline"):
+            pipeline.run_pipeline(cfg)
+    finally:
+        logging.getLogger("tskd.pipeline").removeHandler(handler)
     assert CALLS == ["b", "d"]
     order = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
     assert order[1].startswith("[3/4] c: up to date") and order[2].startswith("[2/4] b: built")

@@ -626,12 +626,22 @@ class DistillConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     """Linear warm-up (in epochs, may be fractional), then cosine decay."""
-    teacher_placement: Literal["auto", "replicated", "cached"] = "auto"
+    teacher_placement: Literal["auto", "replicated", "sharded", "cached"] = "auto"
     """Where the frozen teacher lives during distillation: ``replicated`` = every worker holds it
-    and runs it on every batch of every epoch; ``cached`` = a ``targets_<arm>`` stage runs it once
-    per transfer image (2 views) and distillation streams the stored fp16 targets
+    and runs it on every batch of every epoch; ``sharded`` = the workers hold it partitioned with
+    ZeRO-3 (each ``1/num_workers`` of it) and gather it layer by layer in its forward, on every
+    batch (``tskd.stages.engine.ShardedModule``); ``cached`` = a ``targets_<arm>`` stage runs it
+    once per transfer image (2 views) and distillation streams the stored fp16 targets
     (``tskd.stages.teacher_cache``); ``auto`` = ``cached`` when that cache fits
     ``cache_max_gb``, else ``replicated``."""
+    shard_persist_below: int = 100_000
+    """``sharded``: teacher parameters with fewer elements stay whole on every worker (DeepSpeed's
+    ``stage3_param_persistence_threshold``; biases and norms: gathering them costs more than
+    they weigh). 0 partitions every parameter."""
+    shard_prefetch: int = 0
+    """``sharded``: teacher parameter elements gathered ahead of the running layer (DeepSpeed's
+    ``stage3_prefetch_bucket_size``). 0 gathers each layer as it runs: the least memory per
+    worker; larger values overlap gathering with compute (faster on GPUs, more memory)."""
     cache_max_gb: float = 20.0
     """``auto`` placement: the largest target cache (one arm, GB on disk) to choose ``cached``."""
     rung_every: int = 0
@@ -651,6 +661,10 @@ class DistillConfig:
         _check(self.cache_max_gb >= 0, f"{path}.cache_max_gb", self.cache_max_gb,
                "a number >= 0")
         _check(self.rung_epochs >= 0, f"{path}.rung_epochs", self.rung_epochs,
+               "an integer >= 0")
+        _check(self.shard_persist_below >= 0, f"{path}.shard_persist_below",
+               self.shard_persist_below, "an integer >= 0")
+        _check(self.shard_prefetch >= 0, f"{path}.shard_prefetch", self.shard_prefetch,
                "an integer >= 0")
         _check(self.preset is None or self.preset in KD_PRESETS, f"{path}.preset", self.preset,
                f"null or one of {list(KD_PRESETS)}")

@@ -92,6 +92,9 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
     kd_arms = [a for a in cfg.students if a in ("ts_kd", "ta_kd")]
     placement = teacher_cache.placement(cfg, dataset_classes(cfg)) if kd_arms else "replicated"
     kd["teacher_placement"] = placement
+    if placement != "sharded":  # how a sharded teacher is gathered changes nothing else
+        kd.pop("shard_persist_below")
+        kd.pop("shard_prefetch")
     for arm in cfg.students:
         deps: tuple[str, ...] = ("data",)
         finetune_params: dict[str, Any] = {"arm": arm}

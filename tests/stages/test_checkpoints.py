@@ -18,7 +18,7 @@ agree to float rounding (different processes; reductions in the same order)."""
 
 
 def _setup(tmp_path: Path, *, max_failures: int, fail_epoch: int | None,
-           engine: dict | None = None):
+           engine: dict | None = None, distill: dict | None = None):
     import ray.data
 
     from tskd.models.sam import build_sam
@@ -31,6 +31,7 @@ def _setup(tmp_path: Path, *, max_failures: int, fail_epoch: int | None,
     assert d["engine"]["kind"] == "auto" and d["engine"]["zero_stage"] == 2  # defaults
     d["engine"]["kind"] = "deepspeed"  # what auto runs on GPUs, here on CPU
     d["engine"].update(engine or {})
+    d.update(distill or {})
     ray_cfg = RayConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1,
                         checkpoint_every=1, keep_checkpoints=2, max_failures=max_failures)
     config = {"teacher": {"tuned": False, "checkpoint": str(base), "arch": "sam_tiny",
@@ -48,17 +49,21 @@ def _setup(tmp_path: Path, *, max_failures: int, fail_epoch: int | None,
 
 
 def _distil(tmp_path: Path, name: str, *, storage: Path, max_failures: int = 0,
-            fail_epoch: int | None = None, engine: dict | None = None
+            fail_epoch: int | None = None, engine: dict | None = None,
+            distill: dict | None = None, metrics: dict | None = None
             ) -> tuple[dict[str, torch.Tensor], int | None]:
-    """The distilled student and the epoch the run resumed from (None: it never resumed)."""
+    """The distilled student and the epoch the run resumed from (None: it never resumed);
+    the last report's metrics go into ``metrics`` when given."""
     from tskd.stages.distill import _train_loop
     from tskd.stages.ray_train import fit_torch_trainer, load_result_state
 
     config, ray_cfg, ds = _setup(tmp_path, max_failures=max_failures, fail_epoch=fail_epoch,
-                                 engine=engine)
+                                 engine=engine, distill=distill)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=ray_cfg, name=name,
                                storage=storage, datasets={"transfer": ds})
     assert result.metrics["epoch"] == EPOCHS
+    if metrics is not None:
+        metrics.update(result.metrics)
     return (load_result_state(result)["student"],
             result.metrics.get("distill/resumed_from_epoch"))
 
@@ -105,3 +110,19 @@ def test_zero3_two_workers_save_a_consolidated_student(tmp_path, ray_local):
     for key, value in plain.items():
         assert zero3[key].shape == value.shape, key
         torch.testing.assert_close(zero3[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_sharded_teacher_distils_the_replicated_student(tmp_path, ray_local):
+    """The teacher partitioned over the 2 workers (ZeRO-3, every parameter sharded) trains the
+    student the replicated teacher trains, while each worker holds half its parameters."""
+    plain_m: dict = {}
+    sharded_m: dict = {}
+    plain, _ = _distil(tmp_path, "replicated", storage=tmp_path / "ray_a", metrics=plain_m)
+    sharded, _ = _distil(tmp_path, "sharded", storage=tmp_path / "ray_b", metrics=sharded_m,
+                         distill={"teacher_placement": "sharded", "shard_persist_below": 0})
+    for key, value in plain.items():
+        torch.testing.assert_close(sharded[key], value, **TOL, msg=key)
+    ratio = sharded_m["perf/teacher_param_mb"] / plain_m["perf/teacher_param_mb"]
+    assert 0.5 <= ratio < 0.501  # ceil(numel / 2) per tensor
+    assert sharded_m["perf/teacher_param_peak_mb"] < plain_m["perf/teacher_param_peak_mb"]

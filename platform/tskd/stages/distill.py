@@ -16,8 +16,12 @@ group or re-run resumes from it); the student of the last epoch is the stage's o
 stage already holds patch-sized images (the DDPM's samples, and crops of the real unlabelled
 images), so the teacher sees each crop at its ``img_size`` and the student at its own.
 
-The teacher is placed by :func:`place_teacher` — a seam where later issues add a ZeRO-3 sharded
-teacher and a precomputed teacher-target cache.
+The teacher is placed by :func:`place_teacher` (``distill.teacher_placement``): ``replicated``
+(every worker holds it), ``sharded`` (partitioned over the workers with ZeRO-3 and gathered layer
+by layer in its forward, through :class:`tskd.stages.engine.ShardedModule`), or ``cached`` (a
+``targets_<arm>`` stage ran it once; :class:`CachedTargets` reads its outputs). Each epoch reports
+the teacher's parameter memory per worker (``perf/teacher_param_mb``: held between batches;
+``perf/teacher_param_peak_mb``: the most held at once inside its forward).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tskd.artifacts import StageContext
 from tskd.config import to_dict
 from tskd.models.students import build_student  # the registry; re-exported for other stages
 from tskd.stages.data_stage import load_data
-from tskd.stages.engine import build_engine
+from tskd.stages.engine import build_engine, held_param_bytes, peak_param_bytes
 from tskd.stages.ray_train import (checkpoint, checkpoint_due, fail_point, fit_torch_trainer,
                                    is_rank_zero, load_result_state, report, resume, run_storage,
                                    worker_setup)
@@ -86,8 +90,15 @@ class TeacherTargets(torch.nn.Module):
         return logits, hidden
 
 
-def place_teacher(config: dict[str, Any], device: torch.device) -> TeacherTargets:
-    """The frozen teacher on this worker (replicated: every worker holds a full copy)."""
+def place_teacher(config: dict[str, Any], device: torch.device) -> Any:
+    """The frozen teacher on this worker, called as ``teacher(images) -> (logits | None,
+    hidden)`` (:class:`TeacherTargets`' contract, with its ``hidden_dim``):
+
+    - ``replicated``: a whole :class:`TeacherTargets` on ``device``;
+    - ``sharded``: the same module partitioned over the process group with ZeRO-3
+      (:class:`tskd.stages.engine.ShardedModule`); collective: every worker calls it on every
+      batch. Each worker loads the full weights into host memory once, then keeps only its
+      shard (on ``device``)."""
     from tskd.stages.teacher_finetune import load_base_teacher, load_finetuned_teacher
 
     t = config["teacher"]
@@ -98,8 +109,15 @@ def place_teacher(config: dict[str, Any], device: torch.device) -> TeacherTarget
                                     num_classes=t["num_classes"], img_size=t["img_size"])
     teacher.requires_grad_(False)
     d = config["distill"]
-    return TeacherTargets(teacher, need_logits=d["w_logits"] > 0,
-                          features=d["teacher_features"]).to(device).eval()
+    targets = TeacherTargets(teacher, need_logits=d["w_logits"] > 0,
+                             features=d["teacher_features"]).eval()
+    if d.get("teacher_placement") == "sharded":
+        from tskd.stages.engine import ShardedModule
+
+        return ShardedModule(targets, batch_size=d["batch_size"], device=device,
+                             persist_below=d["shard_persist_below"],
+                             prefetch_numel=d["shard_prefetch"])
+    return targets.to(device)
 
 
 def draw_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -203,8 +221,21 @@ def _train_loop(config: dict[str, Any]) -> None:
                 logits_target=d["logits_target"], normalize=d["normalize"])
     steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (d["batch_size"] * world)))
     bundle = Distillation(student, kd).to(device)
-    unreached = freeze_unreached(bundle, teacher.probe if cached else teacher,
-                                 config["student"]["img_size"])
+    memory: dict[str, float] = {}
+    if cached:
+        unreached = freeze_unreached(bundle, teacher.probe, config["student"]["img_size"])
+    else:  # the probe's teacher forward also measures the teacher's parameter memory
+        module = getattr(teacher, "module", teacher)
+        held = held_param_bytes(module)
+        with peak_param_bytes(module) as peak:
+            unreached = freeze_unreached(bundle, teacher, config["student"]["img_size"])
+        memory = {"perf/teacher_param_mb": held / 2**20,
+                  "perf/teacher_param_peak_mb": peak[0] / 2**20}
+        if is_rank_zero():
+            log.info("distill: teacher %s, %.1f MB of parameters per worker (%.1f MB at most "
+                     "inside its forward)",
+                     "sharded" if d["teacher_placement"] == "sharded" else "replicated",
+                     *memory.values())
     if unreached and is_rank_zero():
         log.info("distill: %d parameter tensors no loss term reaches stay frozen (e.g. %s)",
                  len(unreached), unreached[0])
@@ -248,7 +279,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
         metrics = {k: v / max(n, 1) for k, v in sums.items()} | {"epoch": epoch} \
-            | timer.summary()
+            | timer.summary() | memory
         if first > 1:
             metrics["distill/resumed_from_epoch"] = first - 1
         if is_rank_zero():
@@ -331,8 +362,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         config["cache"] = cache["shapes"]
         dataset = read_targets(ctx.input_location(f"targets_{arm}"), check=False,
                                materialize_share=cfg.ray.materialize_share)
+    placement = "cached" if cache_dir else distill["teacher_placement"]
+    if placement == "auto":  # auto chose not to cache (the pipeline resolved it)
+        placement = distill["teacher_placement"] = "replicated"
+    if placement == "sharded" and cfg.ray.num_workers < 2:
+        log.warning("distill.teacher_placement is sharded but ray.num_workers is %d: one "
+                    "worker holds the whole teacher (sharding saves memory from 2 workers)",
+                    cfg.ray.num_workers)
     log.info("distilling (%s) on %d transfer images for %d epochs, teacher %s", arm,
-             n_transfer, cfg.distill.epochs, "targets cached" if cache_dir else "replicated")
+             n_transfer, cfg.distill.epochs, placement)
     storage = run_storage(ctx)
     result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
                                name=ctx.name, storage=storage, datasets={"transfer": dataset},

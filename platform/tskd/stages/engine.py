@@ -20,6 +20,9 @@ A stage builds its model (and loss, when the loss has parameters) as one module,
   (``deepspeed.init_distributed`` reuses it; gloo on CPU, NCCL on GPU).
 - ``auto`` (distillation's default): ``deepspeed`` on a CUDA device, ``torch`` on CPU.
 
+A frozen module (the distillation teacher's ``sharded`` placement) is partitioned across the
+workers for inference by :class:`ShardedModule` (ZeRO-3, no optimiser).
+
 Stages contain no engine-specific code; this module is the only one that imports DeepSpeed (lazily).
 """
 
@@ -342,3 +345,83 @@ class DeepSpeedEngine(Engine):
                                               load_module_strict=False)
         if path is None:
             raise RuntimeError(f"{directory}: no DeepSpeed checkpoint to resume from")
+
+
+def held_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters this process holds now: every parameter's data, plus,
+    under ZeRO-3, this rank's partition (``ds_tensor``) of each (a partitioned parameter's data
+    is empty except while it is gathered)."""
+    total = 0
+    for p in module.parameters():
+        part = getattr(p, "ds_tensor", None)
+        total += (p.data.numel() + (part.numel() if part is not None else 0)) * p.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def peak_param_bytes(module: torch.nn.Module):
+    """Track the most parameter bytes ``module`` held at the start of any sub-module's forward
+    inside the block (ZeRO-3 has gathered that sub-module's parameters by then: its hooks run
+    first). Yields a one-element list holding the peak so far.
+
+    ``with peak_param_bytes(teacher) as peak: teacher(images)`` → ``peak[0]`` bytes."""
+    peak = [held_param_bytes(module)]
+
+    def sample(_module: torch.nn.Module, _inputs: Any) -> None:
+        peak[0] = max(peak[0], held_param_bytes(module))
+
+    handles = [m.register_forward_pre_hook(sample) for m in module.modules()]
+    try:
+        yield peak
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ShardedModule:
+    """A frozen module partitioned across the process group with ZeRO-3, for inference only.
+
+    Each rank keeps ``1/world`` of every parameter with at least ``persist_below`` elements
+    (smaller ones stay whole on every rank: gathering them costs more than they weigh); a
+    sub-module's parameters are gathered when its forward starts and released after it, also
+    those a parent reads directly (SAM's decoder reads its token embeddings' ``weight``:
+    DeepSpeed registers them as external parameters on first use). ``prefetch_numel``: elements
+    fetched ahead of the running layer (DeepSpeed's ``stage3_prefetch_bucket_size``; 0 gathers
+    each layer when it runs — least memory).
+
+    Collective: every rank must call it the same number of times (the same batches per epoch
+    as the student's DDP/ZeRO step already requires). Every rank must hold the same weights
+    when it is built. Attributes the wrapper lacks are read from the wrapped module.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, batch_size: int, device: torch.device,
+                 persist_below: int = 100_000, prefetch_numel: int = 0) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        backend = dist.get_backend() if dist.is_initialized() else None
+        deepspeed.init_distributed(dist_backend=backend or "gloo")
+        module.requires_grad_(False)
+        config = {"train_micro_batch_size_per_gpu": int(batch_size),
+                  "zero_optimization": {"stage": 3,
+                                        "stage3_param_persistence_threshold": int(persist_below),
+                                        "stage3_prefetch_bucket_size": int(prefetch_numel)},
+                  "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.engine, *_ = deepspeed.initialize(model=module, config=config)
+        self.engine.eval()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The wrapped module, its parameters partitioned (call :meth:`__call__`, not it)."""
+        return self.engine.module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self.engine(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine.module, name)
