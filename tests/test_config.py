@@ -156,6 +156,8 @@ def test_shipped_job_configs_are_valid():
     assert paper.teacher.arch == "vit_b" and paper.teacher.img_size == 1024
     assert paper.distill.epochs == 1600
     for path, engine in paper.engines().items():  # paper scale: ZeRO-2 + bf16 on GPUs
+        if path == "teacher.pretrain.engine":
+            continue  # demo teachers only: the paper's teacher is an official checkpoint
         assert (engine.kind, engine.zero_stage, engine.precision) == ("deepspeed", 2, "bf16"), path
     assert paper.transfer.diffusion.engine.clip_grad_norm == 1.0  # the section's own default
 

@@ -343,6 +343,7 @@ class PretrainConfig:
     seed (as an official checkpoint is), so it is trained and cached once, not once per seed."""
     cache_dir: str = "~/.cache/tskd"
     """Pre-trained teachers are cached here, keyed by a fingerprint of this section."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:
         _check_loop(self, path, "steps", "batch_size", "lr", "warmup_steps")
@@ -733,6 +734,8 @@ class MaeConfig:
     decoder_heads: int = 4
     """A small decoder (MAE-lite's ViT-Tiny used a larger one); discarded after pre-training."""
 
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
     def validate(self, path: str) -> None:
         _check_loop(self, path, "epochs", "batch_size", "warmup_epochs")
         _check(self.base_lr > 0, f"{path}.base_lr", self.base_lr, "a number > 0")
@@ -774,6 +777,8 @@ class MocoV3Config:
     """Keep the ViT's patch projection at its random init during MoCo v3 (the MoCo v3 ViT
     recipe's ``--stop-grad-conv1``, which its authors found stabilises training); it is trained
     in the fine-tuning that follows."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self, path: str) -> None:
         _check_loop(self, path, "epochs", "batch_size", "warmup_epochs")
@@ -1042,7 +1047,9 @@ class ExperimentConfig:
                 "transfer.diffusion.engine": self.transfer.diffusion.engine,
                 "distill.engine": self.distill.engine,
                 "student_finetune.engine": self.student_finetune.engine,
-                "reference.engine": self.reference.engine}
+                "reference.engine": self.reference.engine,
+                "teacher.pretrain.engine": self.teacher.pretrain.engine,
+                "mae.engine": self.mae.engine, "mocov3.engine": self.mocov3.engine}
 
     @property
     def run_dir(self) -> Path:

@@ -90,3 +90,83 @@ def test_baseline_arms_pretrain_and_finetune(tmp_path, ray_local):
     assert student["upstream"]["pretrain_mae"] == init_manifest["fingerprint"]
     assert student["params"] == {"arm": "mae", "init_stage": "pretrain_mae"}
     assert 0.0 <= metrics["student_mae"]["val/dice"] <= 1.0
+
+
+def test_mae_optimiser_groups_decay_weights_only_and_step_through_the_engine():
+    """MAE's AdamW (betas 0.9/0.95, no decay on biases and norms) as engine groups: the engine
+    takes the same steps as torch's AdamW over hand-made groups."""
+    import copy
+
+    from tskd.config import EngineConfig, MaeConfig, to_dict
+    from tskd.models.students import build_student
+    from tskd.stages.engine import build_engine
+    from tskd.stages.pretrain import build_objective, param_groups
+
+    p = to_dict(MaeConfig(decoder_dim=16, decoder_depth=1, decoder_heads=2))
+    torch.manual_seed(0)
+    student = build_student({"arch": "vit", "model_name": "vit_tiny_patch16_224",
+                             "img_size": 32, "patch_size": 8, "decoder_dim": 16,
+                             "pretrained": False}, 3)
+    objective = build_objective("mae", student, p)
+    reference = copy.deepcopy(objective)
+    groups, betas = param_groups("mae", objective, p)
+    assert betas == (0.9, 0.95)
+    decay = {id(q): g["weight_decay"] for g in groups for q in g["params"]}
+    for name, q in objective.named_parameters():
+        assert decay[id(q)] == (0.0 if q.ndim <= 1 or name.endswith(".bias") else 0.05), name
+    hand = torch.optim.AdamW(
+        [{"params": [q for q in reference.parameters() if q.ndim > 1], "weight_decay": 0.05},
+         {"params": [q for q in reference.parameters() if q.ndim <= 1], "weight_decay": 0.0}],
+        lr=1e-3, betas=(0.9, 0.95))
+    engine = build_engine(objective, to_dict(EngineConfig()), lr=1e-3, weight_decay=0.05,
+                          batch_size=2, steps_per_epoch=3, epochs=1,
+                          device=torch.device("cpu"), param_groups=groups, betas=betas)
+    for step in range(3):
+        x = torch.rand(2, 3, 32, 32)
+        torch.manual_seed(10 + step)  # the same random masks for both
+        engine.step(engine(x).loss)
+        torch.manual_seed(10 + step)
+        hand.zero_grad()
+        reference(x).loss.backward()
+        hand.step()
+    for (name, got), want in zip(objective.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _pretrain_run(tmp_path, name: str, method: str, **extra):
+    import ray.data
+
+    from tskd.config import MaeConfig, MocoV3Config, RayConfig, StudentConfig, to_dict
+    from tskd.stages.pretrain import _train_loop
+    from tskd.stages.ray_train import fit_torch_trainer, load_result_state
+
+    ray_cfg = RayConfig(num_workers=2, cpus_per_worker=0.5, torch_threads=1, checkpoint_every=1,
+                        max_failures=1)
+    p = (to_dict(MocoV3Config(epochs=3, batch_size=4, dim=8, mlp_dim=16)) if method == "mocov3"
+         else to_dict(MaeConfig(epochs=3, batch_size=4, decoder_dim=16, decoder_depth=1,
+                                decoder_heads=2)))
+    config = {"method": method, "pretrain": p, "num_classes": 3, "n_transfer": 16, "seed": 0,
+              "student": to_dict(StudentConfig(img_size=32, patch_size=8, decoder_dim=16)),
+              "ray": to_dict(ray_cfg)} | extra
+    g = torch.Generator().manual_seed(5)
+    rows = [{"id": i, "image": (torch.rand(32, 32, 3, generator=g) * 255).numpy()}
+            for i in range(16)]
+    result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=ray_cfg, name=name,
+                               storage=tmp_path / name,
+                               datasets={"transfer": ray.data.from_items(rows,
+                                                                         override_num_blocks=2)})
+    return load_result_state(result)["student"], result.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mocov3", "mae"])
+def test_pretraining_resumes_after_a_lost_worker(tmp_path, ray_local, method):
+    """Rank 1 dies at the start of epoch 3: the workers restart from the last checkpoint (with
+    MoCo v3's momentum encoder) and end with the uninterrupted run's student."""
+    plain, _ = _pretrain_run(tmp_path, "plain", method)
+    marker = tmp_path / "failed.marker"
+    resumed, metrics = _pretrain_run(tmp_path, "lost", method,
+                                     fail_once={"rank": 1, "epoch": 3, "marker": str(marker)})
+    assert marker.exists() and metrics["pretrain/resumed_from_epoch"] in (1, 2)
+    for key, value in plain.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)

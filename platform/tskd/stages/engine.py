@@ -87,22 +87,27 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_optimizer(params: list[torch.nn.Parameter], engine: dict[str, Any], *, lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
-    """``engine.optimizer``: torch AdamW, DeepSpeedCPUAdam (AdamW mode) or fused CUDA AdamW."""
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]],
+                    engine: dict[str, Any], *, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """``engine.optimizer``: torch AdamW, DeepSpeedCPUAdam (AdamW mode) or fused CUDA AdamW,
+    over parameters or parameter groups (a group's own ``weight_decay`` wins)."""
     name = engine["optimizer"]
     if name == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, betas=betas,
+                                adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas,
                              fused=True if name == "fused_adam" else None)
 
 
 def build_engine(model: torch.nn.Module, engine: dict[str, Any], *, lr: float,
                  weight_decay: float, batch_size: int, steps_per_epoch: int, epochs: int,
                  device: torch.device, schedule: Schedule | None = None,
-                 find_unused_parameters: bool = False) -> "Engine":
+                 find_unused_parameters: bool = False,
+                 param_groups: list[dict[str, Any]] | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999)) -> "Engine":
     """Wrap ``model`` (its trainable parameters are optimised) in the configured engine.
 
     Args:
@@ -111,9 +116,12 @@ def build_engine(model: torch.nn.Module, engine: dict[str, Any], *, lr: float,
         steps_per_epoch: micro-batches per epoch per worker (sets the schedule's length).
         schedule: builds the LR scheduler from the optimiser (``None``: constant LR).
         find_unused_parameters: DDP's flag (a term of zero weight leaves parameters unused).
+        param_groups: optimiser groups of ``model``'s trainable parameters (e.g. no weight decay
+            on biases and norms); default one group of all of them.
+        betas: AdamW's betas.
     """
     model = model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups or [p for p in model.parameters() if p.requires_grad]
     gas = int(engine["gradient_accumulation"])
     per_epoch = steps_per_epoch / gas
     total = max(1, math.floor(steps_per_epoch * epochs / gas))
@@ -128,11 +136,12 @@ def build_engine(model: torch.nn.Module, engine: dict[str, Any], *, lr: float,
         kind = "deepspeed" if device.type == "cuda" else "torch"
     if kind == "deepspeed":
         return DeepSpeedEngine(model, engine, params=params, lr=lr, weight_decay=weight_decay,
-                               batch_size=batch_size, make_scheduler=make_scheduler)
+                               batch_size=batch_size, make_scheduler=make_scheduler,
+                               betas=betas)
     if kind != "torch":
         raise ValueError(f"engine.kind: invalid value {kind!r}; allowed: auto, torch, "
                          "deepspeed")
-    optimizer = build_optimizer(params, engine, lr=lr, weight_decay=weight_decay)
+    optimizer = build_optimizer(params, engine, lr=lr, weight_decay=weight_decay, betas=betas)
     return TorchEngine(model, engine, optimizer, make_scheduler(optimizer), device,
                        find_unused_parameters=find_unused_parameters)
 
@@ -300,15 +309,18 @@ class DeepSpeedEngine(Engine):
     kind = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, engine: dict[str, Any], *,
-                 params: list[torch.nn.Parameter], lr: float, weight_decay: float,
-                 batch_size: int, make_scheduler: Callable[[torch.optim.Optimizer], Any]) -> None:
+                 params: list[torch.nn.Parameter] | list[dict[str, Any]], lr: float,
+                 weight_decay: float, batch_size: int,
+                 make_scheduler: Callable[[torch.optim.Optimizer], Any],
+                 betas: tuple[float, float] = (0.9, 0.999)) -> None:
         import deepspeed
         import torch.distributed as dist
 
         backend = dist.get_backend() if dist.is_initialized() else None
         deepspeed.init_distributed(dist_backend=backend or "gloo")
         self.zero_stage = int(engine["zero_stage"])
-        optimizer = build_optimizer(params, engine, lr=lr, weight_decay=weight_decay)
+        optimizer = build_optimizer(params, engine, lr=lr, weight_decay=weight_decay,
+                                    betas=betas)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
             config=deepspeed_config(engine, batch_size))

@@ -6,8 +6,11 @@ worker builds the student (random init) and wraps its ViT backbone in the object
 :class:`tskd.models.mae.MaskedAutoencoder` (``mae``: mask ratio 0.75, loss on normalised pixels
 of the masked patches) or :class:`tskd.models.mocov3.MoCoV3` (``mocov3``: two augmented views
 from :class:`tskd.data.views.TwoViews`, projector + predictor, momentum encoder, symmetric
-InfoNCE). AdamW at ``base_lr × global batch / 256``, linear warm-up then cosine (per step).
-Loop: every batch resized to the student's ``img_size``, one step. Report: the loss per epoch;
+InfoNCE). AdamW at ``base_lr × global batch / 256``, linear warm-up then cosine (per step),
+stepped through the training engine (``mae.engine`` / ``mocov3.engine``,
+:mod:`tskd.stages.engine`). Loop: every batch resized to the student's ``img_size``, one step.
+Report: the loss per epoch, a full-state checkpoint every ``ray.checkpoint_every`` epochs (with
+MoCo v3's momentum encoder; a restarted worker group or re-run resumes from it);
 the last epoch's student (ViT pre-trained, FPN head still at random init) is the stage's
 ``student.pt``, which ``student_<arm>`` fine-tunes exactly as a distilled student. The time
 spent in the training loop is ``pretrain/train_time_s`` (the manifest's ``wall_time_s`` adds
@@ -30,7 +33,7 @@ from tskd.models.students import build_student
 from tskd.stages.data_stage import load_data
 from tskd.stages.distill import STUDENT_FILE
 from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import run_storage, unwrap, worker_setup
+from tskd.stages.ray_train import run_storage, worker_setup
 from tskd.storage import remove_tree
 
 log = logging.getLogger(__name__)
@@ -52,27 +55,35 @@ def build_objective(method: str, student: torch.nn.Module, p: dict[str, Any]) ->
                   freeze_patch_embed=p["freeze_patch_embed"])
 
 
-def build_optimizer(method: str, objective: torch.nn.Module, p: dict[str, Any],
-                    lr: float) -> torch.optim.Optimizer:
-    """AdamW as each method's code: MAE betas (0.9, 0.95) and no decay on biases and other 1-D
-    parameters (norms) — timm's ``param_groups_weight_decay``, the rule of MAE's
-    ``add_weight_decay``; MoCo v3 decays every parameter."""
+def param_groups(method: str, objective: torch.nn.Module,
+                 p: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[float, float]]:
+    """AdamW's parameter groups and betas as each method's code sets them: MAE betas
+    (0.9, 0.95) and no decay on biases and other 1-D parameters (norms) — timm's
+    ``param_groups_weight_decay``, the rule of MAE's ``add_weight_decay``; MoCo v3 decays every
+    trainable parameter, default betas."""
     if method == "mae":
         from timm.optim import param_groups_weight_decay
 
-        groups = param_groups_weight_decay(objective, p["weight_decay"])
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+        return param_groups_weight_decay(objective, p["weight_decay"]), (0.9, 0.95)
     trainable = [q for q in objective.parameters() if q.requires_grad]
-    return torch.optim.AdamW(trainable, lr=lr, weight_decay=p["weight_decay"])
+    return [{"params": trainable, "weight_decay": p["weight_decay"]}], (0.9, 0.999)
+
+
+def momentum_state(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """MoCo v3's momentum encoder (frozen parameters an EMA moves, so the engine's checkpoint,
+    which keeps trainable state only, does not hold them); empty for MAE."""
+    return {k: v.detach().cpu().clone() for k, v in objective.state_dict().items()
+            if k.startswith(("momentum_backbone.", "momentum_projector."))}
 
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: stream the transfer shard, pre-train the student's ViT."""
     import ray.train
-    import ray.train.torch
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
+    from tskd.stages.engine import build_engine
     from tskd.stages.live_metrics import StepTimer
+    from tskd.stages.ray_train import checkpoint, checkpoint_due, fail_point, resume
 
     method, p = config["method"], config["pretrain"]
     device = worker_setup(config["ray"], config["seed"])
@@ -81,12 +92,18 @@ def _train_loop(config: dict[str, Any]) -> None:
     objective = build_objective(method, student, p)
     if method == "mocov3" and world > 1 and config["ray"].get("use_gpu"):
         objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)  # as MoCo v3
-    model = ray.train.torch.prepare_model(objective.to(device))
     lr = scaled_lr(p["base_lr"], p["batch_size"] * world)
-    optim = build_optimizer(method, unwrap(model), p, lr)
     steps_per_epoch = max(1, math.ceil(config["n_transfer"] / (p["batch_size"] * world)))
-    sched = get_cosine_schedule_with_warmup(optim, int(p["warmup_epochs"] * steps_per_epoch),
-                                            p["epochs"] * steps_per_epoch)
+    groups, betas = param_groups(method, objective, p)
+    engine = build_engine(
+        objective, p["engine"], lr=lr, weight_decay=p["weight_decay"],
+        batch_size=p["batch_size"], steps_per_epoch=steps_per_epoch, epochs=p["epochs"],
+        device=device, param_groups=groups, betas=betas,
+        schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
+            opt, int(p["warmup_epochs"] * per_epoch), total))
+    first, loop, _ = resume(engine, method)
+    if loop.get("momentum"):
+        engine.module.load_state_dict(loop["momentum"], strict=False)
     views = None
     size = config["student"]["img_size"]
     if method == "mocov3":
@@ -99,35 +116,44 @@ def _train_loop(config: dict[str, Any]) -> None:
         log.info("%s pre-training: lr %.3g (base %.3g × batch %d / 256), %d steps per epoch",
                  method, lr, p["base_lr"], p["batch_size"] * world, steps_per_epoch)
     start, timer = time.time(), StepTimer()
-    for epoch in range(1, p["epochs"] + 1):
+    elapsed = float(loop.get("train_time_s", 0.0))  # loop time before a restart
+    for epoch in range(first, p["epochs"] + 1):
+        fail_point(config, epoch)
         total, n = 0.0, 0
+        engine.train()
         for batch in timer.batches(shard.iter_torch_batches(
                 batch_size=p["batch_size"], dtypes={"id": torch.int64, "image": torch.float32},
                 device=device, local_shuffle_buffer_size=4 * p["batch_size"],
                 local_shuffle_seed=config["seed"] + epoch)):
             images = batch["image"].permute(0, 3, 1, 2)  # (B, 3, H, W) 0..255
             if views is None:  # MAE: the image itself
-                loss = model(preprocess(images)).loss
+                loss = engine(preprocess(images)).loss
             else:  # MoCo v3: two augmented views (BatchNorm needs 2 samples)
                 if images.shape[0] < 2:
                     continue
                 v1, v2 = views(images.cpu())
-                loss = model(preprocess(v1.to(device)), preprocess(v2.to(device)))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
+                loss = engine(preprocess(v1.to(device)), preprocess(v2.to(device)))
+            engine.step(loss)
             total += loss.item()
             n += 1
-        elapsed = time.time() - start
-        metrics = {"pretrain/loss": total / max(n, 1), "pretrain/train_time_s": elapsed,
+        train_time = elapsed + time.time() - start
+        metrics = {"pretrain/loss": total / max(n, 1), "pretrain/train_time_s": train_time,
                    "epoch": epoch} | timer.summary()
+        if first > 1:
+            metrics["pretrain/resumed_from_epoch"] = first - 1
         if is_rank_zero():
             log.info("%s epoch %d/%d loss %.5f, %.1f img/s (data wait %.0f%%), %.0f s", method,
                      epoch, p["epochs"], metrics["pretrain/loss"], metrics["perf/images_per_s"],
-                     100 * metrics["perf/data_stall"], elapsed)
-        last = epoch == p["epochs"]
-        report(metrics, {"student": student.state_dict()} if last else None)
+                     100 * metrics["perf/data_stall"], train_time)
+        if checkpoint_due(epoch, p["epochs"], config["ray"]["checkpoint_every"]):
+            with engine.gathered():  # the objective trains student.backbone in place
+                state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+                momentum = momentum_state(engine.module)
+            checkpoint(metrics, engine=engine, epoch=epoch,
+                       loop={"momentum": momentum, "train_time_s": train_time},
+                       output={"student": state})
+        else:
+            report(metrics)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

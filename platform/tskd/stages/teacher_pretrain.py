@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from tskd.artifacts import StageContext, write_json
-from tskd.config import fingerprint, to_dict
+from tskd.config import EngineConfig, fingerprint, to_dict
 from tskd.stages.ray_train import fit_torch_trainer, is_rank_zero, load_result_state, report
-from tskd.stages.ray_train import run_storage, unwrap, worker_setup
+from tskd.stages.ray_train import run_storage, worker_setup
 from tskd.storage import is_remote, remove_tree
 
 log = logging.getLogger(__name__)
@@ -37,50 +37,75 @@ log = logging.getLogger(__name__)
 BASE_FILE = "base.json"
 
 
+PARTS = 10
+"""The run is logged, reported and checkpointable in tenths of its steps (its "epochs")."""
+
+
 def _train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: full pre-training of a SAM built from scratch."""
+    """Ray Train worker: full pre-training of a SAM built from scratch, stepped through the
+    training engine (``teacher.pretrain.engine``), checkpointed every ``ray.checkpoint_every``
+    tenths of the run; a restart resumes at the next step, on the same corpus samples."""
     import ray.train.torch
     from diffusers.optimization import get_cosine_schedule_with_warmup
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
 
     from tskd.data.corpus import CORPUS_LABELS, ProceduralCorpus
     from tskd.losses import SegLoss
     from tskd.models.sam import SamSegmenter, build_sam
+    from tskd.stages.engine import build_engine
+    from tskd.stages.ray_train import checkpoint, checkpoint_due, fail_point, resume
 
     p = config["pretrain"]
     device = worker_setup(config["ray"], config["seed"])
     world = ray.train.get_context().get_world_size()
     model = SamSegmenter(build_sam(config["arch"], num_classes=len(CORPUS_LABELS),
                                    img_size=config["img_size"])).train()
+    steps = p["steps"]
+    per_part = -(-steps // PARTS)
     # Prompt-less SAM never uses its point/mask prompt embeddings nor its IoU head.
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    corpus = ProceduralCorpus(size=config["img_size"], length=p["steps"] * p["batch_size"] * world,
+    engine = build_engine(
+        model, p["engine"], lr=p["lr"], weight_decay=p["weight_decay"],
+        batch_size=p["batch_size"], steps_per_epoch=steps, epochs=1, device=device,
+        find_unused_parameters=True,
+        schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
+            opt, p["warmup_steps"], total))
+    first, _, _ = resume(engine, "teacher pre-training")  # the first part to run
+    done = min(steps, (first - 1) * per_part)  # steps already taken
+    corpus = ProceduralCorpus(size=config["img_size"], length=steps * p["batch_size"] * world,
                               seed=config["seed"])
+    # the samples not yet seen: the distributed sampler deals rank r the indices r, r + world,
+    # ... of this range exactly as of the whole corpus (the offset is a multiple of world)
+    rest = Subset(corpus, range(done * p["batch_size"] * world, len(corpus)))
     loader = ray.train.torch.prepare_data_loader(
-        DataLoader(corpus, batch_size=p["batch_size"], shuffle=False, num_workers=0,
+        DataLoader(rest, batch_size=p["batch_size"], shuffle=False, num_workers=0,
                    drop_last=True))
     criterion = SegLoss()
-    optim = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
-    sched = get_cosine_schedule_with_warmup(optim, p["warmup_steps"], p["steps"])
-    log_every = max(1, p["steps"] // 10)
-    start, running = time.time(), 0.0
-    for step, batch in enumerate(loader, 1):
+    start, running, n = time.time(), 0.0, 0
+    step = done
+    for batch in loader:
+        step += 1
+        part = -(-step // per_part)
+        if (step - 1) % per_part == 0:
+            fail_point(config, part)
         images, masks = batch["image"].to(device), batch["mask"].to(device)
-        loss = criterion(model(images).logits, masks)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        sched.step()
+        loss = criterion(engine(images).logits, masks)
+        engine.step(loss)
         running += loss.item()
-        if step % log_every == 0 or step == p["steps"]:
-            metrics = {"pretrain/loss": running / log_every, "step": step}
-            if is_rank_zero():
-                log.info("teacher pre-training step %d/%d loss %.4f (%.0f s)", step, p["steps"],
-                         metrics["pretrain/loss"], time.time() - start)
-            last = step == p["steps"]
-            report(metrics, {"model": unwrap(model).sam.state_dict()} if last else None)
-            running = 0.0
+        n += 1
+        if step % per_part and step != steps:
+            continue
+        metrics = {"pretrain/loss": running / max(n, 1), "step": step, "epoch": part}
+        if is_rank_zero():
+            log.info("teacher pre-training step %d/%d loss %.4f (%.0f s)", step, steps,
+                     metrics["pretrain/loss"], time.time() - start)
+        running, n = 0.0, 0
+        if checkpoint_due(part, PARTS, config["ray"]["checkpoint_every"]) or step == steps:
+            state = engine.state_dict() if step == steps else None  # collective (ZeRO-3)
+            checkpoint(metrics, engine=engine, epoch=part,
+                       output={"model": {k[len("sam."):]: v for k, v in state.items()}}
+                       if state is not None else None)
+        else:
+            report(metrics)
 
 
 def cache_path(ctx: StageContext) -> Path:
@@ -88,6 +113,8 @@ def cache_path(ctx: StageContext) -> Path:
     pretrain = to_dict(t.pretrain)
     pretrain.pop("cache_dir")
     seed = pretrain.pop("seed")
+    if pretrain["engine"] == to_dict(EngineConfig()):  # the default engine: the key as before
+        pretrain.pop("engine")                          # the engine seam (same numbers)
     key = fingerprint(t.arch, t.img_size, pretrain, seed)
     return Path(t.pretrain.cache_dir).expanduser() / "teachers" / f"{t.arch}-{t.img_size}px-{key}"
 
