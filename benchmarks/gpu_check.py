@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="tiny sizes for a CPU test: sam_tiny teacher at 32 px, student at "
                          "64 px, images at 32 px, 8 images, batch 4, SAM timed as sam_tiny at 64 px")
     ap.add_argument("--images", type=int, help="transfer images (default 48; quick 8)")
-    ap.add_argument("--image-size", type=int, help="transfer image side (default 256; quick 32)")
+    ap.add_argument("--image-size", type=int,
+                    help="transfer image side (default data.image_size, or the student's size "
+                         "when it is auto; quick 32)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, help="distill.batch_size (default 8; quick 4)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -99,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ({"images": 8, "image_size": 32, "batch": 4, "sam_arch": "sam_tiny",
                  "sam_size": 64, "student_sizes": [64], "repeats": 2, "warmup": 1}
                 if args.quick else
-                {"images": 48, "image_size": 256, "batch": 8, "sam_arch": "vit_b",
+                {"images": 48, "batch": 8, "sam_arch": "vit_b",
                  "sam_size": 1024, "student_sizes": [256, 512], "repeats": 20, "warmup": 3})
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -395,6 +397,19 @@ def summary(state: dict[str, Any], args: argparse.Namespace) -> None:
                   f"{t_sam['fp32'] / t_sam['bf16']:.2f}x")
 
 
+def versions() -> str:
+    """The versions of the other packages the check imports (carried wheels or the machine's)."""
+    from importlib import metadata
+
+    out = []
+    for name in ("timm", "peft", "monai", "diffusers", "segment-anything", "pydantic"):
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{name} missing")
+    return ", ".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda = args.device == "cuda"
@@ -414,11 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(0) if cuda else f"{torch.get_num_threads()} CPU threads"
     print(f"gpu_check: device {args.device} ({name}), torch {torch.__version__} "
           f"(CUDA {torch.version.cuda}), deepspeed {deepspeed.__version__}, "
-          f"python {sys.version.split()[0]}", flush=True)
+          f"python {sys.version.split()[0]}; {versions()}", flush=True)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     started = time.perf_counter()
     check, state = Check(), {}
     cfg = experiment_config(args, cuda)
+    if args.image_size is None:  # the transfer set is at the data's working size
+        size = cfg.data.image_size
+        args.image_size = size if isinstance(size, int) else cfg.student.img_size
     with tempfile.TemporaryDirectory() as tmp:
         from tskd.models.sam import build_sam
 
