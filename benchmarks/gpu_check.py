@@ -43,7 +43,7 @@ numpy (no internet needed), from the repository root::
 
     benchmarks/gpu_wheels.sh     # where pip reaches a registry: .whl/ (git-ignored, ~15 MiB)
     # copy the repository and .whl/ to the GPU machine, then there:
-    OUT=/some/dir bash benchmarks/gpu_check.sh    # installs .whl/, runs this; ~1-2 min on an H100
+    OUT=/some/dir bash benchmarks/gpu_check.sh    # installs .whl/, runs this
 
 ``gpu_check.sh`` installs the wheels into ``/tmp/site``, runs ``--device cuda`` and tees the
 log to ``$OUT/gpu_check.log`` when ``OUT`` is set; it must stay within 8 minutes on one GPU.
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes for a CPU test: sam_tiny teacher at 32 px, student at "
-                         "64 px, images at 32 px, 8 images, batch 4, SAM timed as sam_tiny at 64 px")
+                         "64 px, 8 images at 32 px, batch 4, SAM timed as sam_tiny at 64 px")
     ap.add_argument("--images", type=int, help="transfer images (default 48; quick 8)")
     ap.add_argument("--image-size", type=int,
                     help="transfer image side (default data.image_size, or the student's size "

@@ -51,14 +51,16 @@ done
 "$py" -m pip wheel -q --no-deps -w "$out" "deepspeed==$(version deepspeed)"
 
 echo "wheels in $out:"
-(cd "$out" && du -b ./*.whl | sort -k2 | awk '{printf "  %8.2f MiB  %s\n", $1 / 2^20, substr($2, 3)}')
+(cd "$out" && du -b ./*.whl | sort -k2 \
+     | awk '{printf "  %8.2f MiB  %s\n", $1 / 2^20, substr($2, 3)}')
 wheels=$(du -cb "$out"/*.whl | tail -1 | cut -f1)
 tracked=$(git -C "$repo" ls-files -z | (cd "$repo" && du -cb --files0-from=- 2>/dev/null) \
           | tail -1 | cut -f1)
 total=$((wheels + tracked))
 awk -v w="$wheels" -v t="$tracked" -v s="$total" -v l="$limit_mib" 'BEGIN {
-    printf "total: wheels %.1f MiB + tracked tree %.1f MiB = %.1f MiB (limit used here: %d MiB of 64)\n",
-           w / 2^20, t / 2^20, s / 2^20, l }'
+    printf "total: wheels %.1f MiB + tracked tree %.1f MiB = %.1f MiB", w / 2^20, t / 2^20,
+           s / 2^20
+    printf " (limit used here: %d MiB of the 64 a GPU machine receives)\n", l }'
 if ((total > limit_mib * 1024 * 1024)); then
     echo "gpu_wheels: wheels and tree exceed $limit_mib MiB" >&2
     exit 1
