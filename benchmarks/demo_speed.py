@@ -17,6 +17,7 @@ images per second; the issue's goals at batch 1 are printed beside them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,15 +30,27 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def time_forward(model: torch.nn.Module, size: int, repeats: int, batch: int = 1) -> float:
-    """Median seconds per forward of a (batch, 3, size, size) input, after one warm-up."""
-    x = torch.rand(batch, 3, size, size) * 255
+def time_forward(model: torch.nn.Module, size: int, repeats: int, batch: int = 1, *,
+                 device: torch.device | str = "cpu", warmup: int = 1,
+                 dtype: torch.dtype | None = None) -> float:
+    """Median seconds per forward of a (batch, 3, size, size) input, after ``warmup`` forwards.
+
+    ``device``: where ``model`` lives (on CUDA each forward is timed to its synchronisation);
+    ``dtype``: autocast to it (``None``: the model's own precision)."""
+    device = torch.device(device)
+    x = (torch.rand(batch, 3, size, size) * 255).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                else contextlib.nullcontext())
     times = []
-    with torch.inference_mode():
-        model(x)
+    with torch.inference_mode(), autocast:
+        for _ in range(warmup):
+            model(x)
+        sync()
         for _ in range(repeats):
             start = time.perf_counter()
             model(x)
+            sync()
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
