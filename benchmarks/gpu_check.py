@@ -21,14 +21,16 @@ Parts (one line each, ``[PASS]``/``[FAIL]``; the exit status is 1 when any part 
    separately placed live teacher (:func:`tskd.stages.distill.place_teacher`, the
    ``replicated`` placement) on the same view. Tolerance (fp16 storage, relative rounding
    2^-11): ``|cached - live| <= 2e-3 + 2e-3 * |live|`` everywhere.
-3. ``distill replicated`` / ``distill cached``: ``distill.epochs`` epochs of the stage's loop
-   body (:class:`~tskd.stages.distill.Distillation` of the student and
+3. ``distill replicated`` / ``distill sharded`` / ``distill cached``: ``distill.epochs``
+   epochs of the stage's loop body (:class:`~tskd.stages.distill.Distillation` of the student and
    :class:`tskd.losses.KDLoss`, ``freeze_unreached``, the warm-up + cosine schedule, stepped
-   through :func:`tskd.stages.engine.build_engine`) with the live teacher, then with the
-   cached targets; checks: DeepSpeed engine, ZeRO stage 2, autocast dtype seen in the
+   through :func:`tskd.stages.engine.build_engine`) with the live teacher, the live teacher
+   partitioned with ZeRO-3 over the one rank (``sharded``: DeepSpeed's gather hooks on CUDA),
+   then with the cached targets; checks: DeepSpeed engine, ZeRO stage 2, autocast dtype seen in the
    student's layers (bf16 on CUDA), finite losses. Both start from the same seed and draw the
    same batches and flips.
-4. ``placements agree``: the first epoch's mean loss, cached against replicated, within 1%
+4. ``placements agree``: the first epoch's mean loss, sharded and cached against replicated,
+   within 1%
    (fp32) / 5% (bf16).
 5. ``timing``: SAM ``vit_b`` (random init, :func:`tskd.models.sam.build_sam`) at 1024 px against
    the default student at 256 and 512 px, batch 1, median of ``--repeats`` forwards after
@@ -277,8 +279,12 @@ def distill_part(state: dict[str, Any], placement: str, cfg: Any, args: argparse
 
     d = to_dict(cfg.distill)
     cached = placement == "cached"
-    teacher = (CachedTargets(state["shapes"]) if cached
-               else place_teacher(state["teacher_config"], device))
+    if cached:
+        teacher = CachedTargets(state["shapes"])
+    else:  # replicated, or sharded with ZeRO-3 over this one rank (the gather hooks run)
+        config = dict(state["teacher_config"])
+        config["distill"] = dict(config["distill"], teacher_placement=placement)
+        teacher = place_teacher(config, device)
     torch.manual_seed(args.seed)  # after the teacher: both placements draw the same from here
     student = build_student(to_dict(cfg.student), NUM_CLASSES, hidden_block=d["student_block"])
     kd = KDLoss(student.hidden_dim, teacher.hidden_dim, w_logits=d["w_logits"],
@@ -341,11 +347,16 @@ def distill_part(state: dict[str, Any], placement: str, cfg: Any, args: argparse
 
 
 def agree_part(state: dict[str, Any], cfg: Any) -> tuple[bool, str]:
-    ref, got = state["replicated_losses"][0], state["cached_losses"][0]
-    rel = abs(got - ref) / abs(ref)
+    ref = state["replicated_losses"][0]
     tol = AGREE[cfg.distill.engine.precision]
-    return rel <= tol, (f"first-epoch loss cached {got:.5f} vs replicated {ref:.5f}: "
-                        f"relative difference {rel:.2e} (tolerance {tol:g})")
+    ok, parts = True, []
+    for placement in ("sharded", "cached"):
+        got = state[f"{placement}_losses"][0]
+        rel = abs(got - ref) / abs(ref)
+        ok = ok and rel <= tol
+        parts.append(f"{placement} {got:.5f} vs replicated {ref:.5f}: relative difference "
+                     f"{rel:.2e}")
+    return ok, f"first-epoch loss {'; '.join(parts)} (tolerance {tol:g})"
 
 
 def timing_part(state: dict[str, Any], cfg: Any, args: argparse.Namespace,
@@ -387,6 +398,10 @@ def summary(state: dict[str, Any], args: argparse.Namespace) -> None:
         rep, cac = state["replicated_seconds"][-1], state["cached_seconds"][-1]
         print(f"summary: distillation epoch time replicated / cached = {rep / cac:.2f}x "
               f"({rep:.2f} s / {cac:.2f} s, last epoch)")
+    if "replicated_seconds" in state and "sharded_seconds" in state:
+        rep, sh = state["replicated_seconds"][-1], state["sharded_seconds"][-1]
+        print(f"summary: distillation epoch time sharded (ZeRO-3, 1 rank) / replicated = "
+              f"{sh / rep:.2f}x ({sh:.2f} s / {rep:.2f} s, last epoch)")
     if "timing" in state:
         t_sam, t_student = state["timing"]
         for (p, size), t in t_student.items():
@@ -453,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             if check.part("cache", lambda: cache_part(state, cfg, args, device)):
                 ok = [check.part(f"distill {p}", lambda p=p: distill_part(state, p, cfg, args,
                                                                            device))
-                      for p in ("replicated", "cached")]
+                      for p in ("replicated", "sharded", "cached")]
                 if all(ok):
                     check.part("placements agree", lambda: agree_part(state, cfg))
     if not args.skip_timing:

@@ -41,7 +41,8 @@ def test_the_gpu_check_runs_its_code_paths_on_cpu(tmp_path):
     assert done.returncode == 0, out[-4000:]
     lines = {m.group(2): m.group(1) for m in re.finditer(r"^\[(PASS|FAIL)\] ([^:]+):", out, re.M)}
     assert lines == {"group": "PASS", "cache": "PASS", "distill replicated": "PASS",
-                     "distill cached": "PASS", "placements agree": "PASS", "timing": "PASS"}
+                     "distill sharded": "PASS", "distill cached": "PASS",
+                     "placements agree": "PASS", "timing": "PASS"}
     part = {name: next(line for line in out.splitlines() if line.startswith(f"[PASS] {name}:"))
             for name in lines}
     assert _field(part["group"], "backend") == "gloo"
@@ -51,7 +52,7 @@ def test_the_gpu_check_runs_its_code_paths_on_cpu(tmp_path):
     assert _field(part["cache"], "fp16") == "True"
     assert _field(part["cache"], "same_views") == "True"
     losses = {}
-    for placement in ("replicated", "cached"):
+    for placement in ("replicated", "sharded", "cached"):
         line = part[f"distill {placement}"]
         assert _field(line, "engine") == "deepspeed" and _field(line, "zero") == "2"
         assert _field(line, "precision") == "fp32" and _field(line, "device") == "cpu"
@@ -60,8 +61,10 @@ def test_the_gpu_check_runs_its_code_paths_on_cpu(tmp_path):
         assert all(math.isfinite(v) and v > 0 for v in losses[placement])
     # same seed, batches and flips; targets differ by fp16 rounding only
     assert losses["cached"] == pytest.approx(losses["replicated"], rel=1e-2)
+    # the same fp32 teacher, gathered from its ZeRO-3 partition: the same targets
+    assert losses["sharded"] == pytest.approx(losses["replicated"], rel=1e-5)
     assert "summary: SAM sam_tiny at 64 px / student at 64 px, batch 1, fp32:" in out
-    assert re.search(r"^gpu_check: PASS \(6 parts passed, 0 failed\)", out, re.M)
+    assert re.search(r"^gpu_check: PASS \(7 parts passed, 0 failed\)", out, re.M)
     assert (tmp_path / "out" / "gpu_check.log").read_text() == out  # the tee'd log
 
 
