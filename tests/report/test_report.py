@@ -374,3 +374,42 @@ def test_a_tskd_grid_directory_reports_its_cells(tmp_path, fake_dataset):
     assert [r[1] for r in ts] == ["100", "200"]
     assert ts[1][3] == "failed (cmp-ts_kd-n200-l40-s0): cell: RuntimeError: out of memory " \
                        "in the sampler"
+
+
+def test_single_run_deploy_table_ranks_students_and_marks_the_pareto_front(single_run,
+                                                                            single_report):
+    res = load(single_run)
+    p = parse(single_report)
+    models = {arm: s for arm, s in res["students"].items()} | {"reference": res["reference"]}
+    rows = p.tables["deploy"]
+    methods = [a[1]["data-method"] for a in p.attrs["deploy"]]
+    assert sorted(methods) == sorted(models)
+    dice = [float(a[3]["data-value"]) for a in p.attrs["deploy"]]
+    assert dice == sorted(dice, reverse=True)  # best first
+    ref = res["reference"]["dice"]
+    for method, cells, attrs in zip(methods, rows, p.attrs["deploy"]):
+        m = models[method]
+        assert cells[0] == "40" and cells[3] == f"{m['dice']:.4f}"
+        assert cells[4] == f"{m['model']['latency_ms']:.1f}"
+        assert cells[5] == f"{m['model']['size_mb']:.3f}"
+        # on the front unless another model is as good in Dice, latency and size, better in one
+        others = [o for k, o in models.items() if k != method]
+        dominated = any(o["dice"] >= m["dice"]
+                        and o["model"]["latency_ms"] <= m["model"]["latency_ms"]
+                        and o["model"]["size_mb"] <= m["model"]["size_mb"]
+                        and (o["dice"], o["model"]["latency_ms"], o["model"]["size_mb"])
+                        != (m["dice"], m["model"]["latency_ms"], m["model"]["size_mb"])
+                        for o in others)
+        assert cells[6] == ("" if dominated else "yes"), method
+        assert cells[7] == ("–" if method == "reference" else f"{m['dice'] - ref:+.4f}")
+
+
+def test_pareto_front_of_dice_latency_and_size():
+    from tskd.report.tables import pareto_front
+
+    points = [(0.80, 10.0, 5.0),   # best Dice: on the front
+              (0.70, 2.0, 1.0),    # fastest and smallest: on the front
+              (0.70, 3.0, 1.0),    # dominated by the second
+              (0.75, 2.0, 9.0),    # better Dice than the second, bigger: on the front
+              (float("nan"), 1.0, 1.0)]  # no score: never on it, dominates nothing
+    assert pareto_front(points) == [True, True, False, True, False]

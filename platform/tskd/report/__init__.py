@@ -99,6 +99,7 @@ def build_report(root: str | Path, *, n_images: int = 3, n_transfer: int = 6) ->
         "figures": figures,
         "compute": [tables.compute_table(rows), tables.shared_stage_table(runs)],
         "memory": tables.memory_table(rows),
+        "deploy": tables.deploy_table(rows),
         "seed_tests": seed_table,
         "overlays": {"png": overlay_png, "caption": overlay_note},
         "transfer_table": tables.transfer_table(transfers) if transfers else None,

@@ -5,6 +5,8 @@
 * :func:`compute_table` — Table 6: pre-training and fine-tuning time, mean-Dice change over
   scratch in %; :func:`shared_stage_table`: the teacher's and the transfer set's time;
 * :func:`memory_table` — Table 7: teacher base and adapter size, student size;
+* :func:`deploy_table` — which student to deploy: Dice vs CPU latency vs size, the Pareto front,
+  the best against the label-only reference;
 * :func:`seed_tests_table` — paired tests across seeds (``scipy.stats.ttest_rel``, ``wilcoxon``);
 * :func:`transfer_table` — Table 16: the transfer set's quality report;
 * :func:`failures_table` — failed stages.
@@ -323,6 +325,67 @@ def memory_table(rows: list[Row]) -> Table:
                  "Teacher: its base SAM checkpoint file and the adapter file its LoRA stage "
                  "writes (teacher/adapter_mb); students and reference: fp32 parameters, batch-1 "
                  "CPU latency as measured by their stage.")
+
+
+# ------------------------------------------------------------------------------ deployment
+
+
+def pareto_front(points: list[tuple[float, float, float]]) -> list[bool]:
+    """Which of ``(dice, latency_ms, size_mb)`` no other point dominates (at least as good in
+    all three — higher Dice, lower latency and size — and better in one). NaN never
+    dominates and is never on the front."""
+    def finite(p: tuple[float, float, float]) -> bool:
+        return all(math.isfinite(v) for v in p)
+
+    def dominates(a: tuple[float, float, float], b: tuple[float, float, float]) -> bool:
+        no_worse = a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2]
+        return no_worse and (a[0] > b[0] or a[1] < b[1] or a[2] < b[2])
+
+    return [finite(p) and not any(finite(q) and dominates(q, p) for q in points)
+            for p in points]
+
+
+def deploy_table(rows: list[Row]) -> Table | None:
+    """Which student to deploy: every trained student configuration (and the label-only
+    reference) per label budget, by mean Dice over seeds, with its CPU latency and size; the
+    rows no other dominates in all three are marked (Pareto front), and the best Dice is
+    compared with the reference's. None when no student has a footprint."""
+    head = [[Cell(h, header=True) for h in ("Labels", "Model", "Arch", "Mean Dice",
+                                            "CPU latency (ms)", "Size (MB)", "Pareto",
+                                            "vs reference")]]
+    body: list[list[Cell]] = []
+    row_cls: list[str] = []
+    groups = [g for g in group_rows(rows) if g.kind in ("student", "reference") and g.ok]
+    for labels in sorted({g.labels for g in groups}, key=_none_last):
+        block = sorted((g for g in groups if g.labels == labels),
+                       key=lambda g: -np.nan_to_num(g.stat("dice")[0], nan=-1.0))
+        if not any(g.mean_of("latency_ms") is not None for g in block):
+            continue
+        points = [(g.stat("dice")[0], g.mean_of("latency_ms") or math.nan,
+                   g.mean_of("size_mb") or math.nan) for g in block]
+        front = pareto_front(points)
+        ref = next((p[0] for g, p in zip(block, points) if g.kind == "reference"), math.nan)
+        for i, (g, (dice, latency, size)) in enumerate(zip(block, points)):
+            diff = dice - ref if g.kind != "reference" else math.nan
+            name = method_name(g.method) + (f": {g.arch}" if g.kind == "reference" else "")
+            body.append([Cell("–" if labels is None else str(labels), "num"),
+                         Cell(name, "", {"data-method": g.method}), Cell(g.arch),
+                         _num(dice, 4, **{"data-col": "dice"}),
+                         _num(latency, 1, **{"data-col": "latency_ms"}),
+                         _num(size, 3, **{"data-col": "size_mb"}),
+                         Cell("yes" if front[i] else "", "", {"data-value": str(front[i])}),
+                         Cell("–" if not math.isfinite(diff) else f"{diff:+.4f}", "num",
+                              {"data-value": "" if not math.isfinite(diff) else repr(diff)})])
+            row_cls.append("best" if i == 0 else "")
+    if not body:
+        return None
+    return Table("deploy", "Which student to deploy", head, body,
+                 "Per label budget, every student (and the label-only reference) by mean test "
+                 "Dice over seeds, best first; CPU latency at batch 1 and size as measured by "
+                 "their stages. Pareto: no other model here has at least its Dice with at most "
+                 "its latency and size (and is better in one). vs reference: Dice minus the "
+                 "reference's at the same budget — negative means the labels alone did better.",
+                 row_cls=row_cls)
 
 
 # ------------------------------------------------------------------------------ seeds
