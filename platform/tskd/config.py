@@ -130,10 +130,10 @@ class EngineConfig:
     (plus ``raw``) and checked here, on the driver."""
 
     kind: Literal["auto", "torch", "deepspeed"] = "torch"
-    """``auto``: ``deepspeed`` when the workers have GPUs (``ray.use_gpu``), ``torch`` on CPU:
-    under Ray Train on the 2-core demo machine, DeepSpeed ZeRO-2 distillation ran 3x slower
-    per step than DDP with identical losses (benchmarks/README.md), so a CPU run gains nothing
-    from it. ``zero_stage`` then applies on GPUs only."""
+    """``auto``: ``deepspeed`` when the workers have GPUs (``ray.use_gpu``), ``torch`` on CPU,
+    where DeepSpeed brings nothing but its import and start-up (with its ZeRO buckets sized to
+    the model it steps as fast as DDP there, with the same losses; benchmarks/README.md).
+    ``zero_stage`` then applies on GPUs only."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (``deepspeed`` only): 1 partitions the optimiser state, 2 also
     the gradients, 3 also the parameters (checkpoints are then consolidated collectively)."""

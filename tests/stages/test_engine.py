@@ -206,3 +206,19 @@ def test_ddpm_steps_through_the_engine_equal_train_ddpm():
     assert losses == pytest.approx(ref_losses, rel=1e-6)
     for key, value in ref_unet.state_dict().items():
         torch.testing.assert_close(engine.state_dict()[key], value, **TOL, msg=key)
+
+
+def test_zero_buckets_are_capped_at_the_model_size():
+    """DeepSpeed's 5e8-element buckets are allocated twice per ZeRO-2 step; for a model smaller
+    than that the buckets hold the model (rounded up to a multiple of 1024), and ``raw`` still
+    wins."""
+    cfg = to_dict(EngineConfig(kind="deepspeed", zero_stage=2))
+    zero = deepspeed_config(cfg, 8, numel=5_000_001)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 5_000_192
+    assert zero["reduce_bucket_size"] % 1024 == 0 and zero["reduce_bucket_size"] >= 5_000_001
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 8, numel=10**9)["zero_optimization"]
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 8)["zero_optimization"]
+    raw = to_dict(EngineConfig(kind="deepspeed", zero_stage=2,
+                               raw={"zero_optimization": {"reduce_bucket_size": 1000}}))
+    assert deepspeed_config(raw, 8, numel=5_000_001)["zero_optimization"][
+        "reduce_bucket_size"] == 1000
