@@ -5,29 +5,15 @@ from pathlib import Path
 
 import pytest
 from monai.networks.nets import BasicUNet
+from tiny_pipeline import tiny_overrides
 
 from tskd.config import fingerprint, load_config, to_dict
 from tskd.pipeline import run_pipeline
 
-TINY = [
-    "experiment=tiny",
-    "data.demo.n_images=40", "data.demo.size=32", "data.image_size=32",
-    "data.n_labels=8", "data.val_share=0.25",
-    "teacher.arch=sam_tiny", "teacher.img_size=32",
-    "teacher.pretrain.steps=2", "teacher.pretrain.batch_size=2",
-    "teacher.finetune.epochs=1", "teacher.finetune.batch_size=4",
-    "transfer.n_images=8", "transfer.diffusion.image_size=16", "transfer.diffusion.n_augmented=8",
-    "transfer.diffusion.train_steps=2", "transfer.diffusion.batch_size=4",
-    "transfer.diffusion.num_inference_steps=2", "transfer.diffusion.block_out_channels=[32,32]",
-    "transfer.sample_batch_size=4", "transfer.actor_cpus=0.5", "transfer.near_copy_psnr=99",
-    "student.img_size=32", "student.patch_size=8", "student.decoder_dim=16",
-    "distill.epochs=1", "distill.batch_size=4",
-    "student_finetune.epochs=1", "student_finetune.batch_size=4",
+TINY = tiny_overrides(n_images=40, num_workers=2, extra=(
     "reference.epochs=1", "reference.batch_size=4",
     # a teacher trained for one epoch is not expected to beat the quality floor: record, go on
-    "check.baseline_epochs=1", "check.on_fail=continue",
-    "ray.num_workers=2", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
-]
+    "check.baseline_epochs=1", "check.on_fail=continue"))
 
 
 @pytest.mark.slow  # ~7 min on 2 cores since the engine, cached targets and quality checks

@@ -11,26 +11,13 @@ from pathlib import Path
 
 import boto3
 import pytest
+from tiny_pipeline import tiny_overrides
 
 PLANTED_SECRET = "planted-secret-7f3a9c"  # tests/conftest.py plants it (s3 fixture)
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = [  # task-agnostic KD: a transfer set (Ray Data writes and reads) and distillation too
-    "experiment=tiny", "students=[ta_kd]", "reference.arch=none",
-    "data.demo.n_images=24", "data.demo.size=32", "data.image_size=32",
-    "data.n_labels=8", "data.val_share=0.25",
-    "teacher.arch=sam_tiny", "teacher.img_size=32",
-    "teacher.pretrain.steps=2", "teacher.pretrain.batch_size=2",
-    "teacher.finetune.epochs=1", "teacher.finetune.batch_size=4",
-    "transfer.n_images=8", "transfer.diffusion.image_size=16", "transfer.diffusion.n_augmented=8",
-    "transfer.diffusion.train_steps=2", "transfer.diffusion.batch_size=4",
-    "transfer.diffusion.num_inference_steps=2", "transfer.diffusion.block_out_channels=[32,32]",
-    "transfer.sample_batch_size=4", "transfer.actor_cpus=0.5", "transfer.near_copy_psnr=99",
-    "student.img_size=32", "student.patch_size=8", "student.decoder_dim=16",
-    "distill.epochs=1", "distill.batch_size=4",
-    "student_finetune.epochs=1", "student_finetune.batch_size=4",
-    "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
-]
+TINY = tiny_overrides(  # task-agnostic KD: a transfer set (Ray Data writes and reads), distillation
+    n_images=24, num_workers=1, select=("students=[ta_kd]", "reference.arch=none"))
 STAGES = {"data", "teacher_pretrain", "teacher", "transfer", "distill_ta_kd", "student_ta_kd",
           "evaluate"}
 
