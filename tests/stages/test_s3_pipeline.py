@@ -31,8 +31,8 @@ TINY = [  # task-agnostic KD: a transfer set (Ray Data writes and reads) and dis
     "student_finetune.epochs=1", "student_finetune.batch_size=4",
     "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
 ]
-STAGES = {"data", "teacher_pretrain", "teacher", "transfer", "distill_ta_kd", "student_ta_kd",
-          "evaluate"}
+STAGES = {"data", "teacher_pretrain", "teacher", "ddpm", "transfer", "distill_ta_kd",
+          "student_ta_kd", "evaluate"}
 
 
 def _tskd_run(uri: str, mirror: Path, cache: Path, tmp: Path) -> str:
