@@ -16,13 +16,17 @@ Loop: a one-worker Ray Train job (:func:`train_diffusion`) through the training 
 steps (a restarted build resumes there).
 
 Report: the driver saves the UNet (EMA weights when enabled) and its noise scheduler with
-diffusers' ``save_pretrained``; returns ``diffusion/*`` metrics.
+diffusers' ``save_pretrained``, and the training images (the transfer stage's privacy references:
+read back, not recomputed, since the augmentation costs about a minute at demo scale); returns
+``diffusion/*`` metrics.
 
 Output directory::
 
-    model/       unet/ + scheduler/ (diffusers save_pretrained; tskd.diffusion.load_diffusion)
-    ddpm.json    training images: n_train_images, crops_per_image, n_crops, n_augmented,
-                 train_image_size, augmented_sha256; the model: image_size, train_steps; seed
+    model/               unet/ + scheduler/ (diffusers save_pretrained; tskd.diffusion.load_diffusion)
+    training_images.npz  labelled (N·k, P, P, 3) and augmented (n_augmented, P, P, 3) uint8,
+                         crops_per_image, case_ids (tskd.diffusion.DDPMTrainingImages.load)
+    ddpm.json            n_train_images, crops_per_image, n_crops, n_augmented, train_image_size;
+                         the model: image_size, train_steps; seed
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tskd.storage import remove_tree
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+TRAINING_IMAGES = "training_images.npz"
 MANIFEST_FILE = "ddpm.json"
 
 
@@ -66,10 +71,11 @@ def run(ctx: Any) -> dict[str, Any]:
 
     metrics = train_diffusion(images.augmented, cfg, out / MODEL_DIR, run_storage(ctx))
 
+    images.save(out / TRAINING_IMAGES)
     d = cfg.transfer.diffusion
     write_json(out / MANIFEST_FILE, {**images.summary(), "image_size": d.image_size,
                                      "train_steps": d.train_steps, "model_dir": MODEL_DIR,
-                                     "seed": cfg.seed})
+                                     "training_images": TRAINING_IMAGES, "seed": cfg.seed})
     log.info("ddpm: trained on %d images, loss %.4f -> %.4f", len(images.augmented),
              metrics["diffusion/first_loss"], metrics["diffusion/final_loss"])
     return metrics
@@ -183,4 +189,12 @@ def model_location(ctx: Any) -> Path | str:
     return Path(where) / MODEL_DIR
 
 
-__all__ = ["run", "train_diffusion", "model_location", "MODEL_DIR", "MANIFEST_FILE"]
+def training_images(ddpm_dir: Path | str):
+    """The :class:`tskd.diffusion.DDPMTrainingImages` a ``ddpm`` entry trained on."""
+    from tskd.diffusion import DDPMTrainingImages
+
+    return DDPMTrainingImages.load(Path(ddpm_dir) / TRAINING_IMAGES)
+
+
+__all__ = ["run", "train_diffusion", "model_location", "training_images", "MODEL_DIR",
+           "TRAINING_IMAGES", "MANIFEST_FILE"]

@@ -7,9 +7,9 @@ trained (the pipeline plans no ``ddpm`` stage).
 
 Synthetic part: samples of the ``ddpm`` stage's model (:mod:`tskd.stages.ddpm`, trained once per
 label budget and ``transfer.diffusion``, whatever ``transfer.n_images``). Setup: the DDPM's
-training images again (:func:`tskd.diffusion.ddpm_training_images`: the labelled training
-images, their crops with patch training, the augmented copies), checked against the digest in
-the ddpm entry's ``ddpm.json``: they are the privacy references. Then:
+training images, read from the ddpm entry (:func:`tskd.stages.ddpm.training_images`: the
+labelled training images, their crops with patch training, the augmented copies): they are the
+privacy references. Then:
 
 1. a Ray Data pipeline samples ``transfer.n_images`` images: ``range(n)`` →
    ``map_batches(_Sampler, ActorPoolStrategy)``, one model load per actor (from the ddpm
@@ -225,7 +225,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
     storage = run_storage(ctx)
     if "synthetic" in t.sources:
-        metrics |= _synthetic_part(ctx, info, splits, manifest, storage)
+        metrics |= _synthetic_part(ctx, manifest, storage)
     else:
         write_json(out / QUALITY_FILE, {"sources": list(t.sources), "n_sampled": 0,
                                         "note": "no synthetic images: nothing to check"})
@@ -285,21 +285,19 @@ def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     return case_ids
 
 
-def _synthetic_part(ctx: Any, info: Any, splits: Any, manifest: dict[str, Any],
-                    storage: Path | str) -> dict[str, Any]:
+def _synthetic_part(ctx: Any, manifest: dict[str, Any], storage: Path | str
+                    ) -> dict[str, Any]:
     """Sample the ``ddpm`` input's model, check quality and privacy, write the kept samples;
     fill the synthetic entries of ``manifest``; return ``transfer/*`` metrics."""
     from tskd.artifacts import write_json
-    from tskd.diffusion import ddpm_training_images
-    from tskd.stages.ddpm import model_location
+    from tskd.stages.ddpm import model_location, training_images
     from tskd.transfer_quality import json_safe, quality_report
 
     cfg: ExperimentConfig = ctx.cfg
     out = Path(ctx.dir)
-    check_sampler_resources(cfg)  # before the privacy references are computed
+    check_sampler_resources(cfg)
     t = cfg.transfer
-    ddpm_images = ddpm_training_images(info, splits.labelled, cfg)
-    _check_same_training_images(ddpm_images.summary(), Path(ctx.inputs["ddpm"]))
+    ddpm_images = training_images(ctx.inputs["ddpm"])  # what the DDPM trained on
     train_images, augmented = ddpm_images.labelled, ddpm_images.augmented
     log.info("sampling %d images (%d inference steps, %s%s) on %d actor(s) x %g CPU",
              t.n_images, t.diffusion.num_inference_steps, t.diffusion.sampler,
@@ -370,26 +368,6 @@ def _synthetic_part(ctx: Any, info: Any, splits: Any, manifest: dict[str, Any],
             "transfer/psnr_mean": float("inf") if kept_psnr is None else kept_psnr,
             "transfer/mse_mean": report_kept["mse"]["mean"],
             "transfer/sample_images_per_s": len(ids) / max(elapsed, 1e-9)}
-
-
-def _check_same_training_images(summary: dict[str, Any], ddpm_dir: Path) -> None:
-    """The privacy references computed here are the images the ``ddpm`` entry trained on
-    (counts and the digest in its ``ddpm.json``).
-
-    Raises:
-        TransferSetError: they differ (naming both and the file).
-    """
-    from tskd.stages.ddpm import MANIFEST_FILE as DDPM_FILE
-
-    trained = json.loads((ddpm_dir / DDPM_FILE).read_text())
-    keys = ("n_crops", "n_augmented", "train_image_size", "augmented_sha256")
-    if any(trained.get(k) != summary[k] for k in keys):
-        raise TransferSetError(
-            f"the DDPM's training images recomputed for the privacy check "
-            f"({ {k: summary[k] for k in keys} }) differ from those it was trained on "
-            f"({ {k: trained.get(k) for k in keys} }, {ddpm_dir / DDPM_FILE}); the data "
-            "stage or tskd.diffusion.ddpm_training_images changed: rebuild the ddpm stage "
-            "(tskd run --force)")
 
 
 def _fmt(x: float | None) -> str:
