@@ -104,9 +104,9 @@ def test_baseline_arms_plan_their_init_stages(tmp_path):
     cfg = load_config(None, ["students=[scratch, imagenet_mae, mae, mocov3]",
                              f"imagenet_mae.checkpoint={ckpt}", "mae.epochs=2"])
     assert names(cfg) == ["data", "teacher_pretrain", "teacher", "ddpm", "transfer",
-                          "student_scratch", "init_imagenet_mae", "student_imagenet_mae", "pretrain_mae",
-                          "student_mae", "pretrain_mocov3", "student_mocov3", "reference",
-                          "evaluate"]
+                          "student_scratch", "init_imagenet_mae", "student_imagenet_mae",
+                          "pretrain_mae", "student_mae", "pretrain_mocov3", "student_mocov3",
+                          "reference", "evaluate"]
     stages = {s.name: s for s in pipeline.plan(cfg)}
     # ImageNet-MAE reads only the data (for the classes) and its checkpoint file
     assert stages["init_imagenet_mae"].deps == ("data",)

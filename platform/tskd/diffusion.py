@@ -35,10 +35,10 @@ from tskd.transfer_quality import resize_uint8
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SAMPLERS", "DDPMTrainingImages", "ddpm_training_images", "build_unet", "build_scheduler", "train_ddpm", "DDPMData", "ddpm_loss",
-           "build_ema", "check_loss", "default_warmup", "sample_images",
-           "sample_with_seeds", "image_seed", "save_diffusion", "load_diffusion",
-           "images_to_tensor", "tensor_to_images"]
+__all__ = ["SAMPLERS", "DDPMTrainingImages", "ddpm_training_images", "build_unet",
+           "build_scheduler", "train_ddpm", "DDPMData", "ddpm_loss", "build_ema", "check_loss",
+           "default_warmup", "sample_images", "sample_with_seeds", "image_seed",
+           "save_diffusion", "load_diffusion", "images_to_tensor", "tensor_to_images"]
 
 
 SAMPLERS = ("ddpm", "ddim")

@@ -22,7 +22,7 @@ read back, not recomputed, since the augmentation costs about a minute at demo s
 
 Output directory::
 
-    model/               unet/ + scheduler/ (diffusers save_pretrained; tskd.diffusion.load_diffusion)
+    model/               unet/ + scheduler/ (diffusers save_pretrained; diffusion.load_diffusion)
     training_images.npz  labelled (N·k, P, P, 3) and augmented (n_augmented, P, P, 3) uint8,
                          crops_per_image, case_ids (tskd.diffusion.DDPMTrainingImages.load)
     ddpm.json            n_train_images, crops_per_image, n_crops, n_augmented, train_image_size;

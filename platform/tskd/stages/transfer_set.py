@@ -16,10 +16,10 @@ privacy references. Then:
    entry: its directory, or for an object-store output its URI, which each actor downloads).
    Image ``id`` is sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always
    runs at batch ``sample_batch_size`` (the last batch is padded), so the images are
-   bit-identical whatever the number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
-   ``data.image_size`` (with patch training: the patch side), averages their channels when
-   ``transfer.grayscale`` says so (``auto`` = the labelled images are grayscale) and attaches
-   the nearest privacy reference
+   bit-identical whatever the number of actors or how Ray Data cuts the batches. Each actor
+   resizes its samples to ``data.image_size`` (with patch training: the patch side), averages
+   their channels when ``transfer.grayscale`` says so (``auto`` = the labelled images are
+   grayscale) and attaches the nearest privacy reference
    (:func:`tskd.transfer_quality.privacy_references`: the labelled training images, their
    left-right and top-bottom flips, and the DDPM's augmented training copies): ``nn_index`` (the
    training image it derives from), ``nn_kind`` (``train``/``hflip``/``vflip``/``augmented``),
@@ -173,9 +173,9 @@ def sample_transfer_set(model_dir: Path | str, train_images: np.ndarray, cfg: Ex
 
 
 def check_sampler_resources(cfg: ExperimentConfig) -> None:
-    """Fail (in the ``ddpm`` stage: before the DDPM trains) when the sampler actors cannot all start: with
-    ``ray.use_gpu`` each actor requests a GPU; on CPU they must leave at least one CPU to Ray
-    Data's read tasks (else the pipeline deadlocks).
+    """Fail when the sampler actors cannot all start (the ``ddpm`` stage calls it before the
+    DDPM trains): with ``ray.use_gpu`` each actor requests a GPU; on CPU they must leave at
+    least one CPU to Ray Data's read tasks (else the pipeline deadlocks).
 
     Raises:
         TransferSetError: naming the fields to change and the cluster's resources.
@@ -357,8 +357,8 @@ def _synthetic_part(ctx: Any, manifest: dict[str, Any], storage: Path | str
     manifest.update({
         "n_images": t.n_images, "n_sampled": int(len(ids)), "n_synthetic": int(keep.sum()),
         "n_dropped": int(drop.sum()), "diffusion_image_size": t.diffusion.image_size,
-        "ddpm_entry": Path(ctx.inputs["ddpm"]).resolve().name, "near_copy_psnr": t.near_copy_psnr,
-        "drop_near_copies": t.drop_near_copies,
+        "ddpm_entry": Path(ctx.inputs["ddpm"]).resolve().name,
+        "near_copy_psnr": t.near_copy_psnr, "drop_near_copies": t.drop_near_copies,
         "dropped_ids": [int(i) for i in ids[drop]],
         "near_copy_ids": [int(i) for i in ids[near]],
         "sampler": t.diffusion.sampler, "grayscale": use_grayscale(train_images, cfg),
