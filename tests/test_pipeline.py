@@ -34,8 +34,8 @@ def names(cfg):
 
 def test_demo_plan_order_and_inputs():
     cfg = load_config(None, ["check.student=true"])
-    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "teacher_check", "transfer",
-                          "targets_ts_kd", "distill_ts_kd", "check_distill_ts_kd",
+    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "teacher_check", "ddpm",
+                          "transfer", "targets_ts_kd", "distill_ts_kd", "check_distill_ts_kd",
                           "student_ts_kd", "targets_ta_kd", "distill_ta_kd", "student_ta_kd",
                           "student_scratch", "reference", "evaluate"]
     stages = {s.name: s for s in pipeline.plan(cfg)}
@@ -103,10 +103,10 @@ def test_baseline_arms_plan_their_init_stages(tmp_path):
     ckpt.write_bytes(b"x")
     cfg = load_config(None, ["students=[scratch, imagenet_mae, mae, mocov3]",
                              f"imagenet_mae.checkpoint={ckpt}", "mae.epochs=2"])
-    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "transfer", "student_scratch",
-                          "init_imagenet_mae", "student_imagenet_mae", "pretrain_mae",
-                          "student_mae", "pretrain_mocov3", "student_mocov3", "reference",
-                          "evaluate"]
+    assert names(cfg) == ["data", "teacher_pretrain", "teacher", "ddpm", "transfer",
+                          "student_scratch", "init_imagenet_mae", "student_imagenet_mae",
+                          "pretrain_mae", "student_mae", "pretrain_mocov3", "student_mocov3",
+                          "reference", "evaluate"]
     stages = {s.name: s for s in pipeline.plan(cfg)}
     # ImageNet-MAE reads only the data (for the classes) and its checkpoint file
     assert stages["init_imagenet_mae"].deps == ("data",)
@@ -133,9 +133,54 @@ def test_baseline_arms_plan_their_init_stages(tmp_path):
                               "ray.num_workers=2"])
     assert pipeline.stage_fingerprint({s.name: s for s in pipeline.plan(more)}[
         "init_imagenet_mae"], more, {}) == fp
-    # no transfer set without an arm that learns from it
-    assert "transfer" not in names(load_config(None, ["students=[scratch, imagenet_mae]",
-                                                      f"imagenet_mae.checkpoint={ckpt}"]))
+    # no transfer set (and no DDPM) without an arm that learns from it
+    assert not {"ddpm", "transfer"} & set(names(load_config(
+        None, ["students=[scratch, imagenet_mae]", f"imagenet_mae.checkpoint={ckpt}"])))
+
+
+def _ddpm_and_transfer(*overrides):
+    """The fingerprints of the ``ddpm`` and ``transfer`` stages of a config (the data entry
+    faked: one fingerprint and content hash for every config here)."""
+    from tskd.store import Entry
+
+    cfg = load_config(None, ["data.image_size=64", *overrides])
+    stages = {s.name: s for s in pipeline.plan(cfg)}
+    data = Entry("data", "data-fp", None, {"content_hash": "data-hash"})
+    ddpm_fp = pipeline.stage_fingerprint(stages["ddpm"], cfg, {"data": data})
+    ddpm = Entry("ddpm", ddpm_fp, None, {"content_hash": f"hash-of-{ddpm_fp}"})
+    return ddpm_fp, pipeline.stage_fingerprint(stages["transfer"], cfg,
+                                               {"data": data, "ddpm": ddpm})
+
+
+def test_one_ddpm_for_every_transfer_set_size():
+    stages = {s.name: s for s in pipeline.plan(load_config(None, ["data.image_size=64"]))}
+    assert stages["ddpm"].deps == ("data",)
+    assert stages["transfer"].deps == ("data", "ddpm")
+    assert set(stages["ddpm"].config) == {"diffusion", "image_size"}  # whole images
+    ddpm, transfer = _ddpm_and_transfer()
+    # the transfer set's size, its sampling and its near-copy filter: the same DDPM
+    for other in (["transfer.n_images=50"], ["transfer.num_actors=2"],
+                  ["transfer.sample_batch_size=4", "transfer.near_copy_psnr=25"],
+                  ["ray.num_workers=3"]):  # the DDPM trains on one worker
+        d2, t2 = _ddpm_and_transfer(*other)
+        assert d2 == ddpm, other
+        assert (t2 != transfer) == (other != ["ray.num_workers=3"]), other
+    # the DDPM's own settings and what it trains on: another DDPM, hence another transfer set
+    for other in (["transfer.diffusion.train_steps=10"], ["transfer.diffusion.n_augmented=50"],
+                  ["data.image_size=32"], ["seed=1"]):
+        d2, t2 = _ddpm_and_transfer(*other)
+        assert d2 != ddpm and t2 != transfer, other
+    # patch training: the crops' side and foreground share are the DDPM's too
+    patched = {s.name: s for s in pipeline.plan(load_config(
+        None, ["data.image_size=64", "data.patch_size=32", "data.fg_fraction=0.5"]))}
+    assert patched["ddpm"].config["patch_size"] == 32
+    assert patched["ddpm"].config["fg_fraction"] == 0.5
+    # real unlabelled images only: no DDPM at all
+    unl = {s.name: s for s in pipeline.plan(load_config(None, ["transfer.sources=[unlabelled]"]))}
+    assert "ddpm" not in unl and unl["transfer"].deps == ("data",)
+    both = {s.name: s for s in pipeline.plan(load_config(
+        None, ["transfer.sources=[unlabelled, synthetic]"]))}
+    assert both["transfer"].deps == ("data", "ddpm")
 
 
 def _fake_plan(monkeypatch, fail=False):

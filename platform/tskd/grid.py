@@ -22,9 +22,9 @@ A grid file holds values only::
 Every combination of the axes is a *cell*: one experiment ``<name>-<cell>`` whose students are
 that method's arm (``ts_kdN``: arm ``ts_kd`` with ``distill.preset: ts_kdN``), with the label-only
 reference beside it. All cells write under one ``output_dir``, so they share the artifact store:
-a teacher is fine-tuned once per (label budget, rank, teacher, seed), a transfer set built once
-per (size, labels, seed), a pre-trained student once per (method, its inputs) — whatever the
-stages' fingerprints say is the same is built once.
+a teacher is fine-tuned once per (label budget, rank, teacher, seed), the DDPM once per (labels,
+seed), a transfer set sampled from it once per (size, labels, seed), a pre-trained student once
+per (method, its inputs) — whatever the stages' fingerprints say is the same is built once.
 
 The cells run as the trials of a Ray Tune grid search (as many at once as
 ``max_concurrent`` and the resources allow). A cell whose ``results.json`` matches its config

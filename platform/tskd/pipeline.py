@@ -22,9 +22,9 @@ from typing import Any, Callable
 from tskd.artifacts import StageContext, external_inputs, stage_manifest, tskd_version
 from tskd.config import (DistillConfig, ExperimentConfig, QualityCheckFailed, fingerprint,
                          to_dict)
-from tskd.stages import (data_stage, distill, evaluate, imagenet_init, quality_check, reference,
-                         student_finetune, teacher_cache, teacher_finetune, teacher_pretrain,
-                         transfer_set)
+from tskd.stages import (data_stage, ddpm, distill, evaluate, imagenet_init, quality_check,
+                         reference, student_finetune, teacher_cache, teacher_finetune,
+                         teacher_pretrain, transfer_set)
 from tskd.stages import pretrain as ssl_pretrain  # (plan() has a local named pretrain)
 from tskd.memory_plan import dataset_classes
 from tskd.storage import is_remote, remove_tree, tree_exists
@@ -77,7 +77,11 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
                             {"check": check, "image_size": cfg.data.image_size},
                             {"model": "teacher"}))
     if any(s in TRANSFER_ARMS for s in cfg.students):
-        stages.append(Stage("transfer", transfer_set.run, ("data",),
+        transfer_deps: tuple[str, ...] = ("data",)
+        if "synthetic" in cfg.transfer.sources:  # one DDPM for every transfer-set size
+            transfer_deps = ("data", "ddpm")
+            stages.append(Stage("ddpm", ddpm.run, ("data",), _ddpm_slice(cfg)))
+        stages.append(Stage("transfer", transfer_set.run, transfer_deps,
                             {"transfer": to_dict(cfg.transfer),
                              "image_size": cfg.data.image_size}))
     student = to_dict(cfg.student)
@@ -158,6 +162,17 @@ BASELINE_INIT_STAGES = {"imagenet_mae": "init_imagenet_mae", "mae": "pretrain_ma
 starts from (``student_finetune`` reads it as it reads ``distill_<arm>``)."""
 
 
+def _ddpm_slice(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the DDPM depends on besides the data entry and the seed: ``transfer.diffusion`` and
+    the size of its training images (with patch training: the crop side and the foreground
+    share of the crops); not the transfer set's size, sampling actors or near-copy filter."""
+    out: dict[str, Any] = {"diffusion": to_dict(cfg.transfer.diffusion),
+                           "image_size": cfg.data.image_size}
+    if cfg.data.image_size != "auto" and cfg.data.patches:
+        out |= {"patch_size": cfg.data.patch, "fg_fraction": cfg.data.fg_fraction}
+    return out
+
+
 def _baseline_init_stage(cfg: ExperimentConfig, arm: str, name: str,
                          student: dict[str, Any]) -> Stage:
     if arm == "imagenet_mae":  # a checkpoint file (its identity is in the fingerprint)
@@ -177,6 +192,10 @@ RUN_FILES = ("results.json",)
 _SINGLE_PROCESS = {data_stage.run, transfer_set.run, evaluate.run, imagenet_init.run}
 """Stage functions whose result does not depend on ``ray.num_workers`` (every other stage is
 assumed to train with that many Ray Train workers: data sharding and the effective batch change)."""
+_ONE_WORKER = {ddpm.run}
+"""Training stages that run one Ray Train worker whatever ``ray.num_workers``: their result does
+not depend on it (no ``ray.num_workers`` in their fingerprint), but they train, so
+:class:`StageSlots` counts them as a worker group."""
 
 
 def stage_fingerprint(stage: Stage, cfg: ExperimentConfig, inputs: dict[str, Entry]) -> str:
@@ -185,7 +204,8 @@ def stage_fingerprint(stage: Stage, cfg: ExperimentConfig, inputs: dict[str, Ent
         stage.name, stage.config, stage.params, cfg.seed,
         {d: [e.fingerprint, e.content_hash] for d, e in sorted(inputs.items())},
         external_inputs(stage.config),
-        None if stage.run in _SINGLE_PROCESS else {"ray.num_workers": cfg.ray.num_workers},
+        None if stage.run in _SINGLE_PROCESS | _ONE_WORKER
+        else {"ray.num_workers": cfg.ray.num_workers},
         tskd_version())
 
 

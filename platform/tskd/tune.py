@@ -5,8 +5,8 @@ Each trial is a Tune *function trainable* that runs the trial's whole pipeline
 stage builds and fits its own ``TorchTrainer`` inside the trial (Ray Train V2: a ``TorchTrainer``
 cannot be handed to a ``Tuner``). All trials write under the experiment's ``output_dir``, so
 they share one artifact store: trials that agree on a stage's inputs reuse its entry (one
-fine-tuned teacher per LoRA rank, one transfer set for all), and two trials that need the same
-entry at once build it once.
+fine-tuned teacher per LoRA rank, one DDPM and one transfer set for all), and two trials that
+need the same entry at once build it once.
 
 Output under ``<output_dir>/<experiment>-tune/``: Ray Tune's experiment directory (``tune/``,
 restorable with ``--resume``), the Optuna study (``optuna.db``, SQLite; opens in

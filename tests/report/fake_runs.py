@@ -95,7 +95,10 @@ class FakeGrid:
                   {"arch": "sam_demo", "img_size": 32, "checkpoint": None,
                    "lora": {"rank": 4, "alpha": None, "dropout": 0.0}},
                   {"teacher/adapter_mb": 1.25 + labels / 1000})
-        ok = ok and add("transfer", f"transfer-{sfx}-t{size}", ("data",),
+        ok = ok and add("ddpm", f"ddpm-{sfx}", ("data",),  # one DDPM for every size
+                        {"diffusion": {"train_steps": 800}, "image_size": IMAGE_SIZE},
+                        {"diffusion/final_loss": 0.05})
+        ok = ok and add("transfer", f"transfer-{sfx}-t{size}", ("data", "ddpm"),
                         {"transfer": {"n_images": size}, "image_size": IMAGE_SIZE},
                         {"transfer/n_images": size}, size)
         if ok:

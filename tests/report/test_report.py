@@ -126,6 +126,10 @@ def test_single_run_compute_memory_and_transfer_tables(single_run, single_report
     assert row[5] == str(quality["n_sampled"]) and row[6] == "300"  # kept: transfer/n_images
     shared = {r[0]: r[3] for r in p.tables["shared-stages"]}
     assert shared["teacher"] == f"{manifest(single_run, 'teacher')['wall_time_s']:.1f}"
+    # the DDPM is shared too (it is upstream of distillation, yet not a student's pre-training:
+    # the compute table's KD times above are distillation's alone)
+    assert shared["ddpm"] == f"{manifest(single_run, 'ddpm')['wall_time_s']:.1f}"
+    assert [r[0] for r in p.tables["shared-stages"]] == ["data", "teacher", "ddpm", "transfer"]
     # one seed: no paired tests; overlays, transfer samples and the Dice plot are embedded
     assert "seed-tests" not in p.tables and "failures" not in p.tables
     pngs = [s for s in p.images if s.startswith("data:image/png;base64,")]
@@ -158,6 +162,10 @@ def test_grid_means_stds_and_paired_tests(grid_root, grid_report):
     assert cells[7] == f"{stats.wilcoxon(ts, sc).pvalue:.4f}"
     # shared entries counted once: scratch at 80 labels has 3 seeds, not 6 (two sizes)
     assert len(rows["scratch"]) == 1
+    # one DDPM per (label budget, seed), whatever the transfer-set size: 40 and 80 labels x
+    # seeds 0-2, and 20 labels at seed 3; one transfer set per (budget, size, seed)
+    shared = [r[0] for r in p.tables["shared-stages"]]
+    assert shared.count("ddpm") == 7 and shared.count("transfer") == 13
 
 
 def test_grid_plots_failed_cell_and_missing_reference(grid_root, grid_report):

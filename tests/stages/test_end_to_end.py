@@ -57,7 +57,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
     assert results["stage_fingerprints"] == {name: m["fingerprint"] for name, m in
                                              sorted(manifests.items()) if name != "evaluate"}
     # artifacts of every stage
-    for stage in ["data", "teacher_pretrain", "teacher", "transfer", "distill_ts_kd",
+    for stage in ["data", "teacher_pretrain", "teacher", "ddpm", "transfer", "distill_ts_kd",
                   "distill_ta_kd", "student_ts_kd", "student_ta_kd", "student_scratch",
                   "reference", "evaluate"]:
         manifest = json.loads((cfg.run_dir / stage / "manifest.json").read_text())

@@ -49,7 +49,7 @@ def test_baseline_arms_pretrain_and_finetune(tmp_path, ray_local):
                                     f"imagenet_mae.checkpoint={ckpt}",
                                     f"teacher.pretrain.cache_dir={tmp_path / 'cache'}"])
     metrics = run_pipeline(cfg, only=["pretrain_mocov3", "init_imagenet_mae", "student_mae"])
-    assert list(metrics) == ["data", "transfer", "pretrain_mae", "student_mae",
+    assert list(metrics) == ["data", "ddpm", "transfer", "pretrain_mae", "student_mae",
                              "pretrain_mocov3", "init_imagenet_mae"]
     run = cfg.run_dir
 

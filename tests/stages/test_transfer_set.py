@@ -1,4 +1,5 @@
-"""Stage ``transfer`` end to end on a tiny config under a real local Ray (``ray_local``)."""
+"""Stage ``transfer`` end to end on a tiny config under a real local Ray (``ray_local``): the
+data stage, the ``ddpm`` stage (a real 5-step DDPM), then the transfer stage sampling from it."""
 
 import json
 import shutil
@@ -9,7 +10,7 @@ import pytest
 from tskd.artifacts import StageContext
 from tskd.config import load_config
 from tskd.data.dataset import load_arrays
-from tskd.stages import data_stage, transfer_set
+from tskd.stages import data_stage, ddpm, transfer_set
 from tskd.stages.transfer_set import (TransferSetError, load_transfer_images, read_transfer_set,
                                       sample_transfer_set)
 from tskd.data.augment import augment_copies
@@ -33,22 +34,28 @@ def _cfg(tmp, *extra):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, ray_local):
-    """The data stage (6 labelled demo images at 32 px), then the transfer stage."""
+    """The data stage (6 labelled demo images at 32 px), the ddpm stage, the transfer stage.
+    Returns (cfg, data dir, transfer dir, transfer metrics, labelled images, ddpm dir, ddpm
+    metrics)."""
     tmp = tmp_path_factory.mktemp("transfer")
     cfg = _cfg(tmp)
     data_dir = tmp / "data"
     data_dir.mkdir()
     data_stage.run(StageContext("data", data_dir, {}, cfg))
+    ddpm_dir = tmp / "ddpm"
+    ddpm_dir.mkdir()
+    ddpm_metrics = ddpm.run(StageContext("ddpm", ddpm_dir, {"data": data_dir}, cfg))
     out = tmp / "transfer"
     out.mkdir()
-    metrics = transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+    metrics = transfer_set.run(StageContext("transfer", out,
+                                            {"data": data_dir, "ddpm": ddpm_dir}, cfg))
     info, splits = data_stage.load_data(data_dir)
     train, _ = load_arrays(info, splits.labelled, 32)
-    return cfg, data_dir, out, metrics, train
+    return cfg, data_dir, out, metrics, train, ddpm_dir, ddpm_metrics
 
 
 def test_artifact_is_readable_and_consistent(built):
-    cfg, _, out, metrics, train = built
+    cfg, _, out, metrics, train, ddpm_dir, ddpm_metrics = built
     assert len(train) == 6
     manifest = json.loads((out / "transfer.json").read_text())
     quality = json.loads((out / "quality.json").read_text())
@@ -56,8 +63,10 @@ def test_artifact_is_readable_and_consistent(built):
     assert manifest["image_size"] == 32 and manifest["dropped_ids"] == []
     assert manifest["grayscale"] is True  # the demo ultrasound is grayscale
     assert manifest["shards"] and all((out / s).is_file() for s in manifest["shards"])
-    assert not (out / "ray").exists()  # Ray Train's storage is cleaned up
-    assert (out / "model" / "unet").is_dir() and (out / "model" / "scheduler").is_dir()
+    assert not (out / "ray").exists() and not (ddpm_dir / "ray").exists()  # Ray Train's storage
+    # the model lives in the ddpm entry only; the transfer set names the entry it sampled
+    assert (ddpm_dir / "model" / "unet").is_dir() and (ddpm_dir / "model" / "scheduler").is_dir()
+    assert not (out / "model").exists() and manifest["ddpm_entry"] == ddpm_dir.name
 
     ds = read_transfer_set(out)
     assert set(ds.columns()) == {"id", "image", "nn_index", "nn_mse", "nn_psnr", "nn_kind",
@@ -75,8 +84,8 @@ def test_artifact_is_readable_and_consistent(built):
     # the stored quality columns are the nearest neighbours among the labelled images, their
     # flips and the DDPM's augmented training copies
     d = cfg.transfer.diffusion
-    refs, ref_index, ref_kind = privacy_references(
-        train, augment_copies(train, d.n_augmented, seed=cfg.seed, strength=d.augment_strength))
+    augmented = augment_copies(train, d.n_augmented, seed=cfg.seed, strength=d.augment_strength)
+    refs, ref_index, ref_kind = privacy_references(train, augmented)
     assert len(refs) == 3 * 6 + 16 - 6
     ref, mse, psnr = nearest_neighbours(images, refs)
     np.testing.assert_array_equal([r["nn_index"] for r in rows], ref_index[ref])
@@ -88,31 +97,43 @@ def test_artifact_is_readable_and_consistent(built):
     assert quality["all"]["mse"]["mean"] == pytest.approx(mse.mean())
     assert metrics["transfer/psnr_mean"] == pytest.approx(psnr.mean())
     assert metrics["transfer/mse_mean"] == pytest.approx(mse.mean())
-    assert metrics["transfer/n_dropped"] == 0 and np.isfinite(metrics["diffusion/final_loss"])
+    assert metrics["transfer/n_dropped"] == 0 and np.isfinite(ddpm_metrics["diffusion/final_loss"])
+    assert not any(k.startswith("diffusion/") for k in metrics)  # the ddpm stage's metrics
+    # the ddpm entry keeps what the DDPM trained on: the privacy references above
+    trained = json.loads((ddpm_dir / "ddpm.json").read_text())
+    assert trained == {"n_train_images": 6, "crops_per_image": 1, "n_crops": 6,
+                       "n_augmented": 16, "train_image_size": 32, "image_size": 16,
+                       "train_steps": 5, "model_dir": "model",
+                       "training_images": "training_images.npz", "seed": 0}
+    stored = ddpm.training_images(ddpm_dir)
+    np.testing.assert_array_equal(stored.labelled, train)
+    np.testing.assert_array_equal(stored.augmented, augmented)
+    info, splits = data_stage.load_data(built[1])
+    assert stored.crops_per_image == 1 and stored.case_ids == list(splits.labelled)
 
 
 def _rerun(built, tmp, monkeypatch, *overrides, resample=False):
-    """Run the stage again with the trained model of ``built`` (DDPM training skipped); unless
+    """Run the transfer stage again on the ddpm entry of ``built`` (no DDPM trains); unless
     ``resample``, its samples are reused too (only filtering and writing run)."""
-    cfg0, data_dir, out0, metrics0, _ = built
+    cfg0, data_dir, out0, metrics0, _, ddpm_dir, _ = built
 
-    def reuse_model(images, cfg, out_dir, storage):
-        shutil.copytree(out0 / "model", out_dir)
-        return {"diffusion/final_loss": metrics0["diffusion/final_loss"]}
+    def must_not_train(*args):
+        raise AssertionError("the transfer stage trained a DDPM")
 
-    monkeypatch.setattr(transfer_set, "train_diffusion", reuse_model)
+    monkeypatch.setattr(ddpm, "train_diffusion", must_not_train)
     if not resample:
         monkeypatch.setattr(transfer_set, "sample_transfer_set",
                             lambda *a: read_transfer_set(out0).materialize())
     out = tmp / "transfer"
     out.mkdir()
     cfg = _cfg(tmp, *overrides)
-    return out, transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+    return out, transfer_set.run(StageContext("transfer", out,
+                                              {"data": data_dir, "ddpm": ddpm_dir}, cfg))
 
 
 def test_one_actor_gives_the_same_images_and_near_copies_are_dropped(built, tmp_path,
                                                                      monkeypatch):
-    _, _, out0, _, _ = built
+    out0 = built[2]
     reference = {r["id"]: r for r in read_transfer_set(out0).take_all()}
     psnr = np.array([reference[i]["nn_psnr"] for i in range(10)])
     threshold = float(np.sort(psnr)[6])  # the 4 highest PSNRs (ties aside) are near-copies
@@ -151,10 +172,10 @@ def test_keeping_near_copies_when_asked(built, tmp_path, monkeypatch):
 
 
 def test_actors_taking_every_cpu_is_refused(built):
-    cfg, _, out, _, train = built
+    cfg, _, out, _, train, ddpm_dir, _ = built
     greedy = _cfg(out.parent, "transfer.num_actors=4", "transfer.actor_cpus=1")
     with pytest.raises(TransferSetError, match="deadlock"):
-        sample_transfer_set(out / "model", train, greedy)
+        sample_transfer_set(ddpm_dir / "model", train, greedy)
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -163,21 +184,24 @@ def test_actors_taking_every_cpu_is_refused(built):
 ])
 def test_sampler_resources_are_checked_before_the_ddpm_trains(built, tmp_path, monkeypatch,
                                                               overrides, match):
-    _, data_dir, _, _, _ = built
+    """The ddpm stage checks the transfer stage's sampler actors first: a configuration that
+    cannot sample fails before the DDPM trains (and nothing is written)."""
+    data_dir = built[1]
 
     def must_not_train(*args):
         raise AssertionError("the DDPM trained before the sampler's resources were checked")
 
-    monkeypatch.setattr(transfer_set, "train_diffusion", must_not_train)
-    out = tmp_path / "transfer"
+    monkeypatch.setattr(ddpm, "train_diffusion", must_not_train)
+    out = tmp_path / "ddpm"
     out.mkdir()
     cfg = _cfg(tmp_path, *overrides)
     with pytest.raises(TransferSetError, match=match):
-        transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+        ddpm.run(StageContext("ddpm", out, {"data": data_dir}, cfg))
+    assert not any(out.iterdir())
 
 
 def test_real_unlabelled_images_join_the_transfer_set(built, tmp_path, monkeypatch):
-    cfg0, data_dir, out0, _, _ = built
+    data_dir = built[1]
     info, splits = data_stage.load_data(data_dir)
     assert len(splits.unlabelled) >= 5  # the train split minus a budget of 8
     out, metrics = _rerun(built, tmp_path, monkeypatch,
@@ -198,17 +222,18 @@ def test_real_unlabelled_images_join_the_transfer_set(built, tmp_path, monkeypat
 
 
 def test_unlabelled_only_trains_no_diffusion_model(built, tmp_path, monkeypatch):
-    _, data_dir, _, _, _ = built
+    data_dir = built[1]
     info, splits = data_stage.load_data(data_dir)
 
     def no_ddpm(*a, **k):
         raise AssertionError("the DDPM must not be trained without synthetic images")
 
-    monkeypatch.setattr(transfer_set, "train_diffusion", no_ddpm)
+    monkeypatch.setattr(ddpm, "train_diffusion", no_ddpm)
     monkeypatch.setattr(transfer_set, "sample_transfer_set", no_ddpm)
     out = tmp_path / "transfer"
     out.mkdir()
     cfg = _cfg(tmp_path, "transfer.sources=[unlabelled]")
+    # no ddpm input at all (the pipeline plans none: tests/test_pipeline.py)
     metrics = transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
     manifest = json.loads((out / "transfer.json").read_text())
     n_unl = len(splits.unlabelled)
@@ -233,23 +258,36 @@ def test_unlabelled_only_trains_no_diffusion_model(built, tmp_path, monkeypatch)
 def test_patch_training_gives_a_transfer_set_of_patches(built, tmp_path, monkeypatch):
     """data.patch_size 16 < data.image_size 32: the DDPM gets 16-px crops of the labelled
     images (4 per image), its samples and the unlabelled images' crops are 16 px."""
-    _, data_dir, built_out, _, train = built
+    _, data_dir, _, _, train, built_ddpm, _ = built
     info, splits = data_stage.load_data(data_dir)
     seen = {}
 
     def fake_train(images, cfg, model_dir, storage):  # reuse the built DDPM, record its input
         seen["images"] = images
-        shutil.copytree(built_out / "model", model_dir)
-        return {}
+        shutil.copytree(built_ddpm / "model", model_dir)
+        return {"diffusion/final_loss": 0.0, "diffusion/first_loss": 0.0}
 
-    monkeypatch.setattr(transfer_set, "train_diffusion", fake_train)
-    out = tmp_path / "transfer"
-    out.mkdir()
+    monkeypatch.setattr(ddpm, "train_diffusion", fake_train)
     cfg = _cfg(tmp_path, "data.patch_size=16", "reference.arch=none",
                "transfer.sources=[synthetic, unlabelled]",
                "transfer.n_unlabelled=2", "transfer.diffusion.n_augmented=24")
-    transfer_set.run(StageContext("transfer", out, {"data": data_dir}, cfg))
+    ddpm_dir = tmp_path / "ddpm"
+    ddpm_dir.mkdir()
+    ddpm.run(StageContext("ddpm", ddpm_dir, {"data": data_dir}, cfg))
+    out = tmp_path / "transfer"
+    out.mkdir()
+    transfer_set.run(StageContext("transfer", out, {"data": data_dir, "ddpm": ddpm_dir}, cfg))
     assert seen["images"].shape == (24, 16, 16, 3)  # augmented copies of 4 crops x 6 images
+    trained = json.loads((ddpm_dir / "ddpm.json").read_text())
+    assert trained["crops_per_image"] == 4 and trained["n_crops"] == 24
+    assert trained["train_image_size"] == 16
+    stored = ddpm.training_images(ddpm_dir)
+    np.testing.assert_array_equal(stored.augmented, seen["images"])
+    assert stored.case_ids == [c for c in splits.labelled for _ in range(4)]
+    for crop, case in zip(stored.labelled, stored.case_ids):  # each: a slice of its image
+        src = train[list(splits.labelled).index(case)]
+        assert any(np.array_equal(src[y:y + 16, x:x + 16], crop)
+                   for y in range(17) for x in range(17))
     manifest = json.loads((out / "transfer.json").read_text())
     assert manifest["image_size"] == 16
     assert manifest["n_synthetic"] == 10 and manifest["n_unlabelled"] == 2 * 4

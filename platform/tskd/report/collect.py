@@ -25,7 +25,7 @@ GRID_FILE = "grid.yaml"  # written by `tskd grid` into <output_dir>/<name>-grid/
 ERROR_SUFFIX = ".error.log"
 SKIP_DIRS = {"store"}
 """Directory names never searched for runs (the shared store lives beside the runs)."""
-SHARED_STAGES = {"data", "transfer", "teacher", "teacher_pretrain"}
+SHARED_STAGES = {"data", "ddpm", "transfer", "teacher", "teacher_pretrain"}
 """Stages a student reads but that are not its own pre-training (their time is shared)."""
 
 

@@ -279,11 +279,11 @@ def compute_table(rows: list[Row]) -> Table:
 
 def shared_stage_table(runs: list[Run]) -> Table:
     """Wall time of the stages the students share (data, teacher pre-training and LoRA
-    fine-tuning, transfer set), each store entry once."""
+    fine-tuning, the DDPM, transfer set), each store entry once."""
     seen: set[tuple[str, str]] = set()
     body = []
     for run in runs:
-        for stage in ("data", "teacher_pretrain", "teacher", "transfer"):
+        for stage in ("data", "teacher_pretrain", "teacher", "ddpm", "transfer"):
             man = run.manifests.get(stage)
             if not man or (stage, man.get("fingerprint", "")) in seen:
                 continue

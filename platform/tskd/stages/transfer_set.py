@@ -2,26 +2,29 @@
 
 ``transfer.sources`` says what it holds: ``synthetic`` (the paper's setting, the default), the
 train split's real ``unlabelled`` images (those outside the label budget; their masks are never
-read), or both. Without ``synthetic`` no diffusion model is trained.
+read), or both. Without ``synthetic`` it reads only the ``data`` stage and no diffusion model is
+trained (the pipeline plans no ``ddpm`` stage).
 
-Synthetic part. Setup: the labelled training images (``data`` stage), augmented to
-``transfer.diffusion.n_augmented`` copies. Then:
+Synthetic part: samples of the ``ddpm`` stage's model (:mod:`tskd.stages.ddpm`, trained once per
+label budget and ``transfer.diffusion``, whatever ``transfer.n_images``). Setup: the DDPM's
+training images, read from the ddpm entry (:func:`tskd.stages.ddpm.training_images`: the
+labelled training images, their crops with patch training, the augmented copies): they are the
+privacy references. Then:
 
-1. a DDPM (``tskd.diffusion``) trains as a one-worker Ray Train job; the driver saves it with
-   diffusers' ``save_pretrained`` under ``model/``;
-2. a Ray Data pipeline samples ``transfer.n_images`` images: ``range(n)`` →
-   ``map_batches(_Sampler, ActorPoolStrategy)``, one model load per actor. Image ``id`` is
-   sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always runs at batch
-   ``sample_batch_size`` (the last batch is padded), so the images are bit-identical whatever the
-   number of actors or how Ray Data cuts the batches. Each actor resizes its samples to
-   ``data.image_size`` (with patch training: the patch side), averages their channels when
-   ``transfer.grayscale`` says so (``auto`` = the labelled images are grayscale) and attaches
-   the nearest privacy reference
+1. a Ray Data pipeline samples ``transfer.n_images`` images: ``range(n)`` →
+   ``map_batches(_Sampler, ActorPoolStrategy)``, one model load per actor (from the ddpm
+   entry: its directory, or for an object-store output its URI, which each actor downloads).
+   Image ``id`` is sampled from the noise seed ``image_seed(cfg.seed, id)`` and the UNet always
+   runs at batch ``sample_batch_size`` (the last batch is padded), so the images are
+   bit-identical whatever the number of actors or how Ray Data cuts the batches. Each actor
+   resizes its samples to ``data.image_size`` (with patch training: the patch side), averages
+   their channels when ``transfer.grayscale`` says so (``auto`` = the labelled images are
+   grayscale) and attaches the nearest privacy reference
    (:func:`tskd.transfer_quality.privacy_references`: the labelled training images, their
    left-right and top-bottom flips, and the DDPM's augmented training copies): ``nn_index`` (the
    training image it derives from), ``nn_kind`` (``train``/``hflip``/``vflip``/``augmented``),
    ``nn_mse``, ``nn_psnr``;
-3. near-copies (``nn_psnr >= transfer.near_copy_psnr``) are dropped when
+2. near-copies (``nn_psnr >= transfer.near_copy_psnr``) are dropped when
    ``transfer.drop_near_copies``; the rest is written with ``write_parquet``.
 
 Unlabelled part: ``transfer.n_unlabelled`` (null = all) of the unlabelled train images, a seeded
@@ -37,13 +40,13 @@ gives that many random crops (``unlabelled_case_ids`` names the image of every r
 
 Output directory::
 
-    model/            unet/ + scheduler/ (diffusers save_pretrained; synthetic only)
     images/           parquet shards: id int64, image uint8 (H, W, 3) tensor, nn_index int64,
                       nn_mse float64, nn_psnr float64 (inf for an exact copy), nn_kind string,
                       source string ("synthetic" | "unlabelled")
     quality.json      nearest-neighbour report over all samples and over the kept ones
     transfer.json     the artifact manifest (counts per source, size, columns, shards, dropped
-                      ids); ``n_kept`` counts every row of the set
+                      ids, ``ddpm_entry``: the ddpm entry sampled from); ``n_kept`` counts every
+                      row of the set
 
 Readers: :func:`read_transfer_set` (Ray Dataset) and :func:`load_transfer_images` (numpy).
 """
@@ -59,13 +62,11 @@ from typing import Any
 
 import numpy as np
 
-from tskd.config import DiffusionConfig, ExperimentConfig, to_dict
-from tskd.stages.outputs import local_copy, shared_dir, write_parquet
-from tskd.storage import remove_tree
+from tskd.config import ExperimentConfig
+from tskd.stages.outputs import local_copy, write_parquet
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = "model"
 IMAGES_DIR = "images"
 QUALITY_FILE = "quality.json"
 MANIFEST_FILE = "transfer.json"
@@ -74,104 +75,6 @@ COLUMNS = ["id", "image", "nn_index", "nn_mse", "nn_psnr", "nn_kind", "source"]
 
 class TransferSetError(RuntimeError):
     """The transfer set cannot be built as configured (e.g. every sample is a near-copy)."""
-
-
-# ---------------------------------------------------------------------------- DDPM training
-
-
-def _train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: train the DDPM on the augmented images through the training engine
-    (``transfer.diffusion.engine``), checkpointing every ``ray.checkpoint_every`` tenths of its
-    steps (a restart resumes there), the UNet (EMA weights when enabled) in the last one."""
-    import ray
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
-    from tskd.diffusion import (DDPMData, build_ema, build_scheduler, build_unet, check_loss,
-                                ddpm_loss, default_warmup)
-    from tskd.stages.engine import build_engine
-    from tskd.stages.ray_train import (checkpoint, checkpoint_due, fail_point, is_rank_zero,
-                                       report, resume, worker_setup)
-
-    seed = int(config["seed"])
-    device = worker_setup(config["ray"], seed)
-    dcfg = DiffusionConfig(**config["diffusion"])
-    unet, scheduler = build_unet(dcfg, seed=seed), build_scheduler(dcfg)
-    steps = dcfg.train_steps
-    every = max(1, steps // 10)  # a "period": logging, reporting and checkpoint unit
-    periods = math.ceil(steps / every)
-    engine = build_engine(
-        unet, config["diffusion"]["engine"], lr=dcfg.lr, weight_decay=0.01,
-        batch_size=dcfg.batch_size, steps_per_epoch=steps, epochs=1, device=device,
-        schedule=lambda opt, per_epoch, total: get_cosine_schedule_with_warmup(
-            opt, default_warmup(steps), steps))
-    data = DDPMData(ray.get(config["images"]), dcfg.image_size, seed=seed,
-                    num_train_timesteps=dcfg.num_train_timesteps)
-    ema = build_ema(unet, dcfg.ema_decay)
-    first, loop, _ = resume(engine, "ddpm")
-    losses: list[float] = list(loop.get("losses", []))
-    if loop:
-        data.load_state_dict(loop["data"])
-        if ema is not None:
-            ema.load_state_dict(loop["ema"])
-    start = time.time()
-    rank0 = is_rank_zero()
-    engine.train()
-    for period in range(first, periods + 1):
-        fail_point(config, period)
-        for step in range((period - 1) * every + 1, min(steps, period * every) + 1):
-            x0, noise, t = (v.to(device) for v in data.next_batch(dcfg.batch_size))
-            loss = ddpm_loss(engine, scheduler, x0, noise, t)
-            engine.step(loss)
-            if ema is not None:
-                ema.step(engine.module.parameters())
-            losses.append(check_loss(loss, step))
-        step = min(steps, period * every)
-        mean = float(np.mean(losses[-every:]))
-        if rank0:
-            log.info("ddpm step %d/%d loss %.4f (%.0f s)", step, steps, mean,
-                     time.time() - start)
-        metrics = {"diffusion/loss": mean, "step": step}
-        if period == periods:
-            metrics["diffusion/final_loss"] = mean
-            if ema is not None:
-                ema.copy_to(engine.module.parameters())
-        if checkpoint_due(period, periods, config["ray"]["checkpoint_every"]):
-            output = None
-            if period == periods:
-                output = {"unet": engine.state_dict(), "losses": losses}
-            checkpoint(metrics, engine=engine, epoch=period, output=output,
-                       loop={"data": data.state_dict(), "losses": losses,
-                             "ema": ema.state_dict() if ema is not None else None})
-        else:
-            report(metrics)
-
-
-def train_diffusion(images: np.ndarray, cfg: ExperimentConfig, out_dir: Path, storage: Path
-                    ) -> dict[str, Any]:
-    """Train the DDPM as a 1-worker Ray Train job and save it to ``out_dir``; return metrics.
-    ``storage``: the run's Ray storage (:func:`tskd.stages.ray_train.run_storage`)."""
-    import ray
-
-    from tskd.diffusion import build_scheduler, build_unet, save_diffusion
-    from tskd.stages.ray_train import fit_torch_trainer, load_result_state
-
-    dcfg = cfg.transfer.diffusion
-    images_ref = ray.put(np.ascontiguousarray(images))
-    config = {"diffusion": to_dict(dcfg), "seed": cfg.seed, "ray": to_dict(cfg.ray),
-              "images": images_ref}
-    log.info("training the DDPM (%d px, channels %s) on %d augmented images for %d steps",
-             dcfg.image_size, dcfg.block_out_channels, len(images), dcfg.train_steps)
-    result = fit_torch_trainer(_train_loop, train_config=config, ray_cfg=cfg.ray,
-                               name="ddpm", storage=storage, num_workers=1)
-    state = load_result_state(result)
-    remove_tree(storage)  # kept after a failure: a re-run resumes
-    unet = build_unet(dcfg)
-    unet.load_state_dict(state["unet"])
-    save_diffusion(unet, out_dir, build_scheduler(dcfg))
-    losses = state["losses"]
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"diffusion/final_loss": float(np.mean(tail)),
-            "diffusion/first_loss": float(losses[0])}
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -270,9 +173,9 @@ def sample_transfer_set(model_dir: Path | str, train_images: np.ndarray, cfg: Ex
 
 
 def check_sampler_resources(cfg: ExperimentConfig) -> None:
-    """Fail before the DDPM trains when the sampler actors cannot all start: with
-    ``ray.use_gpu`` each actor requests a GPU; on CPU they must leave at least one CPU to Ray
-    Data's read tasks (else the pipeline deadlocks).
+    """Fail when the sampler actors cannot all start (the ``ddpm`` stage calls it before the
+    DDPM trains): with ``ray.use_gpu`` each actor requests a GPU; on CPU they must leave at
+    least one CPU to Ray Data's read tasks (else the pipeline deadlocks).
 
     Raises:
         TransferSetError: naming the fields to change and the cluster's resources.
@@ -299,7 +202,7 @@ def check_sampler_resources(cfg: ExperimentConfig) -> None:
 
 def run(ctx: Any) -> dict[str, Any]:
     """Build the transfer set from ``transfer.sources``; see the module docstring. Returns
-    ``transfer/*`` metrics (and ``diffusion/*`` with a synthetic part).
+    ``transfer/*`` metrics (the DDPM's ``diffusion/*`` are the ``ddpm`` stage's).
 
     Raises:
         TransferSetError: every sample is a near-copy (nothing left to distil on), the sampler
@@ -322,7 +225,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
     storage = run_storage(ctx)
     if "synthetic" in t.sources:
-        metrics |= _synthetic_part(cfg, info, splits, out, manifest, storage)
+        metrics |= _synthetic_part(ctx, manifest, storage)
     else:
         write_json(out / QUALITY_FILE, {"sources": list(t.sources), "n_sampled": 0,
                                         "note": "no synthetic images: nothing to check"})
@@ -382,43 +285,26 @@ def _unlabelled_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     return case_ids
 
 
-def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
-                    manifest: dict[str, Any], storage: Path | str) -> dict[str, Any]:
-    """Train the DDPM (Ray Train state under ``storage``), sample, check quality and privacy,
-    write the kept samples; fill the synthetic entries of ``manifest``; return ``diffusion/*``
-    and ``transfer/*`` metrics."""
+def _synthetic_part(ctx: Any, manifest: dict[str, Any], storage: Path | str
+                    ) -> dict[str, Any]:
+    """Sample the ``ddpm`` input's model, check quality and privacy, write the kept samples;
+    fill the synthetic entries of ``manifest``; return ``transfer/*`` metrics."""
     from tskd.artifacts import write_json
-    from tskd.data.augment import augment_copies
-
-    check_sampler_resources(cfg)  # before the DDPM trains, not after it
-    from tskd.data.dataset import load_arrays
+    from tskd.stages.ddpm import model_location, training_images
     from tskd.transfer_quality import json_safe, quality_report
 
+    cfg: ExperimentConfig = ctx.cfg
+    out = Path(ctx.dir)
+    check_sampler_resources(cfg)
     t = cfg.transfer
-    train_images, train_masks = load_arrays(info, splits.labelled, cfg.data.image_size)
-    crops = 1
-    if cfg.data.patches:  # the DDPM learns (and generates) patches
-        from tskd.data.patches import crop_arrays, patches_per_image
-
-        crops = patches_per_image(cfg.data.image_size, cfg.data.patch)
-        train_images = crop_arrays(train_images, train_masks, patch=cfg.data.patch,
-                                   per_image=crops, fg_fraction=cfg.data.fg_fraction,
-                                   seed=cfg.seed)
-        log.info("patch training: the DDPM trains on %d crops of %d px", len(train_images),
-                 cfg.data.patch)
-    log.info("augmenting %d labelled images to %d", len(train_images), t.diffusion.n_augmented)
-    augmented = augment_copies(train_images, t.diffusion.n_augmented, seed=cfg.seed,
-                               strength=t.diffusion.augment_strength)
-
-    metrics = train_diffusion(augmented, cfg, out / MODEL_DIR, storage)
-
+    ddpm_images = training_images(ctx.inputs["ddpm"])  # what the DDPM trained on
+    train_images, augmented = ddpm_images.labelled, ddpm_images.augmented
     log.info("sampling %d images (%d inference steps, %s%s) on %d actor(s) x %g CPU",
              t.n_images, t.diffusion.num_inference_steps, t.diffusion.sampler,
              ", grayscale" if use_grayscale(train_images, cfg) else "", t.num_actors,
              t.actor_cpus)
     start = time.time()
-    with shared_dir(out / MODEL_DIR, storage) as model_location:  # actors on any node
-        samples = sample_transfer_set(model_location, train_images, cfg, augmented)
+    samples = sample_transfer_set(model_location(ctx), train_images, cfg, augmented)
     meta = samples.select_columns(["id", "nn_index", "nn_mse", "nn_psnr", "nn_kind"]).to_pandas()
     meta = meta.sort_values("id").reset_index(drop=True)
     elapsed = time.time() - start
@@ -450,7 +336,7 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
                                    f"copies the DDPM was trained on",
                "nearest_kind_counts": {k: int((kinds == k).sum()) for k in np.unique(kinds)},
                # nearest_train / nn_index -> case id (with patches: the crop's image)
-               "train_case_ids": [c for c in splits.labelled for _ in range(crops)]}
+               "train_case_ids": ddpm_images.case_ids}
     write_json(out / QUALITY_FILE, json_safe(quality))
     log.info("transfer quality: PSNR mean %s dB, MSE mean %.1f; %d near-copies (>= %g dB)%s",
              _fmt(report_all["psnr"]["mean"]), report_all["mse"]["mean"],
@@ -471,19 +357,17 @@ def _synthetic_part(cfg: ExperimentConfig, info: Any, splits: Any, out: Path,
     manifest.update({
         "n_images": t.n_images, "n_sampled": int(len(ids)), "n_synthetic": int(keep.sum()),
         "n_dropped": int(drop.sum()), "diffusion_image_size": t.diffusion.image_size,
-        "model_dir": MODEL_DIR, "near_copy_psnr": t.near_copy_psnr,
-        "drop_near_copies": t.drop_near_copies,
+        "ddpm_entry": Path(ctx.inputs["ddpm"]).resolve().name,
+        "near_copy_psnr": t.near_copy_psnr, "drop_near_copies": t.drop_near_copies,
         "dropped_ids": [int(i) for i in ids[drop]],
         "near_copy_ids": [int(i) for i in ids[near]],
         "sampler": t.diffusion.sampler, "grayscale": use_grayscale(train_images, cfg),
         "num_inference_steps": t.diffusion.num_inference_steps})
     kept_psnr = report_kept["psnr"]["mean"]
-    metrics.update({
-        "transfer/n_dropped": int(drop.sum()),
-        "transfer/psnr_mean": float("inf") if kept_psnr is None else kept_psnr,
-        "transfer/mse_mean": report_kept["mse"]["mean"],
-        "transfer/sample_images_per_s": len(ids) / max(elapsed, 1e-9)})
-    return metrics
+    return {"transfer/n_dropped": int(drop.sum()),
+            "transfer/psnr_mean": float("inf") if kept_psnr is None else kept_psnr,
+            "transfer/mse_mean": report_kept["mse"]["mean"],
+            "transfer/sample_images_per_s": len(ids) / max(elapsed, 1e-9)}
 
 
 def _fmt(x: float | None) -> str:
@@ -541,5 +425,5 @@ def load_transfer_images(stage_dir: Path, *, with_ids: bool = False):
     return (images[order], ids[order]) if with_ids else images[order]
 
 
-__all__ = ["run", "read_transfer_set", "load_transfer_images", "train_diffusion",
+__all__ = ["run", "read_transfer_set", "load_transfer_images", "check_sampler_resources",
            "sample_transfer_set", "TransferSetError", "COLUMNS"]
