@@ -18,8 +18,8 @@ PLANTED_SECRET = "planted-secret-7f3a9c"  # tests/conftest.py plants it (s3 fixt
 REPO = Path(__file__).resolve().parents[2]
 TINY = tiny_overrides(  # task-agnostic KD: a transfer set (Ray Data writes and reads), distillation
     n_images=24, num_workers=1, select=("students=[ta_kd]", "reference.arch=none"))
-STAGES = {"data", "teacher_pretrain", "teacher", "ddpm", "transfer", "distill_ta_kd", "student_ta_kd",
-          "evaluate"}
+STAGES = {"data", "teacher_pretrain", "teacher", "ddpm", "transfer", "distill_ta_kd",
+          "student_ta_kd", "evaluate"}
 
 
 def _tskd_run(uri: str, mirror: Path, cache: Path, tmp: Path) -> str:
