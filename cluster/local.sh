@@ -47,12 +47,16 @@ free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1",
 
 # Everything Ray runs (nodes, job drivers, workers) sees the same auth settings and Python, and
 # RAY_ADDRESS: Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner) would
-# otherwise find every Ray instance on this machine and give up.
+# otherwise find every Ray instance on this machine and give up. RAY_raylet_start_wait_time_s
+# (Ray's default 10): how long a raylet waits for its dashboard agent's port file before it
+# aborts ("Timed out waiting for file .../dashboard_agent_listen_port_..."), which a loaded
+# machine missed.
 node_env() {  # [--exec] command...: run it (or exec it: the caller's pid becomes its pid)
   local run=()
   if [[ $1 == --exec ]]; then run=(exec); shift; fi
   "${run[@]}" env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token" \
-      RAY_USAGE_STATS_ENABLED=0 RAY_ADDRESS="127.0.0.1:$gcs" PATH="$BIN:$PATH" "$@"
+      RAY_USAGE_STATS_ENABLED=0 RAY_ADDRESS="127.0.0.1:$gcs" PATH="$BIN:$PATH" \
+      RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}" "$@"
 }
 
 start_node() {  # name, then ray start arguments
