@@ -129,8 +129,9 @@ def _train_workers(env: dict[str, str], job: dict) -> list[dict]:
 
 
 def _node_logs(state: Path, node: str) -> str:
-    """What the Ray worker processes of one node wrote (its session logs, worker-*)."""
-    logs = (state / node).glob("session_*/logs/worker-*")
+    """What the Ray worker processes of one node wrote (its session logs, worker-*; not twice
+    through the session_latest link)."""
+    logs = (state / node).glob("session_2*/logs/worker-*")
     return "".join(p.read_text(errors="replace") for p in logs)
 
 
