@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# A two-node Ray cluster on this machine, for trying `ray job submit` and multi-node placement.
+# A multi-node Ray cluster on this machine, for trying `ray job submit` and multi-node placement.
 #
-#   cluster/local.sh up   [STATE_DIR]   start a head and a worker node (token auth on)
-#   cluster/local.sh down [STATE_DIR]   stop every process `up` started (nothing else)
+#   cluster/local.sh up   [STATE_DIR]   start a head and TSKD_WORKER_NODES worker nodes (token auth on)
+#   cluster/local.sh down [STATE_DIR]   stop every process `up` started (nothing else), also
+#                                       what is left of a node stop-node killed
+#   cluster/local.sh stop-node STATE_DIR NAME
+#                                       lose one worker node as a machine loss looks to Ray:
+#                                       SIGKILL to its whole process group (raylet, workers), no
+#                                       draining; the GCS marks it dead once its health checks fail
 #   source STATE_DIR/env                the client settings: RAY_API_SERVER_ADDRESS (for
 #                                       `ray job submit`), RAY_ADDRESS (for `tskd run`),
 #                                       RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH
@@ -12,11 +17,14 @@
 # Each node is its own `ray start --block` in a new session; `down` sends SIGTERM to that
 # process (Ray drains the node and stops its processes), then kills what is left of the
 # session's process group and any process still naming STATE_DIR, by pid.
-# Nodes: head {"head_node": 1}, worker {"worker_node": 1}, TSKD_NODE_CPUS (default 2) CPUs each;
-# place training on the worker with `--set 'ray.resources_per_worker={worker_node: 0.01}'`.
+# Nodes: head {"head_node": 1}; worker nodes `worker`, `worker2`, ... (TSKD_WORKER_NODES, default
+# 1) each {"worker_node": 1} and its own temp dir, log and pid under STATE_DIR; TSKD_NODE_CPUS
+# (default 2) CPUs each; place training on the worker nodes with
+# `--set 'ray.resources_per_worker={worker_node: 0.01}'`. Every node carries the label
+# tskd-node=<name> (`ray list nodes` shows it), so tests know which node is which.
 # The dashboard binds to 127.0.0.1; Ray's GCS and raylets listen on all interfaces (Ray ignores
 # --node-ip-address for them), which the cluster's token protects.
-# Environment: RAY (the ray executable; default: the one on PATH), TSKD_NODE_CPUS,
+# Environment: RAY (the ray executable; default: the one on PATH), TSKD_WORKER_NODES, TSKD_NODE_CPUS,
 # TSKD_OBJECT_STORE_BYTES (default 200 MB per node), PYTHONPATH (passed to every Ray process).
 set -euo pipefail
 
@@ -26,9 +34,11 @@ STATE=${2:-${TSKD_LOCAL_CLUSTER:-/tmp/tskd-local}}
 STATE=$(realpath -m -- "$STATE")
 RAY=${RAY:-$(command -v ray || true)}
 CPUS=${TSKD_NODE_CPUS:-2}
+WORKERS=${TSKD_WORKER_NODES:-1}
 STORE_BYTES=${TSKD_OBJECT_STORE_BYTES:-200000000}
 
 die() { echo "local.sh: $*" >&2; exit 1; }
+[[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "TSKD_WORKER_NODES=$WORKERS: a whole number >= 1"
 [[ -n "$RAY" && -x "$RAY" ]] || die "no ray executable (set RAY=/path/to/venv/bin/ray)"
 BIN=$(dirname "$RAY")
 PY="$BIN/python"
@@ -37,12 +47,16 @@ free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1",
 
 # Everything Ray runs (nodes, job drivers, workers) sees the same auth settings and Python, and
 # RAY_ADDRESS: Ray processes that look their cluster up (Ray Train's PlacementGroupCleaner) would
-# otherwise find every Ray instance on this machine and give up.
+# otherwise find every Ray instance on this machine and give up. RAY_raylet_start_wait_time_s
+# (Ray's default 10): how long a raylet waits for its dashboard agent's port file before it
+# aborts ("Timed out waiting for file .../dashboard_agent_listen_port_..."), which a loaded
+# machine missed.
 node_env() {  # [--exec] command...: run it (or exec it: the caller's pid becomes its pid)
   local run=()
   if [[ $1 == --exec ]]; then run=(exec); shift; fi
   "${run[@]}" env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token" \
-      RAY_USAGE_STATS_ENABLED=0 RAY_ADDRESS="127.0.0.1:$gcs" PATH="$BIN:$PATH" "$@"
+      RAY_USAGE_STATS_ENABLED=0 RAY_ADDRESS="127.0.0.1:$gcs" PATH="$BIN:$PATH" \
+      RAY_raylet_start_wait_time_s="${RAY_raylet_start_wait_time_s:-120}" "$@"
 }
 
 start_node() {  # name, then ray start arguments
@@ -52,7 +66,8 @@ start_node() {  # name, then ray start arguments
   # exec: the recorded pid is `ray start` itself, the leader of its own session (setsid)
   (node_env --exec setsid "$RAY" start --block --node-ip-address 127.0.0.1 --num-cpus "$CPUS" \
       --num-gpus 0 --object-store-memory "$STORE_BYTES" --temp-dir "$STATE/$name" \
-      --disable-usage-stats "${ports[@]}" "$@" >"$STATE/$name.log" 2>&1 </dev/null) &
+      --disable-usage-stats --labels "tskd-node=$name" "${ports[@]}" "$@" \
+      >"$STATE/$name.log" 2>&1 </dev/null) &
   echo $! >"$STATE/$name.pid"
 }
 
@@ -86,6 +101,10 @@ stop_node() {  # name: SIGTERM to its `ray start --block` (Ray drains and stops 
   rm -f "$STATE/$1.pid"
 }
 
+worker_name() {  # 1 -> worker, 2 -> worker2, ...
+  if [[ $1 == 1 ]]; then echo worker; else echo "worker$1"; fi
+}
+
 start_and_wait() {  # name, node count, then ray start arguments. Ray gives a node 30 s to
   local name=$1 count=$2 attempt  # register with the GCS; on a loaded machine it may miss that,
   shift 2                         # so try again (up to 3 times)
@@ -110,7 +129,11 @@ up() {
   gcs=$(free_port); dash=$(free_port); client=$(free_port)
   start_and_wait head 1 --head --port "$gcs" --dashboard-host 127.0.0.1 --dashboard-port "$dash" \
       --ray-client-server-port "$client" --resources '{"head_node": 1}'
-  start_and_wait worker 2 --address "127.0.0.1:$gcs" --resources '{"worker_node": 1}'
+  local i
+  for i in $(seq 1 "$WORKERS"); do
+    start_and_wait "$(worker_name "$i")" $((i + 1)) --address "127.0.0.1:$gcs" \
+        --resources '{"worker_node": 1}'
+  done
   cat >"$STATE/env" <<EOF
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash
 export RAY_ADDRESS=127.0.0.1:$gcs
@@ -118,22 +141,36 @@ export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 EOF
   trap - EXIT
-  echo "local.sh: 2 nodes up (head {head_node: 1}, worker {worker_node: 1}, $CPUS CPUs each);" \
+  echo "local.sh: $((WORKERS + 1)) nodes up (head {head_node: 1}, $WORKERS worker node(s)" \
+       "{worker_node: 1}, $CPUS CPUs each);" \
        "dashboard http://127.0.0.1:$dash; client settings: source $STATE/env"
 }
 
-state_pids() {  # processes still naming STATE_DIR on their command line (ours: it is unique)
-  local p
+state_pids() {  # processes still naming STATE_DIR/[NAME/] on their command line (ours: unique)
+  local p prefix="$STATE/${1:+$1/}"
   for p in /proc/[0-9]*; do
     [[ "${p#/proc/}" == "$$" ]] && continue
-    { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "$STATE/" && echo "${p#/proc/}"
+    { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | grep -qF -- "$prefix" && echo "${p#/proc/}"
   done
   return 0
 }
 
+kill_node() {  # name: a machine loss. SIGKILL to the node's process group (its `ray start
+  local name=$1 pid p  # --block`, raylet, agents, workers) and to every process of its temp dir
+  [[ $name == head ]] && die "stop-node: the head stays (the job's driver runs there)"
+  [[ -f "$STATE/$name.pid" ]] || die "stop-node: no node '$name' running in $STATE ($STATE/$name.pid)"
+  pid=$(cat "$STATE/$name.pid")
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  for p in $(state_pids "$name"); do kill -KILL "$p" 2>/dev/null || true; done
+  mv -f "$STATE/$name.pid" "$STATE/$name.killed"
+  echo "local.sh: node $name killed (SIGKILL to process group $pid)"
+}
+
 down() {
-  local pid
-  stop_node worker
+  local pid f
+  for f in "$STATE"/worker*.pid; do
+    [[ -f $f ]] && stop_node "$(basename "$f" .pid)"
+  done
   stop_node head
   for pid in $(state_pids); do kill -KILL "$pid" 2>/dev/null || true; done
   rm -f "$STATE/env"
@@ -143,5 +180,6 @@ down() {
 case "$cmd" in
   up) up ;;
   down) down ;;
-  *) die "usage: $0 up|down [STATE_DIR]" ;;
+  stop-node) [[ -n ${3:-} ]] || die "usage: $0 stop-node STATE_DIR NAME"; kill_node "$3" ;;
+  *) die "usage: $0 up|down [STATE_DIR] | stop-node STATE_DIR NAME" ;;
 esac
