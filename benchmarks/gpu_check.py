@@ -267,13 +267,12 @@ def distill_part(state: dict[str, Any], placement: str, cfg: Any, args: argparse
                  device: Any) -> tuple[bool, str]:
     """The distillation stage's loop body (``tskd.stages.distill._train_loop``) without Ray."""
     import torch
-    import torch.nn.functional as F
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     from tskd.config import to_dict
     from tskd.losses import KDLoss
     from tskd.models.students import build_student
-    from tskd.stages.distill import (CachedTargets, Distillation, flip_per_sample,
+    from tskd.stages.distill import (CachedTargets, Distillation, batch_pairs,
                                      freeze_unreached, place_teacher)
     from tskd.stages.engine import build_engine
 
@@ -311,14 +310,7 @@ def distill_part(state: dict[str, Any], placement: str, cfg: Any, args: argparse
         sync()
         start, total, n = time.perf_counter(), 0.0, 0
         for batch in batches(data, d["batch_size"], epoch, args.seed, device):
-            if cached:
-                images, target = teacher(batch)
-            else:
-                images = flip_per_sample(batch["image"].permute(0, 3, 1, 2))
-                target = teacher(images)
-            if images.shape[-1] != size:
-                images = F.interpolate(images, size=(size, size), mode="bilinear",
-                                       align_corners=False)
+            images, target = batch_pairs(batch, teacher, cached=cached, size=size)
             loss, _ = engine(images, target)
             engine.step(loss)
             total += loss.item()

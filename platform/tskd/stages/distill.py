@@ -26,6 +26,7 @@ the teacher's parameter memory per worker (``perf/teacher_param_mb``: held betwe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -164,6 +165,26 @@ class CachedTargets:
         return images, (logits, hidden)
 
 
+def batch_pairs(batch: dict[str, torch.Tensor], teacher: Any, *, cached: bool, size: int,
+                timer: Any = None) -> tuple[torch.Tensor, Any]:
+    """One batch of the transfer shard as ``(student images (B, 3, size, size), teacher
+    targets)``: one flip per sample, the same for the teacher's and the student's view; the
+    teacher sees the image at its own resolution (live: ``teacher(images)``, timed by
+    ``timer.teacher()`` when given; ``cached``: :class:`CachedTargets` picks the stored view),
+    the student at ``size`` (bilinear)."""
+    import torch.nn.functional as F
+
+    if cached:
+        images, target = teacher(batch)
+    else:
+        images = flip_per_sample(batch["image"].permute(0, 3, 1, 2))  # (B, 3, H, W)
+        with timer.teacher() if timer is not None else contextlib.nullcontext():
+            target = teacher(images)
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images, target
+
+
 class Distillation(torch.nn.Module):
     """Student + KD loss (with its learned projection P) as one module, so the engine wraps both
     and its forward is the training objective: ``forward(images, teacher_out) -> (loss, parts)``."""
@@ -202,7 +223,6 @@ def freeze_unreached(bundle: Distillation, teacher: TeacherTargets, size: int) -
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: stream the transfer shard, distil teacher → student."""
     import ray.train
-    import torch.nn.functional as F
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     from tskd.losses import KDLoss
@@ -261,17 +281,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                                               dtypes=dtypes, device=device,
                                               local_shuffle_buffer_size=4 * d["batch_size"],
                                               local_shuffle_seed=config["seed"] + epoch)):
-            # one flip per sample, the same for the teacher's and the student's view; the
-            # teacher sees the image at its own resolution, the student at its own
-            if cached:
-                images, target = teacher(batch)
-            else:
-                images = flip_per_sample(batch["image"].permute(0, 3, 1, 2))  # (B, 3, H, W)
-                with timer.teacher():
-                    target = teacher(images)
-            if images.shape[-1] != size:
-                images = F.interpolate(images, size=(size, size), mode="bilinear",
-                                       align_corners=False)
+            images, target = batch_pairs(batch, teacher, cached=bool(cached), size=size,
+                                         timer=timer)
             loss, parts = engine(images, target)
             engine.step(loss)
             n += 1
