@@ -174,7 +174,7 @@ def two_workers(args: argparse.Namespace) -> None:
 def _rank(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from tskd.config import load_config, to_dict
+    from tskd.config import EngineConfig, load_config, to_dict
     from tskd.losses import KDLoss
     from tskd.models.sam import SamSegmenter, build_sam
     from tskd.models.students import build_student
@@ -217,9 +217,7 @@ def _rank(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
                 torch.manual_seed(0)
                 student = build_student(to_dict(cfg.student), 3)
                 bundle = Distillation(student, KDLoss(student.hidden_dim, t.hidden_dim))
-                engine = build_engine(bundle, {"kind": "torch", "gradient_accumulation": 1,
-                                               "clip_grad_norm": 0.0, "precision": "fp32",
-                                               "optimizer": "adamw"},
+                engine = build_engine(bundle, to_dict(EngineConfig()),  # DDP, as on CPU
                                       lr=1e-4, weight_decay=0.05, batch_size=args.batch,
                                       steps_per_epoch=len(batches), epochs=args.epochs + 1,
                                       device=cpu)
