@@ -1,6 +1,7 @@
 """Nearest-neighbour MSE/PSNR against brute force, the PSNR formula by hand, the report."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -88,6 +89,12 @@ def test_train_images_are_resized_to_the_synthetic_size():
     # the resize is a proper antialiased bilinear one: close to PIL's
     pil = np.stack([np.asarray(Image.fromarray(t).resize((8, 8), Image.BILINEAR)) for t in train])
     assert np.abs(pil.astype(int) - small).max() <= 2
+    # read-only input (as Ray's object store hands it over): the same result, no torch warning
+    frozen = train.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(resize_uint8(frozen, 8), small)
 
 
 def test_privacy_references_catch_flipped_and_augmented_copies():

@@ -30,7 +30,6 @@ import math
 import time
 import zipfile
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tskd.artifacts import tskd_version
 from tskd.data.format import (
     DATASET_JSON,
     IMAGE_EXTENSIONS,
@@ -75,13 +75,6 @@ PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0,
 
 class ModelError(ValueError):
     """A model path is missing or of the wrong kind; the message names it and what is expected."""
-
-
-def tskd_version() -> str:
-    try:
-        return metadata.version("tskd")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass(frozen=True)

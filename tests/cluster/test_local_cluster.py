@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 from test_end_to_end import TINY  # noqa: E402
+from tiny_pipeline import bucket_objects  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,7 @@ JOB_TIMEOUT_S = 3600
 LEAN = ["students=[scratch]", "reference.arch=none", "ray.deterministic=false"]
 TRAINING_STAGES = ["teacher_pretrain", "teacher", "student_scratch"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PLANTED_SECRET = "planted-secret-7f3a9c"  # tests/conftest.py plants it (s3 fixture)
 
 
 def _client_env(state: Path) -> dict[str, str]:
@@ -135,7 +137,9 @@ def _node_logs(state: Path, node: str) -> str:
     return "".join(p.read_text(errors="replace") for p in logs)
 
 
-def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
+def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(s3, local_cluster):
+    """``s3`` comes first: the nodes start with its endpoint and keys in their environment, as
+    a cloud cluster's nodes get theirs from their instance role, never from tskd's config."""
     state = local_cluster
     env = _client_env(state)
     assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).is_file()
@@ -154,9 +158,9 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
     (head_id,), (worker_id,) = by_resource["head_node"], by_resource["worker_node"]
     assert head_id != worker_id
 
-    out = state / "runs"  # both nodes are on this machine: a local path is shared storage
     job_id = "tskd-local-cluster-test"
-    overrides = [*TINY, *LEAN, f"output_dir={out}", f"teacher.pretrain.cache_dir={out / 'cache'}",
+    overrides = [*TINY, *LEAN, f"output_dir={s3}/runs", f"mirror_dir={state / 'mirror'}",
+                 f"teacher.pretrain.cache_dir={state / 'cache'}",
                  "ray.resources_per_worker={worker_node: 0.01}"]
     _submit(env, job_id, overrides)
     job = _wait_for_job(env, job_id, time.monotonic() + JOB_TIMEOUT_S)
@@ -165,14 +169,26 @@ def test_job_submit_runs_the_tiny_pipeline_on_two_nodes(local_cluster):
     tail = "\n".join(logs.splitlines()[-40:])
     assert job["status"] == "SUCCEEDED", f"{job['status']}\n{tail}"
 
-    results = json.loads((out / "tiny" / "results.json").read_text())
+    # the run lives in the bucket: results, and a complete store entry per training stage
+    objects = bucket_objects(s3)
+    results = json.loads(objects["runs/tiny/results.json"])
     assert results["experiment"] == "tiny" and results["n_test"] > 0
     assert set(results["students"]) == {"scratch"}
     for scores in [results["teacher"], results["students"]["scratch"]]:
         assert 0.0 <= scores["dice"] <= 1.0
+    view = json.loads(objects["runs/tiny/stages.json"])["stages"]
     for stage in TRAINING_STAGES:
-        manifest = json.loads((out / "tiny" / stage / "manifest.json").read_text())
+        manifest = json.loads(
+            objects[f"runs/store/{stage}/{view[stage]['fingerprint']}/manifest.json"])
         assert manifest["status"] == "complete", stage
+    # the keys were in every node's environment, yet in no object, job log or Ray log file
+    secret = PLANTED_SECRET.encode()
+    assert not [k for k, v in objects.items() if secret in v]
+    assert PLANTED_SECRET not in logs
+    logged = [p for p in state.rglob("*") if p.is_file() and not p.is_symlink()
+              and p.suffix in (".log", ".err", ".out")]
+    assert logged
+    assert not [p for p in logged if secret in p.read_bytes()]
 
     # placement, from Ray's state API: every Train worker of the job ran on the worker node
     actors = _train_workers(env, job)

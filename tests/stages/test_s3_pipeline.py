@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pytest
-from tiny_pipeline import tiny_overrides
+from tiny_pipeline import bucket_objects, tiny_overrides
 
 PLANTED_SECRET = "planted-secret-7f3a9c"  # tests/conftest.py plants it (s3 fixture)
 
@@ -35,18 +34,6 @@ def _tskd_run(uri: str, mirror: Path, cache: Path, tmp: Path) -> str:
     return out
 
 
-def _objects(uri: str) -> dict[str, bytes]:
-    """Every object of the bucket, read with boto3 (directory markers left out)."""
-    bucket = uri[len("s3://"):]
-    s3 = boto3.client("s3")
-    out = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            if not obj["Key"].endswith("/"):
-                out[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return out
-
-
 @pytest.mark.slow  # two tiny runs in fresh processes: 10 min on 2 heavily shared cores
 def test_tiny_pipeline_writes_and_resumes_its_run_on_s3(s3, tmp_path):
     import tempfile
@@ -66,7 +53,7 @@ def test_tiny_pipeline_writes_and_resumes_its_run_on_s3(s3, tmp_path):
         first = _tskd_run(s3, tmp_path / "node-a", tmp_path / "cache", ray_tmp)
     finally:
         server_log.removeHandler(handler)
-    objects = _objects(s3)
+    objects = bucket_objects(s3)
     view = json.loads(objects["runs/tiny/stages.json"])["stages"]
     assert set(view) >= STAGES
     for stage in view:
@@ -93,13 +80,13 @@ def test_tiny_pipeline_writes_and_resumes_its_run_on_s3(s3, tmp_path):
     for stage in view:
         assert re.search(rf"\] {stage}: up to date \(", second), (stage, second[-3000:])
     assert " built " not in second
-    assert json.loads(_objects(s3)["runs/tiny/results.json"]) == results
+    assert json.loads(bucket_objects(s3)["runs/tiny/results.json"]) == results
     local = tmp_path / "node-b"
     assert json.loads(next(local.glob("*/tiny/results.json")).read_text()) == results
 
     # the planted secret is in no object, no mirror file, no console line and no Ray log
     secret = PLANTED_SECRET.encode()
-    assert not [k for k, v in _objects(s3).items() if secret in v]
+    assert not [k for k, v in bucket_objects(s3).items() if secret in v]
     assert PLANTED_SECRET not in first + second
     files = [p for root in (tmp_path, ray_tmp) for p in root.rglob("*")
              if p.is_file() and not p.is_symlink()]

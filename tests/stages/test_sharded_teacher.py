@@ -44,6 +44,7 @@ def _rank(rank: int, port: int, out: str, features: str, persist_below: int) -> 
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    linear = torch.nn.functional.linear
     try:
         teacher = ShardedModule(_teacher(features), batch_size=BATCH,
                                 device=torch.device("cpu"), persist_below=persist_below)
@@ -53,7 +54,9 @@ def _rank(rank: int, port: int, out: str, features: str, persist_below: int) -> 
             logits, hidden = teacher(images)
         torch.save({"logits": logits, "hidden": hidden, "held": held, "peak": peak[0],
                     "hidden_dim": teacher.hidden_dim,
-                    "after": held_param_bytes(teacher.module)}, Path(out) / f"rank{rank}.pt")
+                    "after": held_param_bytes(teacher.module),
+                    "torch_linear_kept": torch.nn.functional.linear is linear},
+                   Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -83,6 +86,7 @@ def test_sharded_teacher_equals_the_whole_teacher_with_half_the_parameters(tmp_p
         torch.testing.assert_close(got["logits"], want_logits[rows], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["hidden"], want_hidden[rows], rtol=1e-5, atol=1e-5)
         assert got["hidden_dim"] == whole.hidden_dim
+        assert got["torch_linear_kept"]  # ZeRO-3 did not swap the process's F.linear
         assert got["held"] == half and got["after"] == half  # released after the forward
         # inside the forward: its shard plus the layers gathered at that moment, never all
         assert half + largest <= got["peak"] < full

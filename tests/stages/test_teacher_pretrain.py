@@ -71,11 +71,11 @@ def test_teacher_pretraining_trains_the_hand_written_loops_sam_and_resumes(tmp_p
     plain = _run(tmp_path, "plain")
     assert set(plain) == set(reference)  # the official SAM layout (no "sam." prefix)
     for key, value in reference.items():
-        torch.testing.assert_close(plain[key], value, **TOL, msg=key)
+        torch.testing.assert_close(plain[key], value, **TOL, msg=lambda m, k=key: f"{k}: {m}")
     # the worker dies at the start of the 4th tenth; the last checkpoint is the 2nd tenth's
     marker = tmp_path / "failed.marker"
     resumed = _run(tmp_path, "lost_worker",
                    fail_once={"rank": 0, "epoch": 4, "marker": str(marker)})
     assert marker.exists()
     for key, value in reference.items():
-        torch.testing.assert_close(resumed[key], value, **TOL, msg=key)
+        torch.testing.assert_close(resumed[key], value, **TOL, msg=lambda m, k=key: f"{k}: {m}")

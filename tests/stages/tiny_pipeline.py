@@ -1,6 +1,7 @@
 """The ``--set`` overrides that make a whole ``tskd run`` tiny (32-px demo images, a ``sam_tiny``
-teacher, a 16-px diffusion model, one-epoch students), shared by the end-to-end tests. Imported
-by bare name (pytest puts each test file's folder on ``sys.path``), as ``tests/report`` does."""
+teacher, a 16-px diffusion model, one-epoch students), shared by the end-to-end tests, and the
+reader of a run written to S3. Imported by bare name (pytest puts each test file's folder on
+``sys.path``), as ``tests/report`` does."""
 
 
 def tiny_overrides(*, n_images: int, num_workers: int, select: tuple[str, ...] = (),
@@ -27,3 +28,19 @@ def tiny_overrides(*, n_images: int, num_workers: int, select: tuple[str, ...] =
         *extra,
         f"ray.num_workers={num_workers}", "ray.cpus_per_worker=0.5", "ray.torch_threads=1",
     ]
+
+
+def bucket_objects(uri: str) -> dict[str, bytes]:
+    """Every object of the bucket of ``uri`` (``s3://bucket``), read with boto3 from the
+    environment's endpoint and keys, keyed by object key (directory markers left out)."""
+    import boto3
+
+    bucket = uri[len("s3://"):]
+    client = boto3.client("s3")
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):
+                out[obj["Key"]] = client.get_object(Bucket=bucket,
+                                                    Key=obj["Key"])["Body"].read()
+    return out

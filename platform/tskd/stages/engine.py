@@ -53,6 +53,14 @@ DS_BUCKET = int(5e8)
 """DeepSpeed's default ZeRO bucket size (elements), tuned for large models on GPUs."""
 
 
+KEEP_TORCH_LINEAR = {"memory_efficient_linear": False}
+"""ZeRO-3's default replaces ``torch.nn.functional.linear`` for the whole process and never puts
+it back ("This will persist unless manually reset"): every model built later in that Ray worker
+or driver (the next stage's student, an evaluation, a reference) would run DeepSpeed's linear,
+whose bias gradient sums in another order than torch's (a hand-written reference loop stopped
+matching in CI). torch's linear works under ZeRO-3: the parameters are gathered for backward."""
+
+
 def deepspeed_config(engine: dict[str, Any], batch_size: int,
                      numel: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict of an ``EngineConfig`` (as a dict) for micro-batch ``batch_size``.
@@ -65,7 +73,7 @@ def deepspeed_config(engine: dict[str, Any], batch_size: int,
     5e8 fp32 elements made each step 2.5× slower than DDP inside Ray Train workers,
     benchmarks/README.md).
     """
-    zero: dict[str, Any] = {"stage": int(engine["zero_stage"])}
+    zero: dict[str, Any] = {"stage": int(engine["zero_stage"]), **KEEP_TORCH_LINEAR}
     if numel is not None and numel < DS_BUCKET:
         # rounded up to a multiple of 1024 (ZeRO wants multiples of its alignment factor)
         zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = -(-max(1, int(numel))
@@ -434,7 +442,7 @@ class ShardedModule:
         deepspeed.init_distributed(dist_backend=backend or "gloo")
         module.requires_grad_(False)
         config = {"train_micro_batch_size_per_gpu": int(batch_size),
-                  "zero_optimization": {"stage": 3,
+                  "zero_optimization": {"stage": 3, **KEEP_TORCH_LINEAR,
                                         "stage3_param_persistence_threshold": int(persist_below),
                                         "stage3_prefetch_bucket_size": int(prefetch_numel)},
                   "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}

@@ -412,5 +412,30 @@ def fail_point(config: dict[str, Any], epoch: int) -> None:
     marker = Path(spec["marker"])
     if ray.train.get_context().get_world_rank() == spec["rank"] and not marker.exists():
         marker.write_text(str(os.getpid()))
+        _wait_until_reports_are_delivered()
         log.warning("fail_once: rank %d exits at epoch %d", spec["rank"], epoch)
         os._exit(1)
+
+
+def _wait_until_reports_are_delivered(timeout_s: float = 60.0) -> None:
+    """Let the controller receive this worker's earlier ``ray.train.report`` calls before the
+    test hook kills the process, so that a test's "last checkpoint" does not depend on timing.
+
+    Ray Train V2 hands a report over when the controller's health-check poll takes it off the
+    worker's queue (size 1), but the poll's reply travels after that: a process that exits at
+    once (a fast epoch) can take its last two reports, checkpoints included, with it, and the
+    run restarts from scratch (seen in CI). A real crash has no such grace; this hook only
+    pins the point a test fails at. Ray's internals are read defensively: without them the
+    hook just waits two poll intervals.
+    """
+    interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        queue = get_train_context().get_result_queue()
+    except Exception:  # noqa: BLE001 - an internal API; the sleep below still applies
+        queue = None
+    deadline = time.monotonic() + timeout_s
+    while queue is not None and queue.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2 * interval)  # the poll that took the last report has replied by then
