@@ -95,6 +95,10 @@ def test_train_images_are_resized_to_the_synthetic_size():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(resize_uint8(frozen, 8), small)
+        frozen_small = small[[2, 0]].copy()
+        frozen_small.flags.writeable = False
+        got = nearest_neighbours(frozen_small, frozen)
+    assert got[0].tolist() == [2, 0] and got[1].tolist() == [0.0, 0.0]
 
 
 def test_privacy_references_catch_flipped_and_augmented_copies():

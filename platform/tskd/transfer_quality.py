@@ -107,10 +107,11 @@ def nearest_neighbours(synthetic: np.ndarray, train: np.ndarray, *, chunk: int =
     train_flat = train.reshape(len(train), d)
     synth_flat = synthetic.reshape(m, d)
     for j0 in range(0, len(train), chunk):
-        b = torch.from_numpy(train_flat[j0:j0 + chunk]).double()
+        # torch.tensor copies: the arrays may be read-only (Ray's object store)
+        b = torch.tensor(train_flat[j0:j0 + chunk], dtype=torch.float64)
         b_sq = (b * b).sum(1)
         for i0 in range(0, m, chunk):
-            a = torch.from_numpy(synth_flat[i0:i0 + chunk]).double()
+            a = torch.tensor(synth_flat[i0:i0 + chunk], dtype=torch.float64)
             sse = (a * a).sum(1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
             val, arg = sse.min(dim=1)  # first minimum on ties
             val = val.numpy()

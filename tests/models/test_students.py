@@ -199,3 +199,31 @@ def test_footprint_counts_and_restores_threads():
     # state dict: parameters + running mean/var (float32) + num_batches_tracked (int64)
     assert fp.size_mb == pytest.approx(((params + 8) * 4 + 8) / 1e6)
     assert fp.latency_ms > 0
+
+
+def test_compare_latency_takes_turns_and_reports_medians():
+    """Each model's forward advances a fake clock by its own costs; the models take turns
+    (after one warm-up pass each) and each gets the median of its timed passes."""
+    from tskd.models.footprint import compare_latency
+
+    now, calls = [0.0], []
+
+    class Costly(torch.nn.Module):
+        def __init__(self, name: str, costs: list[float]):
+            super().__init__()
+            self.name, self.costs = name, iter(costs)
+
+        def forward(self, x):
+            calls.append((self.name, tuple(x.shape)))
+            now[0] += next(self.costs)
+            return x
+
+    fast = Costly("fast", [9.0, 0.001, 0.003, 0.002])  # the warm-up pass is not timed
+    slow = Costly("slow", [9.0, 0.050, 0.010, 0.030])
+    n = torch.get_num_threads()
+    got = compare_latency({"fast": (fast, 8), "slow": (slow, 16)}, threads=1, rounds=3,
+                          clock=lambda: now[0])
+    assert torch.get_num_threads() == n
+    assert got == pytest.approx({"fast": 2.0, "slow": 30.0})
+    assert [c[0] for c in calls] == ["fast", "slow"] * 4
+    assert {c for c in calls} == {("fast", (1, 3, 8, 8)), ("slow", (1, 3, 16, 16))}

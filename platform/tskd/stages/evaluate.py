@@ -1,6 +1,7 @@
 """Stage ``evaluate``: Dice, HD95 and mIoU of the teacher, every student and the label-only
 reference on the test split (each student and the reference with its arch, parameters, size and
-CPU latency).
+CPU latency at batch 1; the latencies are measured here, the models taking turns, so that they
+compare with each other whatever else the machine was doing).
 
 Models see test images at the working resolution (``data.image_size``), window by window
 when they were trained on patches (``data.patch_size``: MONAI's sliding window with Gaussian
@@ -107,7 +108,8 @@ def pretrain_cost(student_stage: Path) -> dict[str, Any] | None:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     from tskd.metrics import convention_info
-    from tskd.stages.student_finetune import load_student
+    from tskd.models.footprint import compare_latency
+    from tskd.stages.student_finetune import latency_threads, load_student
     from tskd.stages.teacher_finetune import load_finetuned_teacher
 
     cfg = ctx.cfg
@@ -122,19 +124,28 @@ def run(ctx: StageContext) -> dict[str, Any]:
     teacher = score_on_originals(load_finetuned_teacher(ctx.inputs["teacher"]), info, test, size,
                                  bs, **opts)
     students = {}
+    deployed: dict[str, tuple[torch.nn.Module, int]] = {}  # timed together below
     for arm in cfg.students:
         model = load_student(ctx.inputs[f"student_{arm}"], to_dict(cfg.student),
                              info.num_classes)
+        deployed[arm] = (model, cfg.student.img_size)
         students[arm] = score_on_originals(model, info, test, size, bs, **opts) | model_entry(
             cfg.student.arch, ctx.inputs[f"student_{arm}"]) | {
                 "pretrain": pretrain_cost(ctx.inputs[f"student_{arm}"])}
     reference = None
     if "reference" in ctx.inputs:
-        from tskd.stages.reference import load_reference
+        from tskd.stages.reference import load_reference, reference_student
 
         model = load_reference(ctx.inputs["reference"], cfg, info.num_classes)
+        deployed["reference"] = (model, reference_student(cfg)["img_size"])
         reference = model_entry(cfg.reference.arch, ctx.inputs["reference"]) | score_on_originals(
             model, info, test, size, bs, **opts)
+    # CPU latency of every deployable model, in turns, here and now: comparable with each other
+    # (the stages' own measurements, in their manifests, saw whatever else ran at the time)
+    threads, rounds = latency_threads(cfg.ray), 10
+    latency = compare_latency(deployed, threads=threads, rounds=rounds)
+    for name, ms in latency.items():
+        (reference if name == "reference" else students[name])["model"]["latency_ms"] = ms
     # every model is trained on the labelled split and selected on the validation split
     seen = {"train": len(splits.labelled), "val": len(splits.val),
             "total": len(splits.labelled) + len(splits.val)}
@@ -148,6 +159,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                "seed": cfg.seed,
                "config_fingerprint": fingerprint(to_dict(cfg)),
                "stage_fingerprints": stage_fingerprints(ctx.inputs),
+               "latency": {"batch": 1, "threads": threads, "rounds": rounds,
+                           "measured": "evaluate stage, the students and reference in turns"},
                "teacher": teacher, "students": students}
     if reference is not None:
         results["reference"] = reference

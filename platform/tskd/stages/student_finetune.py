@@ -98,12 +98,18 @@ def footprint_metrics(model: torch.nn.Module, img_size: int, ray_cfg: Any) -> di
     this node's CPUs / ``ray.num_workers``)."""
     from tskd.models.footprint import model_footprint
 
-    threads = ray_cfg.torch_threads or max(1, (os.cpu_count() or 1) // ray_cfg.num_workers)
+    threads = latency_threads(ray_cfg)
     fp = model_footprint(model, img_size, threads=threads)
     log.info("student at %d px: %.2fM parameters, %.1f MB, %.1f ms/image on %d CPU threads",
              img_size, fp.params / 1e6, fp.size_mb, fp.latency_ms, threads)
     return {"student/params": fp.params, "student/size_mb": fp.size_mb,
             "student/latency_ms": fp.latency_ms}
+
+
+def latency_threads(ray_cfg: Any) -> int:
+    """The intra-op threads latency is measured with: a training worker's
+    (``ray.torch_threads``; 0 = this node's CPUs / ``ray.num_workers``)."""
+    return ray_cfg.torch_threads or max(1, (os.cpu_count() or 1) // ray_cfg.num_workers)
 
 
 def load_student(stage_dir: Path, student_cfg: dict[str, Any],
