@@ -383,8 +383,9 @@ def deploy_table(rows: list[Row]) -> Table | None:
                  "Per label budget, every student (and the label-only reference) by mean test "
                  "Dice over seeds, best first; CPU latency at batch 1, measured in each run's "
                  "evaluate stage with its models taking turns (comparable within a run; across "
-                 "runs only when the machine was equally loaded), and size. Pareto: no other model here has at least its Dice with at most "
-                 "its latency and size (and is better in one). vs reference: Dice minus the "
+                 "runs only when the machine was equally loaded), and size. Pareto: no other "
+                 "model here has at least its Dice with at most its latency and size (and is "
+                 "better in one). vs reference: Dice minus the "
                  "reference's at the same budget — negative means the labels alone did better.",
                  row_cls=row_cls)
 
