@@ -40,9 +40,8 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
         return images
     out = np.empty((images.shape[0], size, size, 3), dtype=np.uint8)
     for start in range(0, images.shape[0], 256):  # bound the float32 copy
-        # a copy: the images may be read-only (Ray's object store), which torch warns about
-        x = torch.from_numpy(images[start:start + 256].copy())
-        x = x.permute(0, 3, 1, 2).float()
+        # torch.tensor copies: the images may be read-only (Ray's object store)
+        x = torch.tensor(images[start:start + 256], dtype=torch.float32).permute(0, 3, 1, 2)
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)
         out[start:start + 256] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
