@@ -24,6 +24,15 @@ batches and the peak inside its forward — for the benchmark's teacher and for
 ``--memory-teacher`` (default ``vit_b``, one forward at ``--memory-size`` px: parameter memory
 does not depend on the batch). Goal: sharded peak ≤ 0.6× replicated.
 
+Then the memory of *building* the teacher on each of the workers (``--build-teacher``, default
+``vit_b`` at ``--memory-size`` px, from a checkpoint at SAM's 1024 px plus a teacher stage's
+``lora.pt``, all written by this script): ``tskd.stages.distill.place_teacher`` with each
+placement in fresh processes, the peak of each worker's anonymous resident memory (``RssAnon``,
+sampled every 2 ms, above what the process held before) while it builds and loads the teacher.
+``replicated`` loads the whole merged teacher on every worker; ``sharded`` builds it
+partitioned under ``deepspeed.zero.Init`` and writes it one sub-module at a time from the
+memory-mapped checkpoint (file pages, which the kernel can drop, are printed apart).
+
 ``--run-dir`` also prints the data-stall share (time the loop waited for Ray Data) that each
 ``distill_*`` stage of a finished ``tskd run`` reported (goal for ``cached``: ≤ 5%). Numbers are
 as measured, whichever way they fall.
@@ -54,7 +63,13 @@ def main() -> None:
                    "(0: skip it)")
     p.add_argument("--memory-teacher", default="vit_b")
     p.add_argument("--memory-size", type=int, default=256)
+    p.add_argument("--build-teacher", default="vit_b", help="teacher whose build memory per "
+                   "worker is measured ('none': skip)")
+    p.add_argument("--only-build", action="store_true", help="only the build memory")
     args = p.parse_args()
+    if args.only_build:
+        build_memory(args)
+        return
 
     from tskd.config import load_config, to_dict
     from tskd.losses import KDLoss
@@ -129,6 +144,8 @@ def main() -> None:
           f"{'met' if times['cached'] <= 1.15 * times['floor'] else 'NOT met'}")
     if args.ranks > 1:
         two_workers(args)
+        if args.build_teacher != "none":
+            build_memory(args)
     print(f"load average at the end: {os.getloadavg()}")
     if args.run_dir:
         for manifest in sorted(Path(args.run_dir).glob("distill_*/manifest.json")):
@@ -243,6 +260,102 @@ def _rank(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
             del t, module
     if rank == 0:
         (Path(out) / "rows.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def build_memory(args: argparse.Namespace) -> None:
+    """Peak anonymous memory per worker while ``place_teacher`` builds the teacher, for the
+    replicated and the sharded placement (fresh processes each)."""
+    import socket
+    import tempfile
+    from dataclasses import asdict
+
+    import torch.multiprocessing as mp
+
+    from tskd.lora import LoraSpec, apply_lora, lora_state_dict
+    from tskd.models.sam import SamSegmenter, build_sam
+
+    arch, size = args.build_teacher, args.memory_size
+    with tempfile.TemporaryDirectory() as out:
+        root = Path(out)
+        torch.manual_seed(0)
+        base = root / "base.pth"
+        torch.save(build_sam(arch, num_classes=3, img_size=1024).state_dict(), base)
+        spec = LoraSpec(rank=4, decoder="full")
+        seg = apply_lora(SamSegmenter(build_sam(arch, num_classes=3, img_size=size,
+                                                checkpoint=base)), spec)
+        (root / "teacher").mkdir()
+        torch.save(lora_state_dict(seg), root / "teacher" / "lora.pt")
+        (root / "teacher" / "teacher.json").write_text(json.dumps({
+            "arch": arch, "num_classes": 3, "img_size": size, "base_checkpoint": str(base),
+            "lora": asdict(spec)}))
+        whole = sum(p.numel() * p.element_size() for p in seg.parameters())
+        del seg
+        mb = 2**20
+        print(f"building the {arch} teacher at {size} px on {args.ranks} workers (its merged "
+              f"parameters: {whole / mb:.1f} MB; checkpoint {base.stat().st_size / mb:.1f} MB):")
+        peaks = {}
+        for placement in ("replicated", "sharded"):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            mp.spawn(_build_rank, args=(args, port, out, placement), nprocs=args.ranks)
+            rows = [json.loads((root / f"build{r}.json").read_text()) for r in range(args.ranks)]
+            peaks[placement] = max(r["anon"] for r in rows)
+            for r, row in enumerate(rows):
+                print(f"  {placement:<10} worker {r}: peak anonymous memory "
+                      f"+{row['anon'] / mb:7.1f} MB (+{row['end'] / mb:.1f} MB once built), "
+                      f"file pages +{row['file'] / mb:7.1f} MB, {row['s']:.1f} s")
+        print(f"  sharded / replicated peak anonymous memory per worker while building: "
+              f"{peaks['sharded'] / peaks['replicated']:.2f}x")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _build_rank(rank: int, args: argparse.Namespace, port: int, out: str, placement: str) -> None:
+    import threading
+
+    import deepspeed.runtime.zero  # noqa: F401  (code is imported before the baseline)
+    import torch.distributed as dist
+
+    import tskd.lora  # noqa: F401
+    from tskd.stages.distill import place_teacher
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks),
+                      LOCAL_WORLD_SIZE=str(args.ranks), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(max(1, args.threads // args.ranks))
+    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+    config = {"teacher": {"tuned": True, "stage_dir": str(Path(out) / "teacher")},
+              "distill": {"w_logits": 0.2, "teacher_features": "neck", "batch_size": args.batch,
+                          "teacher_placement": placement, "shard_persist_below": 100_000,
+                          "shard_prefetch": 0}}
+    base = {f: _status_bytes(f) for f in ("RssAnon", "RssFile")}
+    peak = dict(base)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            for f in peak:
+                peak[f] = max(peak[f], _status_bytes(f))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    teacher = place_teacher(config, torch.device("cpu"))
+    dist.barrier()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    (Path(out) / f"build{rank}.json").write_text(json.dumps({
+        "anon": peak["RssAnon"] - base["RssAnon"], "file": peak["RssFile"] - base["RssFile"],
+        "end": _status_bytes("RssAnon") - base["RssAnon"], "s": seconds}))
+    del teacher
     dist.destroy_process_group()
 
 

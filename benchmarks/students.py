@@ -15,6 +15,12 @@ the directory of a ``real_data.py`` or ``tskd run`` with the same settings reuse
 ``../shared/data`` as in ``real_data.py``. ``--smoke`` shrinks everything to a tiny run (32 px,
 a few images, one epoch) that only checks the script works; its numbers mean nothing. Prints a
 Markdown table per dataset; numbers are as measured, whichever way they fall.
+
+Each run's ``results.json`` times only its own students, at the moment its evaluation ran, so
+latencies from different rows do not compare. ``--latency`` (alone, or after the runs) times
+every listed student and the reference in one process, in turns
+(:func:`tskd.models.footprint.compare_latency`, batch 1, ``--threads``), at the working size
+(``data.image_size``, 128 px unless ``--set`` gives it).
 """
 
 from __future__ import annotations
@@ -81,11 +87,18 @@ def main() -> None:
     parser.add_argument("--output-dir", default=str(REPO / "runs" / "bench_students"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--smoke", action="store_true", help="a tiny run that checks the script")
+    parser.add_argument("--latency", action="store_true",
+                        help="time the students and the reference in one process, in turns")
+    parser.add_argument("--latency-only", action="store_true", help="only --latency")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.output_dir).resolve()
     extra = (SMOKE + [f"teacher.pretrain.cache_dir={out / 'cache'}"] if args.smoke else []) \
         + args.overrides
 
+    if args.latency_only:
+        compare_students(args.students, extra, args.threads)
+        return
     for dataset in args.datasets:
         dataset_overrides: list[str] = []
         if dataset != "demo":
@@ -121,6 +134,33 @@ def main() -> None:
                   f"{model.get('size_mb') or 0:.1f} | {model.get('latency_ms') or 0:.1f} | "
                   f"{s['scratch']['dice']:.4f} | {s['ts_kd']['dice']:.4f} | "
                   f"{teacher['dice']:.4f} | {ref} | {train_s:.0f} |")
+    if args.latency:
+        compare_students(args.students, extra, args.threads)
+
+
+def compare_students(names: list[str], overrides: list[str], threads: int) -> None:
+    """Batch-1 CPU latency of each student and the reference, measured in one process in turns,
+    at the configured working size (random weights: speed only)."""
+    from tskd.config import load_config, to_dict
+    from tskd.models.footprint import compare_latency
+    from tskd.models.students import build_student
+    from tskd.stages.reference import reference_student
+
+    if not any(o.startswith("data.image_size=") for o in overrides):
+        overrides = overrides + ["data.image_size=128"]  # the demo's working size
+    models = {}
+    for name in names:
+        cfg = load_config(None, overrides + STUDENTS[name])
+        models[name] = (build_student(to_dict(cfg.student), 3), cfg.student.img_size)
+    cfg = load_config(None, overrides)
+    reference = reference_student(cfg)
+    models[f"reference {cfg.reference.arch}"] = (build_student(reference, 3),
+                                                 reference["img_size"])
+    ms = compare_latency(models, threads=threads, rounds=20)
+    print(f"\n### CPU latency, batch 1, {threads} threads, one process, in turns (ms/image)\n")
+    print("| model | px | ms |\n|---|---|---|")
+    for name, (_, size) in models.items():
+        print(f"| {name} | {size} | {ms[name]:.1f} |")
 
 
 if __name__ == "__main__":

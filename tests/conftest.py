@@ -92,3 +92,98 @@ def s3(monkeypatch):
         yield f"s3://{bucket}"
     finally:
         server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, what: str, timeout: float = 30.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+    """A GCS JSON API on 127.0.0.1 (``gcp-storage-emulator``, in memory, stopped after the
+    test) with one empty bucket; ``STORAGE_EMULATOR_HOST`` (the variable Google's SDKs read)
+    points at it for this test only. Yields ``gs://<bucket>``."""
+    import secrets
+
+    from gcp_storage_emulator.server import create_server
+
+    port = _free_port()
+    bucket = f"tskd-{secrets.token_hex(4)}"
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    try:
+        _wait_for_port(port, "gcp-storage-emulator")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        yield f"gs://{bucket}"
+    finally:
+        server.stop()
+
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")
+"""Azurite's fixed development account and its published key (not a secret)."""
+
+
+def azurite_binary() -> str | None:
+    """``azurite-blob`` on PATH, or where ``.ci/run`` installs it (``.ci/node``)."""
+    import shutil
+    from pathlib import Path
+
+    local = Path(__file__).resolve().parents[1] / ".ci" / "node" / "node_modules" / ".bin"
+    return shutil.which("azurite-blob") or shutil.which("azurite-blob", path=str(local))
+
+
+@pytest.fixture
+def azure(monkeypatch, tmp_path):
+    """An Azure Blob API on 127.0.0.1 (Azurite, stopped after the test) with one empty
+    container; ``AZURE_STORAGE_CONNECTION_STRING`` (the variable Azure's SDKs read) points at
+    it for this test only. Yields ``abfs://<container>@devstoreaccount1.dfs.core.windows.net``.
+    Skips, saying why, where Azurite is not installed (``.ci/run`` installs it with npm)."""
+    import secrets
+    import subprocess
+
+    import pyarrow.fs as pafs
+
+    binary = azurite_binary()
+    if binary is None:
+        pytest.skip("Azurite is not installed (npm install --prefix .ci/node azurite)")
+    port = _free_port()
+    log = open(tmp_path / "azurite.log", "w")
+    server = subprocess.Popen([binary, "--blobHost", "127.0.0.1", "--blobPort", str(port),
+                               "--location", str(tmp_path / "azurite"), "--silent",
+                               "--skipApiVersionCheck", "--loose"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(port, "Azurite")
+        endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};BlobEndpoint={endpoint};"))
+        container = f"tskd-{secrets.token_hex(4)}"
+        pafs.AzureFileSystem(account_name=AZURITE_ACCOUNT, account_key=AZURITE_KEY,
+                             blob_storage_authority=f"127.0.0.1:{port}",
+                             blob_storage_scheme="http", dfs_storage_authority=f"127.0.0.1:{port}",
+                             dfs_storage_scheme="http").create_dir(container)
+        yield f"abfs://{container}@{AZURITE_ACCOUNT}.dfs.core.windows.net"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

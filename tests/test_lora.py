@@ -287,3 +287,38 @@ def test_frozen_decoder_trains_only_encoder_adapters() -> None:
 def test_bad_decoder_mode_rejected() -> None:
     with pytest.raises(ValueError, match="decoder mode"):
         apply_lora(_tiny(), LoraSpec(decoder="half"))
+
+
+@pytest.mark.parametrize("decoder", ["full", "lora", "frozen"])
+def test_merged_plan_gives_merge_loras_weights_without_building_adapters(
+        tmp_path: Path, decoder: str) -> None:
+    """The key-by-key plan (what a ZeRO-3-partitioned teacher is filled from) equals the
+    reference: build the SAM from its checkpoint, apply, load and merge the adapters. The
+    checkpoint is at another input size and class count, so positions are resized and class
+    rows adapted on the way."""
+    from tskd.lora import plan_merged_lora
+    from tskd.models.sam import plan_sam_state_dict
+
+    torch.manual_seed(5)
+    ckpt = tmp_path / "base.pth"
+    torch.save(build_sam("sam_tiny", num_classes=2, img_size=32).state_dict(), ckpt)
+    spec = LoraSpec(rank=2, alpha=3.0, decoder=decoder)
+    torch.manual_seed(0)
+    seg = apply_lora(SamSegmenter(build_sam("sam_tiny", num_classes=4, img_size=IMG,
+                                            checkpoint=ckpt)), spec)
+    _perturb_adapters(seg)
+    adapters = lora_state_dict(seg)
+    want = merge_lora(seg).state_dict()
+
+    torch.manual_seed(0)  # the same fresh rows for the classes the checkpoint lacks
+    skeleton = SamSegmenter(build_sam("sam_tiny", num_classes=4, img_size=IMG))
+    base, adapted = plan_sam_state_dict(skeleton.sam, torch.load(ckpt), source=str(ckpt))
+    assert any("pos_embed" in a for a in adapted) and any("first 3 rows" in a for a in adapted)
+    plan = plan_merged_lora({f"sam.{k}": v for k, v in base.items()}, adapters, spec)
+    current = skeleton.state_dict()
+    assert set(plan) == set(want)
+    for key, value in want.items():
+        assert torch.equal(plan[key](current[key]), value), key
+
+    with pytest.raises(ValueError, match="lora.pt"):
+        plan_merged_lora(base, adapters, spec, source="lora.pt")  # keys without "sam."

@@ -1,9 +1,10 @@
-"""Object-store outputs: tskd.storage and the store on S3 (moto's server on 127.0.0.1)."""
+"""Object-store outputs: tskd.storage and the store on S3, GCS and Azure (moto's server,
+gcp-storage-emulator and Azurite on 127.0.0.1)."""
 
 import json
+import sys
 from pathlib import Path
 
-import boto3
 import pytest
 
 PLANTED_SECRET = "planted-secret-7f3a9c"  # tests/conftest.py plants it (s3 fixture)
@@ -11,19 +12,21 @@ from tskd import storage
 from tskd.config import ConfigError, load_config
 from tskd.store import Store, StoreError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "stages"))
+from tiny_pipeline import bucket_objects  # noqa: E402
+
 
 def _objects(uri: str) -> dict[str, bytes]:
-    """Every object under ``s3://bucket[/prefix]``, read with boto3 (not the code under test);
-    pyarrow's empty directory markers (keys ending in ``/``) left out."""
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    s3 = boto3.client("s3")
-    out = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"].endswith("/"):
-                continue
-            out[obj["Key"]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-    return out
+    """Every object under ``<scheme>://bucket[/prefix]`` (keys without the bucket), read with
+    the cloud's client or a filesystem made from the emulator's address, not tskd."""
+    prefix = uri.split("://", 1)[1].partition("/")[2]
+    return {k: v for k, v in bucket_objects(uri).items() if k.startswith(prefix)}
+
+
+@pytest.fixture(params=["s3", "gcs", "azure"])
+def bucket(request):
+    """An empty bucket (container) on each object store's local emulator: the URI."""
+    return request.getfixturevalue(request.param)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -44,22 +47,22 @@ def _builder(calls: list, files=FILES):
     return build
 
 
-def test_upload_and_download_round_trip(s3, tmp_path):
+def test_upload_and_download_round_trip(bucket, tmp_path):
     src = tmp_path / "src"
     for rel, data in FILES.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
-    fs, root = storage.open_output(f"{s3}/pre/fix/")
-    assert root == s3[len("s3://"):] + "/pre/fix"
+    fs, root = storage.open_output(f"{bucket}/pre/fix/")
+    name = bucket.split("://")[1].split("@")[0]  # abfs://container@account...: the container
+    assert root == name + "/pre/fix"
     storage.upload_dir(src, fs, storage.join(root, "t"))
-    bucket = s3[len("s3://"):]
-    assert _objects(s3) == {f"pre/fix/t/{k}": v for k, v in FILES.items()}
+    assert _objects(bucket) == {f"pre/fix/t/{k}": v for k, v in FILES.items()}
     assert storage.download_dir(fs, storage.join(root, "t"), tmp_path / "dst") == sorted(FILES)
     assert _tree(tmp_path / "dst") == FILES
-    assert storage.list_files(fs, f"{bucket}/nothing") == []
-    assert storage.read_json(fs, f"{bucket}/none.json") is None
-    storage.write_json(fs, f"{bucket}/x.json", {"k": [1, 2]})
-    assert json.loads(_objects(s3)["x.json"]) == {"k": [1, 2]}
+    assert storage.list_files(fs, f"{name}/nothing") == []
+    assert storage.read_json(fs, f"{name}/none.json") is None
+    storage.write_json(fs, f"{name}/x.json", {"k": [1, 2]})
+    assert json.loads(_objects(bucket)["x.json"]) == {"k": [1, 2]}
 
 
 def test_upload_puts_the_named_files_last(tmp_path):
@@ -85,16 +88,16 @@ def test_upload_puts_the_named_files_last(tmp_path):
     assert fs.order == ["bkt/e/a/b.txt", "bkt/e/z.bin", "bkt/e/manifest.json"]
 
 
-def test_symlinks_are_refused(s3, tmp_path):
+def test_symlinks_are_refused(bucket, tmp_path):
     (tmp_path / "f").write_text("x")
     (tmp_path / "link").symlink_to("f")
-    fs, root = storage.open_output(s3)
+    fs, root = storage.open_output(bucket)
     with pytest.raises(ValueError, match="symlinks"):
         storage.upload_dir(tmp_path, fs, root)
 
 
-def test_store_on_s3_builds_once_and_other_nodes_download(s3, tmp_path):
-    uri = f"{s3}/runs"
+def test_store_on_an_object_store_builds_once_and_other_nodes_download(bucket, tmp_path):
+    uri = f"{bucket}/runs"
     node_a = Store.for_output_dir(uri, tmp_path / "mirror-a")
     calls: list = []
     entry, built = node_a.resolve("s", "fp1", _builder(calls))
@@ -117,8 +120,8 @@ def test_store_on_s3_builds_once_and_other_nodes_download(s3, tmp_path):
     assert got.content_hash == entry.content_hash
 
 
-def test_a_failed_build_publishes_nothing(s3, tmp_path):
-    uri = f"{s3}/runs"
+def test_a_failed_build_publishes_nothing(bucket, tmp_path):
+    uri = f"{bucket}/runs"
     store = Store.for_output_dir(uri, tmp_path / "m")
 
     def crash(tmp: Path) -> dict:
@@ -131,8 +134,8 @@ def test_a_failed_build_publishes_nothing(s3, tmp_path):
     assert store.get("s", "fp1") is None
 
 
-def test_an_interrupted_upload_never_looks_complete(s3, tmp_path, monkeypatch):
-    uri = f"{s3}/runs"
+def test_an_interrupted_upload_never_looks_complete(bucket, tmp_path, monkeypatch):
+    uri = f"{bucket}/runs"
     real = storage.upload_file
     sent: list = []
 
@@ -160,8 +163,8 @@ def test_an_interrupted_upload_never_looks_complete(s3, tmp_path, monkeypatch):
     assert node_b.get("s", "fp1").content_hash == entry.content_hash
 
 
-def test_leftovers_of_a_crashed_upload_are_replaced(s3, tmp_path):
-    uri = f"{s3}/runs"
+def test_leftovers_of_a_crashed_upload_are_replaced(bucket, tmp_path):
+    uri = f"{bucket}/runs"
     fs, root = storage.open_output(uri)
     storage.write_bytes(fs, f"{root}/store/s/fp1/stale.bin", b"from a crashed builder")
     calls: list = []
@@ -170,8 +173,8 @@ def test_leftovers_of_a_crashed_upload_are_replaced(s3, tmp_path):
     assert "runs/store/s/fp1/stale.bin" not in _objects(uri)
 
 
-def test_force_replaces_the_remote_entry(s3, tmp_path):
-    uri = f"{s3}/runs"
+def test_force_replaces_the_remote_entry(bucket, tmp_path):
+    uri = f"{bucket}/runs"
     store = Store.for_output_dir(uri, tmp_path / "m")
     calls: list = []
     first, _ = store.resolve("s", "fp1", _builder(calls))
@@ -183,8 +186,8 @@ def test_force_replaces_the_remote_entry(s3, tmp_path):
     assert (other.path / "new.txt").read_bytes() == b"v2"
 
 
-def test_a_corrupt_remote_entry_is_not_used(s3, tmp_path):
-    uri = f"{s3}/runs"
+def test_a_corrupt_remote_entry_is_not_used(bucket, tmp_path):
+    uri = f"{bucket}/runs"
     Store.for_output_dir(uri, tmp_path / "a").resolve("s", "fp1", _builder([]))
     fs, root = storage.open_output(uri)
     storage.write_bytes(fs, f"{root}/store/s/fp1/a.txt", b"tampered")
@@ -193,8 +196,8 @@ def test_a_corrupt_remote_entry_is_not_used(s3, tmp_path):
               )._download("s", "fp1", attempts=1)
 
 
-def test_run_views_go_to_the_remote_and_come_back(s3, tmp_path):
-    uri = f"{s3}/runs"
+def test_run_views_go_to_the_remote_and_come_back(bucket, tmp_path):
+    uri = f"{bucket}/runs"
     node_a = Store.for_output_dir(uri, tmp_path / "a")
     entry, _ = node_a.resolve("s", "fp1", _builder([]))
     run_a = node_a.output_dir / "exp"
@@ -238,13 +241,13 @@ def test_output_dir_uris_in_the_config(tmp_path):
         load_config(None, ["mirror_dir=s3://b/m"])
 
 
-def test_a_worker_on_another_node_fetches_the_stage_inputs(s3, tmp_path):
+def test_a_worker_on_another_node_fetches_the_stage_inputs(bucket, tmp_path):
     from tskd.artifacts import StageContext
     from tskd.config import ExperimentConfig
     from tskd.stages.ray_train import fetch_then_train
     from tskd.store import InputRefs
 
-    uri = f"{s3}/runs"
+    uri = f"{bucket}/runs"
     driver = Store.for_output_dir(uri, tmp_path / "driver")
     entry, _ = driver.resolve("data", "fp1", _builder([]))
     refs = InputRefs(uri, str(tmp_path / "node-b"), (("data", "fp1"),))
@@ -267,18 +270,28 @@ def test_a_worker_on_another_node_fetches_the_stage_inputs(s3, tmp_path):
         InputRefs(uri, str(tmp_path / "c"), (("data", "missing"),)).fetch()
 
 
-def test_ray_train_storage_on_an_object_store(tmp_path):
+def test_ray_train_storage_on_an_object_store(bucket, tmp_path):
+    """Ray Train gets tskd's filesystem for the bucket and the path inside it, so Ray reaches
+    each store (the emulators' addresses included) exactly as tskd does."""
     from tskd.artifacts import StageContext
     from tskd.config import ExperimentConfig
-    from tskd.stages.ray_train import _storage_path, run_storage
+    from tskd.stages.ray_train import run_storage, train_storage
 
     ctx = StageContext("s", tmp_path, {}, ExperimentConfig(),
-                       train_dir="s3://b/runs/store/s/.train-fp")
-    assert run_storage(ctx) == "s3://b/runs/store/s/.train-fp"
-    assert _storage_path(run_storage(ctx)) == "s3://b/runs/store/s/.train-fp"
+                       train_dir=f"{bucket}/runs/store/s/.train-fp")
+    assert run_storage(ctx) == f"{bucket}/runs/store/s/.train-fp"
+    remote = train_storage(run_storage(ctx))
+    name = bucket.split("://")[1].split("@")[0]
+    assert remote["storage_path"] == f"{name}/runs/store/s/.train-fp"
+    fs = remote["storage_filesystem"]
+    assert type(fs).__name__ == {"s3": "S3FileSystem", "gs": "GcsFileSystem",
+                                 "abfs": "AzureFileSystem"}[bucket.split("://")[0]]
+    with fs.open_output_stream(f"{remote['storage_path']}/probe") as f:
+        f.write(b"ray")
+    assert _objects(bucket) == {"runs/store/s/.train-fp/probe": b"ray"}
     local = StageContext("s", tmp_path, {}, ExperimentConfig(), train_dir=tmp_path / "t")
     assert run_storage(local) == tmp_path / "t"
-    assert _storage_path("rel") == str(Path("rel").resolve())
+    assert train_storage("rel") == {"storage_path": str(Path("rel").resolve())}
 
 
 def test_commands_that_want_a_local_output_dir_say_so(tmp_path, capsys):
@@ -296,7 +309,7 @@ def test_commands_that_want_a_local_output_dir_say_so(tmp_path, capsys):
         load_grid(grid, ["output_dir=s3://b/r"])
 
 
-def test_driver_directories_reach_actors_through_the_bucket(s3, tmp_path):
+def test_driver_directories_reach_actors_through_the_bucket(bucket, tmp_path):
     from tskd.stages.outputs import local_copy, shared_dir
 
     model = tmp_path / "model"
@@ -305,15 +318,15 @@ def test_driver_directories_reach_actors_through_the_bucket(s3, tmp_path):
         (model / rel).write_bytes(data)
     with shared_dir(model, tmp_path / "train") as where:  # a local output: the path itself
         assert where == str(model) and local_copy(where) == model
-    train_dir = f"{s3}/runs/store/transfer/.train-fp"
+    train_dir = f"{bucket}/runs/store/transfer/.train-fp"
     with shared_dir(model, train_dir) as where:
         assert where.startswith(f"{train_dir}-share-")
         assert _tree(local_copy(where)) == FILES  # what an actor on another node loads
-    assert _objects(s3) == {}  # the staging copy is gone
+    assert _objects(bucket) == {}  # the staging copy is gone
 
 
-def test_two_nodes_building_one_entry_the_first_manifest_wins(s3, tmp_path):
-    uri = f"{s3}/runs"
+def test_two_nodes_building_one_entry_the_first_manifest_wins(bucket, tmp_path):
+    uri = f"{bucket}/runs"
     node_a = Store.for_output_dir(uri, tmp_path / "a")
     node_b = Store.for_output_dir(uri, tmp_path / "b")
     published = {}

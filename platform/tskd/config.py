@@ -631,8 +631,9 @@ class DistillConfig:
     """Where the frozen teacher lives during distillation: ``replicated`` = every worker holds it
     and runs it on every batch of every epoch; ``sharded`` = the workers hold it partitioned with
     ZeRO-3 (each ``1/num_workers`` of it) and gather it layer by layer in its forward, on every
-    batch (``tskd.stages.engine.ShardedModule``); ``cached`` = a ``targets_<arm>`` stage runs it
-    once per transfer image (2 views) and distillation streams the stored fp16 targets
+    batch (``tskd.stages.engine.ShardedModule``; it is built partitioned, so no worker ever
+    holds the whole teacher, also not while loading it); ``cached`` = a ``targets_<arm>`` stage
+    runs it once per transfer image (2 views) and distillation streams the stored fp16 targets
     (``tskd.stages.teacher_cache``); ``auto`` = ``cached`` when that cache fits
     ``cache_max_gb``, else ``replicated``."""
     shard_persist_below: int = 100_000

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,7 +44,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
-from tskd.models.sam import SamSegmenter
+from tskd.models.sam import SamSegmenter, ValueFn
 
 __all__ = [
     "LoraSpec",
@@ -58,6 +59,7 @@ __all__ = [
     "is_trained_decoder_param",
     "lora_state_dict",
     "merge_lora",
+    "plan_merged_lora",
     "state_dict_mb",
     "save_lora",
 ]
@@ -347,6 +349,63 @@ def merge_lora(model: SamSegmenter) -> SamSegmenter:
     if hasattr(model, "lora_spec"):
         del model.lora_spec
     return model
+
+
+_ENCODER_QKV = re.compile(
+    r"^(sam\.image_encoder\.blocks\.\d+\.attn\.qkv)\.lora_([AB])_([qv])\.weight$")
+_PEFT = re.compile(r"^(sam\.mask_decoder\..+)\.lora_([AB])\.default\.weight$")
+
+
+def plan_merged_lora(base: Mapping[str, ValueFn], adapters: Mapping[str, Tensor], spec: LoraSpec,
+                     *, source: str = "<state dict>") -> dict[str, ValueFn]:
+    """The load plan of :func:`merge_lora`'s result, key by key, without building the adapters.
+
+    ``base``: the plan of the foundation SAM as a :class:`SamSegmenter` (keys ``sam.…``, e.g.
+    :func:`tskd.models.sam.plan_sam_state_dict` with the prefix added); ``adapters``: what the
+    adaptation trained (:func:`lora_state_dict`) with ``spec``. Each returned entry gives the merged
+    weight: the encoder's fused ``qkv`` (3·dim, in) plus ``[B_q A_q; 0; B_v A_v] · alpha/rank``,
+    a decoder ``q_proj``/``v_proj`` plus ``B A · alpha/rank`` (peft's merge), a trained decoder
+    weight replaced by its trained value, everything else as in ``base``. Values equal those of
+    ``merge_lora(load_lora_state_dict(apply_lora(model, spec), adapters))`` (tested). Raises
+    ``ValueError`` naming ``source`` for an adapter or trained weight the base model lacks.
+    """
+    plan = dict(base)
+    deltas: dict[str, dict[str, Tensor]] = {}
+    unknown: list[str] = []
+    for key, value in adapters.items():
+        if m := _ENCODER_QKV.match(key):  # QVLoRALinear: parts Aq, Bq, Av, Bv
+            deltas.setdefault(m.group(1) + ".weight", {})[m.group(2) + m.group(3)] = value
+        elif m := _PEFT.match(key):  # peft lora.Linear: parts A, B
+            deltas.setdefault(m.group(1) + ".weight", {})[m.group(2)] = value
+        elif key in base:
+            plan[key] = lambda current, v=value: v
+        else:
+            unknown.append(key)
+    for key, parts in deltas.items():
+        if key not in base or set(parts) not in ({"A", "B"}, {"Aq", "Bq", "Av", "Bv"}):
+            unknown.append(f"{key} (adapter parts {sorted(parts)})")
+            continue
+        plan[key] = _merged(base[key], parts, spec.scale)
+    if unknown:
+        raise ValueError(f"LoRA weights in {source} do not fit the teacher ({len(unknown)} keys "
+                         "the base model has no place for):\n  " + "\n  ".join(unknown[:5]))
+    return plan
+
+
+def _merged(base: ValueFn, parts: Mapping[str, Tensor], scale: float) -> ValueFn:
+    """Base weight plus its adapters' delta, with the float operations of :func:`merge_lora`."""
+    def value(current: Tensor) -> Tensor:
+        weight = base(current).clone()
+        if "A" in parts:  # peft lora.Linear: W += (B @ A) · scaling
+            weight += (parts["B"] @ parts["A"]) * scale
+            return weight
+        d = weight.shape[0] // 3  # QVLoRALinear: rows q | k | v
+        delta = torch.zeros_like(weight)
+        delta[:d] = parts["Bq"] @ parts["Aq"] * scale
+        delta[2 * d:] = parts["Bv"] @ parts["Av"] * scale
+        weight += delta
+        return weight
+    return value
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -68,12 +68,23 @@ def mirror_root(uri: str, mirror_dir: str | Path) -> Path:
 def open_output(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem of an object-store URI and the root path inside it (no scheme, no
     trailing slash), e.g. ``(S3FileSystem, "bucket/prefix")``. Credentials: the environment
-    and the filesystem's own configuration only."""
+    and the filesystem's own configuration only.
+
+    Two environment variables of the clouds' own SDKs are honoured where pyarrow's URI parsing
+    does not read them: ``STORAGE_EMULATOR_HOST`` (``gs://``: a GCS emulator such as
+    ``gcp-storage-emulator``, reached anonymously) and ``AZURE_STORAGE_CONNECTION_STRING``
+    (``abfs://`` / ``az://``: account, key and endpoints, e.g. Azurite's). Every Ray call that
+    touches the output (Train storage, Data reads and writes) gets this filesystem, so the
+    driver, the workers and Ray itself reach the same store the same way."""
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
+    fs = _from_environment(str(uri))
+    if fs is not None:
+        return fs, _bucket_path(str(uri))
     try:
         fs, root = pafs.FileSystem.from_uri(str(uri))
-    except (pafs.lib.ArrowInvalid, pafs.lib.ArrowNotImplementedError, ValueError) as exc:
+    except (pa.lib.ArrowInvalid, pa.lib.ArrowNotImplementedError, ValueError) as exc:
         try:  # e.g. abfs:// on a pyarrow built without Azure: fsspec (adlfs) if installed
             import fsspec
 
@@ -82,6 +93,43 @@ def open_output(uri: str) -> tuple[pafs.FileSystem, str]:
             raise ValueError(f"cannot open {uri}: {exc} / {exc2}") from exc
         fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
     return fs, root.rstrip("/")
+
+
+def _bucket_path(uri: str) -> str:
+    """``bucket/prefix`` of ``gs://bucket/prefix``, ``container/prefix`` of
+    ``abfs://container@account.dfs.core.windows.net/prefix`` or ``az://container/prefix``."""
+    rest = uri.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    bucket = netloc.split("@", 1)[0]
+    return join(bucket, path) if path.strip("/") else bucket
+
+
+def _from_environment(uri: str) -> pafs.FileSystem | None:
+    """The filesystem the SDK environment variables above configure for ``uri``, or None."""
+    import pyarrow.fs as pafs
+
+    kind = scheme(uri)
+    if kind in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST"):
+        host = os.environ["STORAGE_EMULATOR_HOST"]
+        url_scheme, _, authority = host.rpartition("://")
+        return pafs.GcsFileSystem(anonymous=True, scheme=url_scheme or "http",
+                                  endpoint_override=authority.rstrip("/"))
+    if kind in ("abfs", "abfss", "az") and os.environ.get("AZURE_STORAGE_CONNECTION_STRING"):
+        fields = dict(part.split("=", 1) for part in
+                      os.environ["AZURE_STORAGE_CONNECTION_STRING"].split(";") if "=" in part)
+        if "AccountName" not in fields or "AccountKey" not in fields:
+            raise ValueError("AZURE_STORAGE_CONNECTION_STRING has no AccountName/AccountKey "
+                             f"(it names {', '.join(sorted(fields)) or 'nothing'})")
+        options: dict[str, str] = {}
+        for service in ("blob", "dfs"):
+            endpoint = fields.get(f"{service.capitalize()}Endpoint") or fields.get("BlobEndpoint")
+            if endpoint:  # e.g. http://127.0.0.1:10000/devstoreaccount1 (an emulator)
+                url_scheme, _, rest = endpoint.partition("://")
+                options[f"{service}_storage_scheme"] = url_scheme
+                options[f"{service}_storage_authority"] = rest.split("/", 1)[0]
+        return pafs.AzureFileSystem(account_name=fields["AccountName"],
+                                    account_key=fields["AccountKey"], **options)
+    return None
 
 
 def join(*parts: str) -> str:
@@ -178,7 +226,13 @@ def delete_dir(fs: pafs.FileSystem, path: str) -> None:
     import pyarrow.fs as pafs
 
     if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+        try:
+            fs.delete_dir(path)
+        except FileNotFoundError:
+            # GCS: the objects are deleted, then the directory's marker object, which
+            # pyarrow never wrote for a prefix made by uploading files
+            if list_files(fs, path):
+                raise
     elif exists(fs, path):
         fs.delete_file(path)
 

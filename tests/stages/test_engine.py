@@ -226,3 +226,53 @@ def test_zero_buckets_are_capped_at_the_model_size():
                                raw={"zero_optimization": {"reduce_bucket_size": 1000}}))
     assert deepspeed_config(raw, 8, numel=5_000_001)["zero_optimization"][
         "reduce_bucket_size"] == 1000
+
+
+def test_a_partitioned_module_is_filled_from_a_plan_and_bad_plans_are_named(process_group):
+    """``ShardedModule.build``: parts built inside ``partitioned()`` are ZeRO-3 parameters from
+    the start; the plan's values (functions of the fresh value) land in them; a missing key or
+    a value of another shape fails naming the key."""
+    from tskd.stages.engine import ShardedModule, load_partitioned
+
+    fresh, linear = {}, torch.nn.functional.linear
+
+    def make(partitioned):
+        torch.manual_seed(0)
+        with partitioned():
+            net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in net.parameters())
+        return net
+
+    def plan_of(net):
+        want = {k: torch.full(tuple(getattr(p, "ds_shape", p.shape)), float(i))
+                for i, (k, p) in enumerate(net.named_parameters())}
+        return {k: (lambda current, k=k: fresh.setdefault(k, current.clone()) * 0 + want[k])
+                for k in want}
+
+    sharded = ShardedModule.build(make, plan_of, batch_size=2, device=torch.device("cpu"),
+                                  persist_below=0)
+    x = torch.rand(2, 4)
+    out = sharded(x)
+    assert set(fresh) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert fresh["0.weight"].shape == (3, 4)  # the plan saw the gathered fresh value
+    # the reference: the same values in a plain module
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    with torch.no_grad():
+        for i, p in enumerate(ref.parameters()):
+            p.fill_(float(i))
+    torch.testing.assert_close(out, ref(x))
+
+    import deepspeed
+
+    from tskd.stages.engine import KEEP_TORCH_LINEAR
+
+    # DeepSpeed reads memory_efficient_linear from the config, over Init's own argument
+    with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
+                                                  "zero_optimization": {"stage": 3,
+                                                                        **KEEP_TORCH_LINEAR}}):
+        net = torch.nn.Linear(4, 3)
+    assert torch.nn.functional.linear is linear  # nothing here swapped the process's F.linear
+    with pytest.raises(ValueError, match="bias"):
+        load_partitioned(net, {"weight": lambda c: c})
+    with pytest.raises(ValueError, match=r"weight: value of shape \(4, 3\)"):
+        load_partitioned(net, {"weight": lambda c: torch.zeros(4, 3), "bias": lambda c: c})

@@ -1,6 +1,6 @@
 """The ``--set`` overrides that make a whole ``tskd run`` tiny (32-px demo images, a ``sam_tiny``
 teacher, a 16-px diffusion model, one-epoch students), shared by the end-to-end tests, and the
-reader of a run written to S3. Imported by bare name (pytest puts each test file's folder on
+reader of a run written to an object store. Imported by bare name (pytest puts each test file's folder on
 ``sys.path``), as ``tests/report`` does."""
 
 
@@ -31,16 +31,41 @@ def tiny_overrides(*, n_images: int, num_workers: int, select: tuple[str, ...] =
 
 
 def bucket_objects(uri: str) -> dict[str, bytes]:
-    """Every object of the bucket of ``uri`` (``s3://bucket``), read with boto3 from the
-    environment's endpoint and keys, keyed by object key (directory markers left out)."""
-    import boto3
+    """Every object of the bucket (container) of ``uri`` (``s3://bucket[/...]``,
+    ``gs://bucket[/...]``, ``abfs://container@account.../...``), keyed by object key (directory
+    markers left out). Read with the cloud's own client (boto3) or a pyarrow filesystem made
+    here from the emulator's environment variables, not with the code under test."""
+    import os
 
-    bucket = uri[len("s3://"):]
-    client = boto3.client("s3")
+    scheme, rest = uri.split("://", 1)
+    bucket = rest.split("/", 1)[0].split("@", 1)[0]
+    if scheme == "s3":
+        import boto3
+
+        client = boto3.client("s3")
+        out = {}
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                if not obj["Key"].endswith("/"):
+                    out[obj["Key"]] = client.get_object(Bucket=bucket,
+                                                        Key=obj["Key"])["Body"].read()
+        return out
+    import pyarrow.fs as pafs
+
+    if scheme == "gs":
+        fs = pafs.GcsFileSystem(anonymous=True, scheme="http", endpoint_override=os.environ[
+            "STORAGE_EMULATOR_HOST"].split("://", 1)[1])
+    else:
+        conn = dict(part.split("=", 1) for part in
+                    os.environ["AZURE_STORAGE_CONNECTION_STRING"].split(";") if "=" in part)
+        host = conn["BlobEndpoint"].split("://", 1)[1].split("/", 1)[0]
+        fs = pafs.AzureFileSystem(account_name=conn["AccountName"],
+                                  account_key=conn["AccountKey"], blob_storage_authority=host,
+                                  blob_storage_scheme="http", dfs_storage_authority=host,
+                                  dfs_storage_scheme="http")
     out = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            if not obj["Key"].endswith("/"):
-                out[obj["Key"]] = client.get_object(Bucket=bucket,
-                                                    Key=obj["Key"])["Body"].read()
+    for info in fs.get_file_info(pafs.FileSelector(bucket, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                out[info.path[len(bucket) + 1:]] = f.read()
     return out

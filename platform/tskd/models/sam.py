@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,8 @@ __all__ = [
     "build_sam",
     "infer_sam_arch",
     "load_sam_state_dict",
+    "plan_sam_state_dict",
+    "read_sam_checkpoint",
     "save_sam_checkpoint",
 ]
 
@@ -110,11 +113,14 @@ def _get_spec(arch: str) -> SamArchSpec:
         ) from None
 
 
-def _build_model(spec: SamArchSpec, num_classes: int, img_size: int) -> Sam:
-    """Build an uninitialised-from-checkpoint ``Sam`` like ``segment_anything.build_sam._build_sam``."""
+def _build_model(spec: SamArchSpec, num_classes: int, img_size: int,
+                 module_context: Callable[[], AbstractContextManager] = nullcontext) -> Sam:
+    """Build an uninitialised-from-checkpoint ``Sam`` like
+    ``segment_anything.build_sam._build_sam``; its three sub-modules are each built inside
+    ``module_context()``."""
     grid = img_size // PATCH_SIZE
-    return Sam(
-        image_encoder=ImageEncoderViT(
+    with module_context():
+        image_encoder = ImageEncoderViT(
             depth=spec.encoder_depth,
             embed_dim=spec.encoder_embed_dim,
             img_size=img_size,
@@ -127,14 +133,16 @@ def _build_model(spec: SamArchSpec, num_classes: int, img_size: int) -> Sam:
             global_attn_indexes=spec.encoder_global_attn_indexes,
             window_size=spec.window_size,
             out_chans=PROMPT_EMBED_DIM,
-        ),
-        prompt_encoder=PromptEncoder(
+        )
+    with module_context():
+        prompt_encoder = PromptEncoder(
             embed_dim=PROMPT_EMBED_DIM,
             image_embedding_size=(grid, grid),
             input_image_size=(img_size, img_size),
             mask_in_chans=spec.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
+        )
+    with module_context():
+        mask_decoder = MaskDecoder(
             num_multimask_outputs=num_classes,
             transformer=TwoWayTransformer(
                 depth=spec.decoder_depth,
@@ -145,10 +153,9 @@ def _build_model(spec: SamArchSpec, num_classes: int, img_size: int) -> Sam:
             transformer_dim=PROMPT_EMBED_DIM,
             iou_head_depth=spec.iou_head_depth,
             iou_head_hidden_dim=spec.iou_head_hidden_dim,
-        ),
-        pixel_mean=list(PIXEL_MEAN),
-        pixel_std=list(PIXEL_STD),
-    )
+        )
+    return Sam(image_encoder=image_encoder, prompt_encoder=prompt_encoder,
+               mask_decoder=mask_decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
 
 
 def build_sam(
@@ -157,6 +164,7 @@ def build_sam(
     num_classes: int,
     img_size: int,
     checkpoint: str | Path | None = None,
+    module_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Sam:
     """Build a SAM of a named architecture for ``num_classes`` classes at ``img_size`` px.
 
@@ -165,21 +173,40 @@ def build_sam(
 
     ``checkpoint``: a ``torch.save``-d state dict in the official SAM format (optionally wrapped as
     ``{"model": sd}`` or ``{"state_dict": sd}``); see :func:`load_sam_state_dict` for the resizing
-    and class adaptation done on load. Raises ``ValueError`` for an unknown arch, a bad
-    ``img_size``/``num_classes`` or a checkpoint of another architecture.
+    and class adaptation done on load. ``module_context``: a context each of the three sub-modules
+    is built in, e.g. ``deepspeed.zero.Init``, which partitions every parameter as it is made
+    (``Sam``'s own ``__init__`` cannot run inside it). Raises ``ValueError`` for an unknown arch,
+    a bad ``img_size``/``num_classes`` or a checkpoint of another architecture.
     """
     spec = _get_spec(arch)
     if img_size <= 0 or img_size % PATCH_SIZE:
         raise ValueError(f"img_size must be a positive multiple of {PATCH_SIZE}, got {img_size}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    sam = _build_model(spec, num_classes, img_size)
+    sam = _build_model(spec, num_classes, img_size, module_context)
     sam.eval()
     if checkpoint is not None:
         path = Path(checkpoint)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        load_sam_state_dict(sam, _unwrap_state_dict(state, path), arch=arch, source=str(path))
+        load_sam_state_dict(sam, read_sam_checkpoint(path), arch=arch, source=str(path))
     return sam
+
+
+def read_sam_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Tensor]:
+    """The state dict of a SAM checkpoint file (official format, see :func:`build_sam`).
+
+    ``mmap``: map the file instead of reading it, so each tensor is read from disk when it is
+    used and a process never holds the whole checkpoint in its own memory (torch's zip format,
+    what ``torch.save`` writes; an older file is read whole, with a log line).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if not mmap or "mmap" not in str(e):
+            raise
+        logger.info("%s cannot be memory-mapped (%s); reading it whole", path, e)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return _unwrap_state_dict(state, path)
 
 
 def save_sam_checkpoint(sam: Sam, path: str | Path) -> Path:
@@ -260,6 +287,120 @@ _CLASS_KEY = re.compile(
 )
 
 
+#: A loaded value, computed from the model's own current value (used only where a checkpoint
+#: leaves rows at the model's fresh init); see :func:`plan_sam_state_dict`.
+ValueFn = Callable[[Tensor], Tensor]
+
+
+def full_shape(t: Tensor) -> torch.Size:
+    """The shape of ``t``, also when it is a partitioned ZeRO-3 parameter (whose ``.data`` is an
+    empty placeholder and whose full shape DeepSpeed keeps in ``ds_shape``)."""
+    return getattr(t, "ds_shape", t.shape)
+
+
+def plan_sam_state_dict(
+    sam: Sam,
+    state_dict: Mapping[str, Tensor],
+    *,
+    arch: str | None = None,
+    source: str = "<state dict>",
+) -> tuple[dict[str, ValueFn], list[str]]:
+    """How an official-format SAM state dict loads into ``sam``, key by key, without loading it.
+
+    Returns ``(plan, adapted)``: ``plan[key](current) -> value`` for every key of
+    ``sam.state_dict()``, where ``current`` is the model's own value of that key (read only for
+    rows the checkpoint leaves at the fresh init), and the list of adapted keys. Nothing is read
+    from ``state_dict`` until a plan entry is called, so a memory-mapped checkpoint is read one
+    tensor at a time; only shapes of ``sam`` are used (its parameters may be partitioned, see
+    :func:`full_shape`). The adaptations and errors are those of :func:`load_sam_state_dict`.
+    """
+    target = {k: full_shape(v) for k, v in sam.state_dict().items()}
+    target.update({k: full_shape(p) for k, p in sam.named_parameters()})
+    plan: dict[str, ValueFn] = {}
+    adapted: list[str] = []
+    missing: list[str] = []
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+
+    pos_embed = sam.image_encoder.pos_embed
+    grid = int(full_shape(pos_embed)[1]) if pos_embed is not None else None
+    global_blocks = {
+        i for i, blk in enumerate(sam.image_encoder.blocks) if getattr(blk, "window_size", 0) == 0
+    }
+    n_tok_model = sam.mask_decoder.num_mask_tokens
+    ckpt_tokens = state_dict.get("mask_decoder.mask_tokens.weight")
+    n_tok_ckpt = int(ckpt_tokens.shape[0]) if isinstance(ckpt_tokens, Tensor) else n_tok_model
+    n_tok = min(n_tok_model, n_tok_ckpt)
+    last_iou = f"iou_prediction_head.layers.{len(sam.mask_decoder.iou_prediction_head.layers) - 1}."
+
+    def as_is(key: str) -> ValueFn:
+        return lambda current: state_dict[key]
+
+    def first_rows(key: str) -> ValueFn:
+        def value(current: Tensor) -> Tensor:
+            new = current.clone()
+            new[:n_tok] = state_dict[key][:n_tok]
+            return new
+        return value
+
+    for key, value in state_dict.items():
+        class_key = _CLASS_KEY.match(key)
+        if class_key is not None and class_key.group(3) is not None:
+            # output_hypernetworks_mlps.<i>.*: one MLP per mask token.
+            if int(class_key.group(3)) >= n_tok_model:
+                if n_tok_ckpt != n_tok_model:
+                    adapted.append(key)
+                    continue
+        if key not in target:
+            unexpected.append(key)
+            continue
+        want = target[key]
+        if value.shape == want:
+            plan[key] = as_is(key)
+            continue
+        m = re.match(r"image_encoder\.blocks\.(\d+)\.attn\.rel_pos_[hw]$", key)
+        if key == "image_encoder.pos_embed" and value.ndim == 4 and value.shape[-1] == want[-1] \
+                and value.shape[1] == value.shape[2] and grid is not None:
+            plan[key] = lambda current, k=key: _resize_pos_embed(state_dict[k], grid)
+            adapted.append(f"{key} {tuple(value.shape)}->{tuple(want)}")
+        elif m is not None and int(m.group(1)) in global_blocks and value.ndim == 2 \
+                and value.shape[1] == want[1]:
+            plan[key] = lambda current, k=key, n=want[0]: _resize_rel_pos(state_dict[k], n)
+            adapted.append(f"{key} {tuple(value.shape)}->{tuple(want)}")
+        elif class_key is not None and n_tok_ckpt != n_tok_model and (
+            key == "mask_decoder.mask_tokens.weight" or class_key.group(1).startswith(last_iou)
+        ) and value.shape[0] == n_tok_ckpt and value.shape[1:] == want[1:]:
+            plan[key] = first_rows(key)
+            adapted.append(f"{key} {tuple(value.shape)}->{tuple(want)} (first {n_tok} rows copied)")
+        else:
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+
+    for key in target:
+        if key in plan:
+            continue
+        class_key = _CLASS_KEY.match(key)
+        if class_key is not None and class_key.group(3) is not None and int(class_key.group(3)) >= n_tok_ckpt:
+            plan[key] = lambda current: current  # a class the checkpoint does not have: fresh init
+            adapted.append(f"{key} (fresh init)")
+        elif key not in state_dict:
+            missing.append(key)
+
+    if missing or unexpected or mismatched:
+        ckpt_arch = infer_sam_arch(state_dict)
+        problems = (
+            [f"shape mismatch {s}" for s in mismatched[:5]]
+            + [f"missing key {k}" for k in missing[:5]]
+            + [f"unexpected key {k}" for k in unexpected[:5]]
+        )
+        raise ValueError(
+            f"checkpoint {source} does not fit SAM arch {arch or '<given model>'!r}"
+            + (f"; it looks like a {ckpt_arch!r} checkpoint" if ckpt_arch else "")
+            + f" ({len(mismatched)} shape mismatches, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected keys):\n  " + "\n  ".join(problems)
+        )
+    return plan, adapted
+
+
 def load_sam_state_dict(
     sam: Sam,
     state_dict: Mapping[str, Tensor],
@@ -279,84 +420,18 @@ def load_sam_state_dict(
       ``source``, the requested ``arch``, the arch the state dict is for (if it can be inferred) and
       the first mismatching keys.
 
-    Returns the list of adapted keys (also logged).
+    Returns the list of adapted keys (also logged). :func:`plan_sam_state_dict` is the same
+    load, key by key, for models whose parameters are partitioned.
     """
-    target = sam.state_dict()
-    out: dict[str, Tensor] = {}
-    adapted: list[str] = []
-    missing: list[str] = []
-    unexpected: list[str] = []
-    mismatched: list[str] = []
+    plan, adapted = plan_sam_state_dict(sam, state_dict, arch=arch, source=source)
+    current = sam.state_dict()
+    sam.load_state_dict({k: fn(current[k]) for k, fn in plan.items()}, strict=True)
+    log_loaded(source, arch, adapted)
+    return adapted
 
-    grid = sam.image_encoder.pos_embed.shape[1] if sam.image_encoder.pos_embed is not None else None
-    global_blocks = {
-        i for i, blk in enumerate(sam.image_encoder.blocks) if getattr(blk, "window_size", 0) == 0
-    }
-    n_tok_model = sam.mask_decoder.num_mask_tokens
-    ckpt_tokens = state_dict.get("mask_decoder.mask_tokens.weight")
-    n_tok_ckpt = int(ckpt_tokens.shape[0]) if isinstance(ckpt_tokens, Tensor) else n_tok_model
-    n_tok = min(n_tok_model, n_tok_ckpt)
-    last_iou = f"iou_prediction_head.layers.{len(sam.mask_decoder.iou_prediction_head.layers) - 1}."
 
-    for key, value in state_dict.items():
-        class_key = _CLASS_KEY.match(key)
-        if class_key is not None and class_key.group(3) is not None:
-            # output_hypernetworks_mlps.<i>.*: one MLP per mask token.
-            if int(class_key.group(3)) >= n_tok_model:
-                if n_tok_ckpt != n_tok_model:
-                    adapted.append(key)
-                    continue
-        if key not in target:
-            unexpected.append(key)
-            continue
-        want = target[key]
-        if value.shape == want.shape:
-            out[key] = value
-            continue
-        m = re.match(r"image_encoder\.blocks\.(\d+)\.attn\.rel_pos_[hw]$", key)
-        if key == "image_encoder.pos_embed" and value.ndim == 4 and value.shape[-1] == want.shape[-1] \
-                and value.shape[1] == value.shape[2] and grid is not None:
-            out[key] = _resize_pos_embed(value, grid)
-            adapted.append(f"{key} {tuple(value.shape)}->{tuple(want.shape)}")
-        elif m is not None and int(m.group(1)) in global_blocks and value.ndim == 2 \
-                and value.shape[1] == want.shape[1]:
-            out[key] = _resize_rel_pos(value, want.shape[0])
-            adapted.append(f"{key} {tuple(value.shape)}->{tuple(want.shape)}")
-        elif class_key is not None and n_tok_ckpt != n_tok_model and (
-            key == "mask_decoder.mask_tokens.weight" or class_key.group(1).startswith(last_iou)
-        ) and value.shape[0] == n_tok_ckpt and value.shape[1:] == want.shape[1:]:
-            new = want.clone()
-            new[:n_tok] = value[:n_tok]
-            out[key] = new
-            adapted.append(f"{key} {tuple(value.shape)}->{tuple(want.shape)} (first {n_tok} rows copied)")
-        else:
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want.shape)}")
-
-    for key, value in target.items():
-        if key in out:
-            continue
-        class_key = _CLASS_KEY.match(key)
-        if class_key is not None and class_key.group(3) is not None and int(class_key.group(3)) >= n_tok_ckpt:
-            out[key] = value  # hypernetwork MLP for a class the checkpoint does not have: fresh init
-            adapted.append(f"{key} (fresh init)")
-        elif key not in state_dict:
-            missing.append(key)
-
-    if missing or unexpected or mismatched:
-        ckpt_arch = infer_sam_arch(state_dict)
-        problems = (
-            [f"shape mismatch {s}" for s in mismatched[:5]]
-            + [f"missing key {k}" for k in missing[:5]]
-            + [f"unexpected key {k}" for k in unexpected[:5]]
-        )
-        raise ValueError(
-            f"checkpoint {source} does not fit SAM arch {arch or '<given model>'!r}"
-            + (f"; it looks like a {ckpt_arch!r} checkpoint" if ckpt_arch else "")
-            + f" ({len(mismatched)} shape mismatches, {len(missing)} missing, "
-            f"{len(unexpected)} unexpected keys):\n  " + "\n  ".join(problems)
-        )
-
-    sam.load_state_dict(out, strict=True)
+def log_loaded(source: str, arch: str | None, adapted: list[str]) -> None:
+    """One log line on what a SAM checkpoint load adapted."""
     if adapted:
         logger.info(
             "loaded %s into %s with %d adapted keys: %s",
@@ -364,7 +439,6 @@ def load_sam_state_dict(
         )
     else:
         logger.info("loaded %s into %s (exact match)", source, arch or "SAM")
-    return adapted
 
 
 class SamSegmenter(nn.Module):

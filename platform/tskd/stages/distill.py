@@ -18,7 +18,8 @@ images), so the teacher sees each crop at its ``img_size`` and the student at it
 
 The teacher is placed by :func:`place_teacher` (``distill.teacher_placement``): ``replicated``
 (every worker holds it), ``sharded`` (partitioned over the workers with ZeRO-3 and gathered layer
-by layer in its forward, through :class:`tskd.stages.engine.ShardedModule`), or ``cached`` (a
+by layer in its forward, through :class:`tskd.stages.engine.ShardedModule`; built partitioned
+and loaded a layer at a time, never whole on a worker), or ``cached`` (a
 ``targets_<arm>`` stage ran it once; :class:`CachedTargets` reads its outputs). Each epoch reports
 the teacher's parameter memory per worker (``perf/teacher_param_mb``: held between batches;
 ``perf/teacher_param_peak_mb``: the most held at once inside its forward).
@@ -98,27 +99,45 @@ def place_teacher(config: dict[str, Any], device: torch.device) -> Any:
     - ``replicated``: a whole :class:`TeacherTargets` on ``device``;
     - ``sharded``: the same module partitioned over the process group with ZeRO-3
       (:class:`tskd.stages.engine.ShardedModule`); collective: every worker calls it on every
-      batch. Each worker loads the full weights into host memory once, then keeps only its
-      shard (on ``device``)."""
-    from tskd.stages.teacher_finetune import load_base_teacher, load_finetuned_teacher
+      batch. It is partitioned from its construction on: each sub-module is built with only
+      this worker's shard of its parameters, and the weights are written one sub-module at a
+      time from the memory-mapped base checkpoint and the adapters (LoRA merged per weight), so
+      no worker ever holds the whole teacher, in host or device memory."""
+    from tskd.models.sam import SamSegmenter, build_sam
+    from tskd.stages.teacher_finetune import (load_base_teacher, load_finetuned_teacher,
+                                              plan_teacher_weights, teacher_spec)
 
-    t = config["teacher"]
+    t, d = config["teacher"], config["distill"]
+
+    def targets_of(segmenter: torch.nn.Module) -> TeacherTargets:
+        segmenter.requires_grad_(False)
+        return TeacherTargets(segmenter, need_logits=d["w_logits"] > 0,
+                              features=d["teacher_features"]).eval()
+
+    if d.get("teacher_placement") == "sharded":
+        from tskd.stages.engine import ShardedModule
+
+        spec = teacher_spec(t)
+
+        def make(partitioned: Any) -> TeacherTargets:
+            return targets_of(SamSegmenter(build_sam(
+                spec["arch"], num_classes=spec["num_classes"], img_size=spec["img_size"],
+                module_context=partitioned)).eval())
+
+        def plan_of(targets: TeacherTargets) -> dict[str, Any]:
+            plan = plan_teacher_weights(spec, targets.segmenter,
+                                        stage_dir=Path(t["stage_dir"]) if t["tuned"] else None)
+            return {f"segmenter.{k}": v for k, v in plan.items()}
+
+        return ShardedModule.build(make, plan_of, batch_size=d["batch_size"], device=device,
+                                   persist_below=d["shard_persist_below"],
+                                   prefetch_numel=d["shard_prefetch"])
     if t["tuned"]:
         teacher = load_finetuned_teacher(Path(t["stage_dir"]))
     else:
         teacher = load_base_teacher(Path(t["checkpoint"]), arch=t["arch"],
                                     num_classes=t["num_classes"], img_size=t["img_size"])
-    teacher.requires_grad_(False)
-    d = config["distill"]
-    targets = TeacherTargets(teacher, need_logits=d["w_logits"] > 0,
-                             features=d["teacher_features"]).eval()
-    if d.get("teacher_placement") == "sharded":
-        from tskd.stages.engine import ShardedModule
-
-        return ShardedModule(targets, batch_size=d["batch_size"], device=device,
-                             persist_below=d["shard_persist_below"],
-                             prefetch_numel=d["shard_prefetch"])
-    return targets.to(device)
+    return targets_of(teacher).to(device)
 
 
 def draw_flips(n: int, generator: torch.Generator | None = None) -> torch.Tensor:

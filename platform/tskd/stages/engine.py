@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from tskd.models.sam import ValueFn
 
 log = logging.getLogger(__name__)
 
@@ -429,27 +433,47 @@ class ShardedModule:
     each layer when it runs — least memory).
 
     Collective: every rank must call it the same number of times (the same batches per epoch
-    as the student's DDP/ZeRO step already requires). Every rank must hold the same weights
-    when it is built. Attributes the wrapper lacks are read from the wrapped module.
+    as the student's DDP/ZeRO step already requires). Built from a whole module, every rank must
+    hold the same weights; :meth:`build` makes it partitioned from the start instead, so that no
+    rank ever holds the whole module. Attributes the wrapper lacks are read from the wrapped
+    module.
     """
 
     def __init__(self, module: torch.nn.Module, *, batch_size: int, device: torch.device,
                  persist_below: int = 100_000, prefetch_numel: int = 0) -> None:
         import deepspeed
-        import torch.distributed as dist
 
-        backend = dist.get_backend() if dist.is_initialized() else None
-        deepspeed.init_distributed(dist_backend=backend or "gloo")
+        _join_process_group(device)
         module.requires_grad_(False)
-        config = {"train_micro_batch_size_per_gpu": int(batch_size),
-                  "zero_optimization": {"stage": 3, **KEEP_TORCH_LINEAR,
-                                        "stage3_param_persistence_threshold": int(persist_below),
-                                        "stage3_prefetch_bucket_size": int(prefetch_numel)},
-                  "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        config = _zero3_inference_config(batch_size, persist_below, prefetch_numel)
         self.engine, *_ = deepspeed.initialize(model=module, config=config)
         self.engine.eval()
+
+    @classmethod
+    def build(cls, make: Callable[[Callable[[], contextlib.AbstractContextManager]],
+                                  torch.nn.Module],
+              plan_of: Callable[[torch.nn.Module], dict[str, ValueFn]], *, batch_size: int,
+              device: torch.device, persist_below: int = 100_000,
+              prefetch_numel: int = 0) -> "ShardedModule":
+        """A module that is partitioned from its construction on, never whole on any rank.
+
+        ``make(partitioned)`` builds it, creating its parameter-holding parts inside
+        ``partitioned()`` (``deepspeed.zero.Init``: each parameter is partitioned as it is
+        made, its fresh value taken from rank 0). ``plan_of(module)`` gives every state-dict
+        key's value; they are written one sub-module at a time (:func:`load_partitioned`).
+        Collective; only rank 0 reads the plan's parameter values.
+        """
+        import deepspeed
+
+        _join_process_group(device)
+        config = _zero3_inference_config(batch_size, persist_below, prefetch_numel)
+        # KEEP_TORCH_LINEAR in the config: zero.Init takes it from there, not from its argument
+        partitioned = functools.partial(deepspeed.zero.Init, config_dict_or_path=config)
+        module = make(partitioned)
+        load_partitioned(module, plan_of(module))
+        release_freed_memory()
+        return cls(module, batch_size=batch_size, device=device, persist_below=persist_below,
+                   prefetch_numel=prefetch_numel)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -464,3 +488,93 @@ class ShardedModule:
         if name == "engine":  # not set yet (a failed __init__): no recursion
             raise AttributeError(name)
         return getattr(self.engine.module, name)
+
+
+def _join_process_group(device: torch.device) -> None:
+    """DeepSpeed on the process group Ray Train set up (gloo when there is none yet)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = dist.get_backend() if dist.is_initialized() else None
+    deepspeed.init_distributed(dist_backend=backend or "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _zero3_inference_config(batch_size: int, persist_below: int,
+                            prefetch_numel: int) -> dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": int(batch_size),
+            "zero_optimization": {"stage": 3, **KEEP_TORCH_LINEAR,
+                                  "stage3_param_persistence_threshold": int(persist_below),
+                                  "stage3_prefetch_bucket_size": int(prefetch_numel)},
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+@torch.no_grad()
+def load_partitioned(module: torch.nn.Module, plan: dict[str, ValueFn]) -> None:
+    """Write ``plan`` (``key -> value(fresh value)`` for every key of ``module.state_dict()``)
+    into a module whose parameters are ZeRO-3-partitioned, one sub-module at a time.
+
+    A sub-module's own parameters are gathered (the only moment any of it is whole), rank 0
+    writes their values, and leaving the gather broadcasts them and partitions them again.
+    Buffers are not partitioned: every rank writes its own. Collective. Raises ``ValueError``
+    naming the key for a key the plan lacks or a value of another shape.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    missing = sorted(set(module.state_dict()) - set(plan))
+    if missing:
+        raise ValueError(f"no value for {len(missing)} weights of the partitioned module, e.g. "
+                         + ", ".join(missing[:3]))
+    writer = dist.get_rank() == 0
+
+    def write(key: str, tensor: torch.Tensor) -> None:
+        value = plan[key](tensor)
+        if value.shape != tensor.shape:
+            raise ValueError(f"{key}: value of shape {tuple(value.shape)} for a weight of shape "
+                             f"{tuple(tensor.shape)}")
+        tensor.copy_(value)
+
+    for prefix, sub in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        params = list(sub.named_parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+                if writer:
+                    for name, p in params:
+                        write(dot + name, p.data)
+            if sum(full_numel(p) for _, p in params) >= _TRIM_NUMEL:
+                release_freed_memory()  # the gathered layer's buffers, back to the system
+        for name, buffer in sub.named_buffers(recurse=False):
+            if dot + name in plan:  # persistent buffers; the others come from the constructor
+                write(dot + name, buffer)
+
+
+_TRIM_NUMEL = 2**20
+"""Elements gathered at once above which :func:`load_partitioned` hands freed memory back."""
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of ``p``, also when it is a partitioned ZeRO-3 parameter."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Hand memory the process freed back to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere). Building a partitioned module frees a whole layer at a time; glibc keeps such
+    blocks for reuse (its mmap threshold rises after the first large free), so without this a
+    worker's resident memory stays near what the whole layers took, not what it holds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

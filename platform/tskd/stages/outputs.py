@@ -39,7 +39,7 @@ def write_parquet(dataset: Any, out: Path, train_dir: Path | str | None) -> Path
     staging = f"{str(train_dir).rstrip('/')}-write-{secrets.token_hex(4)}"
     fs, root = open_output(staging)
     try:
-        dataset.write_parquet(staging)
+        dataset.write_parquet(root, filesystem=fs)
         n = len(download_dir(fs, root, out))
         log.debug("%s: %d files written through %s", out, n, staging)
     finally:

@@ -96,7 +96,7 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=resolve_backend(ray_cfg)),
         run_config=RunConfig(
-            name=name, storage_path=_storage_path(storage),
+            name=name, **train_storage(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.keep_checkpoints),
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
@@ -140,7 +140,10 @@ def read_parquet_dataset(folder: Path | str, *, columns: list[str] | None = None
     from tskd.storage import is_remote
 
     if is_remote(str(folder)):
-        return ray.data.read_parquet(str(folder), columns=columns)
+        from tskd.storage import open_output
+
+        fs, root = open_output(str(folder))
+        return ray.data.read_parquet(root, filesystem=fs, columns=columns)
     folder = Path(folder)
     if materialize_share > 0:
         files = sorted(folder.rglob("*.parquet"))
@@ -242,10 +245,16 @@ def run_storage(ctx: Any) -> Path | str:
     return str(train_dir) if is_remote(str(train_dir)) else Path(train_dir)
 
 
-def _storage_path(storage: Path | str) -> str:
-    from tskd.storage import is_remote
+def train_storage(storage: Path | str) -> dict[str, Any]:
+    """``RunConfig`` storage arguments: an absolute local path, or for an object-store URI the
+    path inside it with tskd's filesystem for it (:func:`tskd.storage.open_output`), so Ray
+    reaches the bucket exactly as tskd does."""
+    from tskd.storage import is_remote, open_output
 
-    return str(storage) if is_remote(str(storage)) else str(Path(storage).resolve())
+    if not is_remote(str(storage)):
+        return {"storage_path": str(Path(storage).resolve())}
+    fs, root = open_output(str(storage))
+    return {"storage_path": root, "storage_filesystem": fs}
 
 
 def load_result_state(result: Any) -> dict[str, Any]:

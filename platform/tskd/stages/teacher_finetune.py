@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from tskd.stages.ray_train import (fit_torch_trainer, is_rank_zero, load_result_
 from tskd.stages.supervised import fit_supervised, labelled_sets
 from tskd.stages.teacher_pretrain import base_checkpoint
 from tskd.storage import remove_tree
+
+if TYPE_CHECKING:
+    from tskd.models.sam import ValueFn
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,35 @@ def load_finetuned_teacher(stage_dir: Path) -> torch.nn.Module:
     load_lora_state_dict(model, torch.load(path, map_location="cpu", weights_only=True),
                          source=str(path))
     return merge_lora(model).eval()
+
+
+def teacher_spec(teacher: dict[str, Any]) -> dict[str, Any]:
+    """The ``teacher.json``-shaped spec of the distillation teacher in a stage config's
+    ``teacher`` section: the tuned teacher's file (``tuned``), or the foundation SAM's."""
+    if teacher["tuned"]:
+        return json.loads((Path(teacher["stage_dir"]) / TEACHER_FILE).read_text())
+    return {"arch": teacher["arch"], "num_classes": teacher["num_classes"],
+            "img_size": teacher["img_size"], "base_checkpoint": str(teacher["checkpoint"])}
+
+
+def plan_teacher_weights(spec: dict[str, Any], segmenter: torch.nn.Module, *,
+                         stage_dir: Path | None) -> dict[str, ValueFn]:
+    """The weights :func:`load_finetuned_teacher` (``stage_dir`` given) or
+    :func:`load_base_teacher` would give ``segmenter`` (a plain :class:`SamSegmenter` of
+    ``spec``'s shape, possibly partitioned), key by key and lazily: the base checkpoint is
+    memory-mapped and each value is read or merged only when its entry is called."""
+    from tskd.lora import LoraSpec, plan_merged_lora
+    from tskd.models.sam import plan_sam_state_dict, read_sam_checkpoint
+
+    source = str(spec["base_checkpoint"])
+    base, _ = plan_sam_state_dict(segmenter.sam, read_sam_checkpoint(source, mmap=True),
+                                  arch=spec["arch"], source=source)
+    plan = {f"sam.{k}": v for k, v in base.items()}
+    if stage_dir is None:
+        return plan
+    path = Path(stage_dir) / LORA_FILE
+    adapters = torch.load(path, map_location="cpu", weights_only=True)
+    return plan_merged_lora(plan, adapters, LoraSpec(**spec["lora"]), source=str(path))
 
 
 def load_base_teacher(checkpoint: Path, *, arch: str, num_classes: int,
