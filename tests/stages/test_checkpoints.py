@@ -88,7 +88,8 @@ def test_rerun_on_the_same_storage_resumes(tmp_path, ray_local):
     Started again with the same name and storage (``ctx.train_dir``), it resumes."""
     reference, _ = _distil(tmp_path, "plain", storage=tmp_path / "ray_a")
     storage = tmp_path / "ray_b"
-    with pytest.raises(RuntimeError):  # no retries: the run fails at epoch 3
+    # ray.max_failures=0, no retries: the lost worker fails the run at epoch 3, naming it
+    with pytest.raises(RuntimeError, match="Ray Train run 'rerun' failed"):
         _distil(tmp_path, "rerun", storage=storage, fail_epoch=3)
     resumed, epoch = _distil(tmp_path, "rerun", storage=storage)
     assert epoch in (1, 2)
