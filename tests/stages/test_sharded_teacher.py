@@ -67,18 +67,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _whole(teacher: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """The whole teacher's outputs on every rank's images, and its parameter bytes: all of them,
+    a rank's share under ZeRO-3 with nothing kept whole (ceil(numel / 2) elements of every
+    tensor), and the largest sub-module's own parameters (what one gather holds)."""
+    with torch.no_grad():
+        logits, hidden = teacher(_images())
+    params = list(teacher.parameters())
+    full = sum(p.numel() * p.element_size() for p in params)
+    half = sum(-(-p.numel() // WORLD) * p.element_size() for p in params)
+    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+                  for m in teacher.modules())
+    return logits, hidden, full, half, largest
+
+
 @pytest.mark.parametrize("features", ["neck", "blocks"])
 def test_sharded_teacher_equals_the_whole_teacher_with_half_the_parameters(tmp_path, features):
     mp.spawn(_rank, args=(_free_port(), str(tmp_path), features, 0), nprocs=WORLD)
     whole = _teacher(features)
-    with torch.no_grad():
-        want_logits, want_hidden = whole(_images())
-    params = list(whole.parameters())
-    full = sum(p.numel() * p.element_size() for p in params)
-    # ZeRO-3 with nothing kept whole: each rank keeps ceil(numel / 2) elements of every tensor
-    half = sum(-(-p.numel() // WORLD) * p.element_size() for p in params)
-    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-                  for m in whole.modules())
+    want_logits, want_hidden, full, half, largest = _whole(whole)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -208,13 +215,7 @@ def test_sharded_teacher_is_built_partitioned_and_never_whole(tmp_path):
     stage = _teacher_stage(tmp_path, "full")  # the other decoder modes: test_lora.py's plan test
     mp.spawn(_rank_built, args=(_free_port(), str(tmp_path), str(stage)), nprocs=WORLD)
     whole = TeacherTargets(load_finetuned_teacher(stage), need_logits=True).eval()
-    with torch.no_grad():
-        want_logits, want_hidden = whole(_images())
-    params = list(whole.parameters())
-    full = sum(p.numel() * p.element_size() for p in params)
-    half = sum(-(-p.numel() // WORLD) * p.element_size() for p in params)
-    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-                  for m in whole.modules())
+    want_logits, want_hidden, full, half, largest = _whole(whole)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"built{rank}.pt")
         rows = slice(rank * BATCH, (rank + 1) * BATCH)
@@ -222,7 +223,7 @@ def test_sharded_teacher_is_built_partitioned_and_never_whole(tmp_path):
         torch.testing.assert_close(got["hidden"], want_hidden[rows], rtol=1e-5, atol=1e-5)
         assert got["built"] == half and got["held"] == half
         assert got["torch_linear_kept"]  # zero.Init did not swap the process's F.linear
-        buffers = len(whole.state_dict()) - len(params)  # not partitioned: every rank writes
+        buffers = len(whole.state_dict()) - len(list(whole.parameters()))  # every rank writes
         assert buffers == 1  # the prompt encoder's positional Gaussian matrix
         if rank == 0:  # rank 0 writes the weights, inside each sub-module's gather
             assert len(got["loading"]) == len(whole.state_dict())
