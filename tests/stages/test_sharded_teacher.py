@@ -81,17 +81,23 @@ def _whole(teacher: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, int, i
     return logits, hidden, full, half, largest
 
 
+def _rank_result(path: Path, rank: int, logits: torch.Tensor, hidden: torch.Tensor) -> dict:
+    """What a rank saved, after checking its outputs against the whole teacher's on its rows
+    (the same float ops on the same weights, gathered: equal up to float rounding)."""
+    got = torch.load(path)
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    torch.testing.assert_close(got["logits"], logits[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["hidden"], hidden[rows], rtol=1e-5, atol=1e-5)
+    return got
+
+
 @pytest.mark.parametrize("features", ["neck", "blocks"])
 def test_sharded_teacher_equals_the_whole_teacher_with_half_the_parameters(tmp_path, features):
     mp.spawn(_rank, args=(_free_port(), str(tmp_path), features, 0), nprocs=WORLD)
     whole = _teacher(features)
     want_logits, want_hidden, full, half, largest = _whole(whole)
     for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        rows = slice(rank * BATCH, (rank + 1) * BATCH)
-        # the same float ops on the same weights, gathered: equal up to float rounding
-        torch.testing.assert_close(got["logits"], want_logits[rows], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got["hidden"], want_hidden[rows], rtol=1e-5, atol=1e-5)
+        got = _rank_result(tmp_path / f"rank{rank}.pt", rank, want_logits, want_hidden)
         assert got["hidden_dim"] == whole.hidden_dim
         assert got["torch_linear_kept"]  # ZeRO-3 did not swap the process's F.linear
         assert got["held"] == half and got["after"] == half  # released after the forward
@@ -217,10 +223,7 @@ def test_sharded_teacher_is_built_partitioned_and_never_whole(tmp_path):
     whole = TeacherTargets(load_finetuned_teacher(stage), need_logits=True).eval()
     want_logits, want_hidden, full, half, largest = _whole(whole)
     for rank in range(WORLD):
-        got = torch.load(tmp_path / f"built{rank}.pt")
-        rows = slice(rank * BATCH, (rank + 1) * BATCH)
-        torch.testing.assert_close(got["logits"], want_logits[rows], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got["hidden"], want_hidden[rows], rtol=1e-5, atol=1e-5)
+        got = _rank_result(tmp_path / f"built{rank}.pt", rank, want_logits, want_hidden)
         assert got["built"] == half and got["held"] == half
         assert got["torch_linear_kept"]  # zero.Init did not swap the process's F.linear
         buffers = len(whole.state_dict()) - len(list(whole.parameters()))  # every rank writes
