@@ -73,7 +73,8 @@ def open_output(uri: str) -> tuple[pafs.FileSystem, str]:
     Two environment variables of the clouds' own SDKs are honoured where pyarrow's URI parsing
     does not read them: ``STORAGE_EMULATOR_HOST`` (``gs://``: a GCS emulator such as
     ``gcp-storage-emulator``, reached anonymously) and ``AZURE_STORAGE_CONNECTION_STRING``
-    (``abfs://`` / ``az://``: account, key and endpoints, e.g. Azurite's). Every Ray call that
+    (``abfs://`` / ``az://``: account, key or shared access signature, and endpoints, e.g.
+    Azurite's). Every Ray call that
     touches the output (Train storage, Data reads and writes) gets this filesystem, so the
     driver, the workers and Ray itself reach the same store the same way."""
     import pyarrow as pa
@@ -115,21 +116,63 @@ def _from_environment(uri: str) -> pafs.FileSystem | None:
         return pafs.GcsFileSystem(anonymous=True, scheme=url_scheme or "http",
                                   endpoint_override=authority.rstrip("/"))
     if kind in ("abfs", "abfss", "az") and os.environ.get("AZURE_STORAGE_CONNECTION_STRING"):
-        fields = dict(part.split("=", 1) for part in
-                      os.environ["AZURE_STORAGE_CONNECTION_STRING"].split(";") if "=" in part)
-        if "AccountName" not in fields or "AccountKey" not in fields:
-            raise ValueError("AZURE_STORAGE_CONNECTION_STRING has no AccountName/AccountKey "
-                             f"(it names {', '.join(sorted(fields)) or 'nothing'})")
-        options: dict[str, str] = {}
-        for service in ("blob", "dfs"):
-            endpoint = fields.get(f"{service.capitalize()}Endpoint") or fields.get("BlobEndpoint")
-            if endpoint:  # e.g. http://127.0.0.1:10000/devstoreaccount1 (an emulator)
-                url_scheme, _, rest = endpoint.partition("://")
-                options[f"{service}_storage_scheme"] = url_scheme
-                options[f"{service}_storage_authority"] = rest.split("/", 1)[0]
-        return pafs.AzureFileSystem(account_name=fields["AccountName"],
-                                    account_key=fields["AccountKey"], **options)
+        return _azure_from_connection_string(uri, os.environ["AZURE_STORAGE_CONNECTION_STRING"])
     return None
+
+
+def _azure_from_connection_string(uri: str, connection_string: str) -> pafs.FileSystem:
+    """An ``AzureFileSystem`` from an Azure Storage connection string: the account key
+    (``AccountName`` + ``AccountKey``) or a shared access signature (``SharedAccessSignature``
+    with ``BlobEndpoint``, which names the account), and the endpoints it names (an emulator's).
+    The account in an ``abfs://container@account...`` URI must be the string's. Errors name the
+    fields, never their values."""
+    import pyarrow.fs as pafs
+
+    fields = dict(part.split("=", 1) for part in connection_string.split(";") if "=" in part)
+    named = ", ".join(sorted(fields)) or "nothing"
+    blob_endpoint = fields.get("BlobEndpoint")
+    account = fields.get("AccountName") or (_endpoint_account(blob_endpoint)
+                                            if blob_endpoint else None)
+    if not account:
+        raise ValueError("AZURE_STORAGE_CONNECTION_STRING names no storage account (AccountName, "
+                         f"or a BlobEndpoint; it names {named})")
+    credential: dict[str, str] = {}
+    if fields.get("AccountKey"):
+        credential["account_key"] = fields["AccountKey"]
+    elif fields.get("SharedAccessSignature"):
+        # Arrow appends the token to the account URL as is: it must start with "?", which
+        # connection strings leave out and the portal's tokens include.
+        credential["sas_token"] = "?" + fields["SharedAccessSignature"].lstrip("?")
+    else:
+        raise ValueError("AZURE_STORAGE_CONNECTION_STRING has no credential (AccountKey, or "
+                         f"SharedAccessSignature; it names {named})")
+    in_uri = _uri_account(uri)
+    if in_uri is not None and in_uri != account:
+        raise ValueError(f"{uri} names the storage account {in_uri!r}, but "
+                         f"AZURE_STORAGE_CONNECTION_STRING is for {account!r}")
+    options: dict[str, str] = {}
+    for service in ("blob", "dfs"):
+        endpoint = fields.get(f"{service.capitalize()}Endpoint") or blob_endpoint
+        if endpoint:  # e.g. http://127.0.0.1:10000/devstoreaccount1 (an emulator)
+            url_scheme, _, rest = endpoint.partition("://")
+            options[f"{service}_storage_scheme"] = url_scheme
+            options[f"{service}_storage_authority"] = rest.split("/", 1)[0]
+    return pafs.AzureFileSystem(account_name=account, **credential, **options)
+
+
+def _endpoint_account(endpoint: str) -> str | None:
+    """The account a blob endpoint serves: the first path segment of an emulator's
+    (``http://127.0.0.1:10000/devstoreaccount1``), else the host's first label
+    (``https://account.blob.core.windows.net``)."""
+    host, _, path = endpoint.partition("://")[2].partition("/")
+    return path.strip("/").split("/", 1)[0] or host.split(".", 1)[0] or None
+
+
+def _uri_account(uri: str) -> str | None:
+    """The account of ``abfs://container@account.dfs.core.windows.net/...``; None where the URI
+    names none (``az://container/...``)."""
+    netloc = uri.split("://", 1)[1].partition("/")[0]
+    return netloc.split("@", 1)[1].split(".", 1)[0] if "@" in netloc else None
 
 
 def join(*parts: str) -> str:
