@@ -303,6 +303,7 @@ def test_auto_engine_refuses_deepspeed_settings_it_would_ignore_on_cpu():
     ("reference.engine.raw={steps_per_print: 1}", "reference.engine.raw", "kind 'torch'"),
     ("ray.max_failures=-1", "ray.max_failures", ">= 0"),
     ("ray.checkpoint_every=0", "ray.checkpoint_every", ">= 1"),
+    ("ray.train_poll_s=0", "ray.train_poll_s", "seconds in (0, 60]"),
 ])
 def test_engine_errors_name_the_field(override, field, allowed):
     with pytest.raises(ConfigError) as err:  # DeepSpeed's own checks: kind deepspeed explicitly

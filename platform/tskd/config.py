@@ -934,6 +934,13 @@ class RayConfig:
     free. A stage whose entry exists is reused at once, whatever runs. 1 runs every stage alone,
     in plan order. Each stage keeps its own torch threads, so its numbers do not depend on this.
     Scheduling only: not in any fingerprint."""
+    train_poll_s: float = 0.25
+    """How often each Ray Train controller polls its workers (Train V2's
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), handed to every Train run tskd
+    starts. A worker's ``ray.train.report`` (each epoch's metrics and checkpoint) waits until a
+    poll takes the previous one (Train V2 queues one), and a finished run is seen at the next
+    poll: with the demo's 2-s epochs Ray's 2 s cost seconds per stage
+    (``benchmarks/train_overhead.py``). Scheduling only: not in any fingerprint."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each training worker also requires, e.g. ``{worker_node: 0.01}`` to
     place training on the nodes that declare that resource (``ray start --resources``). CPU and
@@ -962,6 +969,8 @@ class RayConfig:
                "an integer >= 0")
         _check(self.concurrent_stages >= 1, f"{path}.concurrent_stages",
                self.concurrent_stages, "an integer >= 1 (1: one stage at a time)")
+        _check(0 < self.train_poll_s <= 60, f"{path}.train_poll_s", self.train_poll_s,
+               "seconds in (0, 60]")
 
 
 @dataclass

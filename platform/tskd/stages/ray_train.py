@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 LOOP_FILE = "loop.pt"
 RNG_FILE = "rng-rank{rank}.pt"
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train V2's controller poll interval (``ray.train_poll_s``), read by its controller."""
 
 
 def resolve_backend(ray_cfg: RayConfig) -> str:
@@ -89,6 +91,8 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
     resources = {**ray_cfg.resources_per_worker, "CPU": ray_cfg.cpus_per_worker}
     if ray_cfg.use_gpu:
         resources["GPU"] = 1
+    # Train V2 hands this variable from the driver to the run's controller (and its workers).
+    os.environ[TRAIN_POLL_ENV] = repr(float(ray_cfg.train_poll_s))
     trainer = TorchTrainer(
         train_loop_per_worker=train_fn,
         train_loop_config=train_config,
@@ -437,7 +441,7 @@ def _wait_until_reports_are_delivered(timeout_s: float = 60.0) -> None:
     pins the point a test fails at. Ray's internals are read defensively: without them the
     hook just waits two poll intervals.
     """
-    interval = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"))
+    interval = float(os.environ.get(TRAIN_POLL_ENV, "2"))
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 
