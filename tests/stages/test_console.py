@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,26 @@ def test_quiet_ray_process_drops_only_the_noise():
     assert not DataContext.get_current().enable_operator_progress_bars
 
 
+PREEMPTION_LINE = (
+    "[2026-11-28 17:54:37,690 E 25727 25757] core_worker.cc:2465: Actor with class name: "
+    "'PreemptionWatcher' and ID: 'a843d519ae729cac9e7759a901000000' has constructor arguments "
+    "in the object store and max_restarts > 0. If the arguments in the object store go out of "
+    "scope or are lost, the actor restart will fail. See "
+    "https://github.com/ray-project/ray/issues/53727 for more details.")
+
+
+def test_forwarded_worker_lines_lose_only_the_known_noise():
+    seen: list[dict] = []
+    handler = console.filter_forwarded_lines(seen.append)
+    assert console.filter_forwarded_lines(handler) is handler  # wrapped once
+    other_error = ("[2026-11-28 17:54:37,690 E 25727 25757] core_worker.cc:900: Actor with class "
+                   "name: 'Trainer' has constructor arguments in the object store and "
+                   "max_restarts > 0.")
+    handler({"pid": 7, "is_err": True, "lines": [PREEMPTION_LINE, "epoch 1", other_error]})
+    handler({"pid": 8, "is_err": True, "lines": [PREEMPTION_LINE]})  # nothing left: not passed
+    assert seen == [{"pid": 7, "is_err": True, "lines": ["epoch 1", other_error]}]
+
+
 SCRIPT = textwrap.dedent("""
     import logging, sys
     import ray, ray.train
@@ -62,9 +83,11 @@ SCRIPT = textwrap.dedent("""
     from tskd.stages.ray_train import configure_worker_logging
 
     def loop(cfg):
-        import time
+        import os, time
         from tskd.stages.ray_train import report
         configure_worker_logging(0)
+        assert os.environ["RAY_ADDRESS"] == ray.get_runtime_context().gcs_address
+        assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"  # ray.train_poll_s
         for epoch in range(3):
             logging.getLogger("tskd.test").info("tskd epoch %d", epoch)
             report({"epoch": epoch, "distill/loss": 0.5 / (epoch + 1), "perf/images_per_s": 40.0,
@@ -98,15 +121,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def other_ray_instance():
+    """A second, unrelated Ray on this machine (``ray start --head --block``, its files under a
+    short temporary directory: Ray's socket paths are limited), stopped after the test by
+    stopping that process and anything still running from its directory (``ray stop`` would stop
+    every Ray on the machine)."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    temp = tempfile.mkdtemp(prefix="tskd-other-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+             "--num-cpus=0", f"--port={_free_port()}", "--node-ip-address=127.0.0.1",
+             "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):  # its GCS is up once it has written its port
+            if list(Path(temp).glob("session_*/gcs_server_port_*")) or head.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert head.poll() is None, "ray start --head failed"
+        yield
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(temp in part for part in proc.info["cmdline"] or ()):
+                proc.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_console_and_live_metrics_of_a_ray_train_run(tmp_path: Path):
-    """A real local Ray + TorchTrainer (1 worker) + Ray Data, as `tskd run` starts them: the
-    console keeps tskd's lines only, and Ray's Prometheus endpoint serves the live metrics."""
+def test_console_and_live_metrics_of_a_ray_train_run(tmp_path: Path, other_ray_instance):
+    """A real local Ray + TorchTrainer (1 worker) + Ray Data, as `tskd run` starts them, with
+    another Ray running on the machine: the console keeps tskd's lines only, Train's helpers find
+    their own cluster, and Ray's Prometheus endpoint serves the live metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     env = os.environ | {"PYTHONPATH": str(Path(console.__file__).parents[2])}
+    env.pop("RAY_ADDRESS", None)
     scraped = tmp_path / "metrics.txt"
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "ray"), str(_free_port()),
                           str(scraped)], env=env, capture_output=True, text=True, timeout=300)
@@ -118,7 +179,8 @@ def test_console_and_live_metrics_of_a_ray_train_run(tmp_path: Path):
     for noise in ("Reporting training result", "Requesting resources",
                   "Setting up process group", "Started training worker group",
                   "Failed to query Ray Train Controller", "logging_progress",
-                  "Running Dataset"):
+                  "Running Dataset", "PreemptionWatcher", "multiple active Ray instances",
+                  "Traceback"):
         assert noise not in text, noise
     samples = {}
     for family in text_string_to_metric_families(scraped.read_text()):

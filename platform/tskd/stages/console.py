@@ -14,7 +14,17 @@ to Ray's session logs (``<session>/logs``: ``worker-*.err``, ``train/ray-train-*
 - Train V2's ``PlacementGroupCleaner`` actor polls Ray's state API, which needs the dashboard;
   ``tskd run`` starts a local Ray without one (it costs ~0.5 GB and start-up time on a laptop),
   so each poll warns "Failed to query Ray Train Controller actor state" (679 of a first run's
-  1,841 console lines). That one message is dropped; the cleaner's other messages pass.
+  1,841 console lines). That one message is dropped; the cleaner's other messages pass. The
+  cleaner finds the cluster the way a new driver would; where two Ray instances run on one
+  machine (two users, a test beside a run) it died with "Found multiple active Ray instances"
+  and a traceback. Every worker process therefore gets its own cluster's address as
+  ``RAY_ADDRESS`` (:func:`_pin_ray_address`).
+- Ray's C++ core in the Train controller logs one error per Train run that Ray's issue #53727
+  documents as benign ("Actor with class name: 'PreemptionWatcher' ... has constructor arguments
+  in the object store and max_restarts > 0"). Ray forwards every worker's stderr to the driver;
+  on the driver those exact lines are dropped from the forwarded batches
+  (:func:`filter_forwarded_lines`); they stay in the controller's ``worker-*.err``. Any other
+  C++ error still reaches the console.
 - Ray Data logs its execution progress at INFO on the driver (``logging_progress``, "Running
   Dataset"); its console handler is raised to WARNING (its log file keeps INFO). Its progress
   bars are turned off in the ``DataContext``, which each dataset captures where it is created
@@ -28,7 +38,8 @@ and also runs on the driver. Imports here are lazy: importing this module has no
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
+from typing import Any, Callable
 
 #: Ray Train's console level (``ray.train.LoggingConfig``) for every TorchTrainer tskd builds.
 TRAIN_LOG_LEVEL = "WARNING"
@@ -40,6 +51,13 @@ ROUTINE_LOGGERS = ("ray.train", "ray.tune")
 DROPPED_WARNINGS = (
     ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
      "Failed to query Ray Train Controller actor state"),
+)
+
+#: Lines forwarded from worker processes' stderr that are known noise: a line is dropped when it
+#: contains every substring of one entry.
+DROPPED_WORKER_LINES = (
+    ("Actor with class name: 'PreemptionWatcher'",
+     "has constructor arguments in the object store and max_restarts > 0"),
 )
 
 
@@ -63,12 +81,59 @@ def _report_logger() -> logging.Logger | None:
     return getattr(context, "logger", None)
 
 
+def is_noise_line(line: str) -> bool:
+    """Whether a line forwarded from a worker's stderr is one of :data:`DROPPED_WORKER_LINES`."""
+    return any(all(part in line for part in parts) for parts in DROPPED_WORKER_LINES)
+
+
+def filter_forwarded_lines(handler: Callable[[dict], None]) -> Callable[[dict], None]:
+    """Wrap a handler of Ray's forwarded log batches (``{"lines": [...], "pid": ..., ...}``) so
+    that it never sees :func:`is_noise_line` lines; a batch left empty is not passed on."""
+    if getattr(handler, "tskd_filtered", False):
+        return handler
+
+    def filtered(batch: dict) -> None:
+        lines = [line for line in batch.get("lines", ()) if not is_noise_line(line)]
+        if lines:
+            handler({**batch, "lines": lines})
+
+    filtered.tskd_filtered = True  # type: ignore[attr-defined]
+    return filtered
+
+
+def _filter_driver_console() -> None:
+    """On a driver that prints its workers' output (``log_to_driver``), filter what it prints."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray version: nothing to filter
+        return
+    with dispatcher._lock:  # noqa: SLF001 - Ray has no public hook for forwarded lines
+        dispatcher.handlers = [(name, filter_forwarded_lines(h) if name == "ray_print_logs" else h)
+                               for name, h in dispatcher.handlers]
+
+
+def _pin_ray_address() -> None:
+    """In a Ray worker process: ``RAY_ADDRESS`` = this cluster's GCS address, so that Ray's own
+    helpers that look the cluster up (Train's ``PlacementGroupCleaner``) find this one."""
+    try:
+        import ray
+
+        worker = ray._private.worker.global_worker  # noqa: SLF001 - the process's mode
+        if worker.mode != ray.WORKER_MODE or "RAY_ADDRESS" in os.environ:
+            return
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - a convenience; the worker runs without it
+        return
+
+
 def quiet_ray_process() -> None:
     """Keep Ray's routine INFO logging of this process off the console (see the module doc).
 
     Idempotent. Runs in every Ray worker process (``worker_process_setup_hook``) and on the
     driver.
     """
+    _pin_ray_address()
+    _filter_driver_console()
     for name in ROUTINE_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     report = _report_logger()
