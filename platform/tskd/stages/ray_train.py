@@ -439,7 +439,7 @@ def _wait_until_reports_are_delivered(timeout_s: float = 60.0) -> None:
     once (a fast epoch) can take its last two reports, checkpoints included, with it, and the
     run restarts from scratch (seen in CI). A real crash has no such grace; this hook only
     pins the point a test fails at. Ray's internals are read defensively: without them the
-    hook just waits two poll intervals.
+    hook just waits two poll intervals (at least 4 s, for a loaded machine).
     """
     interval = float(os.environ.get(TRAIN_POLL_ENV, "2"))
     try:
@@ -451,4 +451,4 @@ def _wait_until_reports_are_delivered(timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while queue is not None and queue.unfinished_tasks and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(2 * interval)  # the poll that took the last report has replied by then
+    time.sleep(max(2 * interval, 4.0))  # the poll that took the last report has replied
