@@ -185,3 +185,27 @@ def test_imagenet_mae_checkpoint_is_checked_before_ray(tmp_path, capsys, monkeyp
     torch.save(small.state_dict(), path)
     with pytest.raises(ConfigError, match=r"^imagenet_mae.checkpoint: .*mae_tiny.pth.tar"):
         check_vit_checkpoint(load_config(None, args))
+
+
+def test_a_local_ray_runs_train_without_the_node_drain_watcher(monkeypatch):
+    """Train V2's preemption watcher (one actor per Train run) is off on the local Ray tskd
+    starts, where no node can be drained, and left to Ray's default on a cluster."""
+    import os
+
+    import ray
+
+    from tskd.cli import _init_ray
+    from tskd.config import ExperimentConfig
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    _init_ray(ExperimentConfig())
+    assert "address" not in calls[-1]  # a local Ray was started
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    _init_ray(ExperimentConfig())
+    assert calls[-1]["address"] == "127.0.0.1:6379"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ

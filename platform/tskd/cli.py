@@ -368,6 +368,9 @@ def _init_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=address, **({} if in_job else ray_init_kwargs()))
     else:
         log.info("starting a local Ray")
+        # Train V2 starts a node-drain watcher actor per Train run; a local Ray has no node to
+        # drain, so it would only cost a process start per stage. Clusters keep it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(include_dashboard=False, **ray_init_kwargs())
     import ray.data  # noqa: F401 - configures Ray Data's loggers, which quiet_ray_process adjusts
 

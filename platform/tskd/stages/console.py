@@ -24,7 +24,8 @@ to Ray's session logs (``<session>/logs``: ``worker-*.err``, ``train/ray-train-*
   in the object store and max_restarts > 0"). Ray forwards every worker's stderr to the driver;
   on the driver those exact lines are dropped from the forwarded batches
   (:func:`filter_forwarded_lines`); they stay in the controller's ``worker-*.err``. Any other
-  C++ error still reaches the console.
+  C++ error still reaches the console. (On the local Ray ``tskd run`` starts, the watcher is
+  off altogether: no node can be drained there.)
 - Ray Data logs its execution progress at INFO on the driver (``logging_progress``, "Running
   Dataset"); its console handler is raised to WARNING (its log file keeps INFO). Its progress
   bars are turned off in the ``DataContext``, which each dataset captures where it is created
