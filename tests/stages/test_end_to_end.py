@@ -16,11 +16,25 @@ TINY = tiny_overrides(n_images=40, num_workers=2, extra=(
     "check.baseline_epochs=1", "check.on_fail=continue"))
 
 
-@pytest.mark.slow  # ~7 min on 2 cores since the engine, cached targets and quality checks
-def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
-    cfg = load_config(None, TINY + [f"output_dir={tmp_path}",
-                                    f"teacher.pretrain.cache_dir={tmp_path / 'cache'}"])
-    metrics = run_pipeline(cfg)
+def _fresh_run(root: Path) -> tuple:
+    """The tiny pipeline from nothing (own output dir, own teacher cache): config, metrics."""
+    cfg = load_config(None, TINY + [f"output_dir={root}",
+                                    f"teacher.pretrain.cache_dir={root / 'cache'}"])
+    return cfg, run_pipeline(cfg)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, ray_local):
+    """One fresh tiny run (~7 min on 2 cores), shared by the end-to-end and reproducibility
+    tests: the second compares it with a run of its own."""
+    root = tmp_path_factory.mktemp("first")
+    cfg, metrics = _fresh_run(root)
+    return root, cfg, metrics
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(first_run):
+    tmp_path, cfg, metrics = first_run
     results = json.loads((cfg.run_dir / "results.json").read_text())
     assert results["experiment"] == "tiny"
     assert results["dataset"] == "tskd-demo-ultrasound"
@@ -77,17 +91,13 @@ def test_tiny_pipeline_end_to_end(tmp_path, ray_local):
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_is_reproducible(tmp_path, ray_local):
+def test_tiny_pipeline_is_reproducible(first_run, tmp_path):
     """Two fresh runs (own output dirs, own teacher caches) with the same seed give the same
     results.json scores, and the same distillation losses (the stage whose data order used to
     depend on Ray Data's scheduling)."""
-    runs = []
-    for name in ("a", "b"):
-        cfg = load_config(None, TINY + [f"output_dir={tmp_path / name}",
-                                        f"teacher.pretrain.cache_dir={tmp_path / name / 'c'}"])
-        metrics = run_pipeline(cfg)
-        results = json.loads((cfg.run_dir / "results.json").read_text())
-        runs.append((metrics, results))
+    runs = [first_run[1:], _fresh_run(tmp_path)]
+    runs = [(metrics, json.loads((cfg.run_dir / "results.json").read_text()))
+            for cfg, metrics in runs]
     (m_a, r_a), (m_b, r_b) = runs
 
     def results(r):  # scores and settings; measured times (latency, pretraining cost) are not
