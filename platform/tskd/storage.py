@@ -74,9 +74,9 @@ def open_output(uri: str) -> tuple[pafs.FileSystem, str]:
     does not read them: ``STORAGE_EMULATOR_HOST`` (``gs://``: a GCS emulator such as
     ``gcp-storage-emulator``, reached anonymously) and ``AZURE_STORAGE_CONNECTION_STRING``
     (``abfs://`` / ``az://``: account, key or shared access signature, and endpoints, e.g.
-    Azurite's). Every Ray call that
-    touches the output (Train storage, Data reads and writes) gets this filesystem, so the
-    driver, the workers and Ray itself reach the same store the same way."""
+    Azurite's). Every Ray call that touches the output (Train storage, Data reads and writes)
+    gets this filesystem, so the driver, the workers and Ray itself reach the same store the
+    same way."""
     import pyarrow as pa
     import pyarrow.fs as pafs
 
