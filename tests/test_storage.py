@@ -367,11 +367,10 @@ def test_azure_with_a_shared_access_signature_and_the_uri_account(azure, monkeyp
     credential, fail naming what is wrong and never a credential's value."""
     import os
 
-    from conftest import AZURITE_ACCOUNT, AZURITE_KEY
-
-    with_key = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
-    endpoint = dict(p.split("=", 1) for p in with_key.split(";") if "=" in p)["BlobEndpoint"]
-    sas = _account_sas(AZURITE_ACCOUNT, AZURITE_KEY)
+    with_key = os.environ["AZURE_STORAGE_CONNECTION_STRING"]  # the fixture's, with the key
+    fields = dict(p.split("=", 1) for p in with_key.split(";") if "=" in p)
+    endpoint, account = fields["BlobEndpoint"], fields["AccountName"]
+    sas = _account_sas(account, fields["AccountKey"])
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
                        f"BlobEndpoint={endpoint};SharedAccessSignature={sas}")
     fs, root = storage.open_output(f"{azure}/sas")
@@ -387,12 +386,12 @@ def test_azure_with_a_shared_access_signature_and_the_uri_account(azure, monkeyp
     container = azure.split("://")[1].split("@")[0]
     with pytest.raises(ValueError, match="names the storage account 'other', but "
                                          "AZURE_STORAGE_CONNECTION_STRING is for "
-                                         f"'{AZURITE_ACCOUNT}'"):
+                                         f"'{account}'"):
         storage.open_output(f"abfs://{container}@other.dfs.core.windows.net/p")
     storage.open_output(f"az://{container}/p")  # no account in the URI: the string's
 
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
-                       f"AccountName={AZURITE_ACCOUNT};BlobEndpoint={endpoint}")
+                       f"AccountName={account};BlobEndpoint={endpoint}")
     with pytest.raises(ValueError, match=r"no credential \(AccountKey, or SharedAccessSignature; "
                                          r"it names AccountName, BlobEndpoint\)"):
         storage.open_output(azure)
