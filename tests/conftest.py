@@ -168,8 +168,8 @@ def azure(monkeypatch, tmp_path):
     port = _free_port()
     log = open(tmp_path / "azurite.log", "w")
     server = subprocess.Popen([binary, "--blobHost", "127.0.0.1", "--blobPort", str(port),
-                               "--location", str(tmp_path / "azurite"), "--silent", "--disableTelemetry",
-                               "--skipApiVersionCheck", "--loose"],
+                               "--location", str(tmp_path / "azurite"), "--silent",
+                               "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
                               stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(port, "Azurite")
