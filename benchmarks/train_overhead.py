@@ -9,9 +9,9 @@ One local Ray (2 CPUs, started and stopped here), one Train worker running tskd'
 ``--epoch-s`` instead of training, so the load of the machine barely moves the numbers.
 
 Measured per Ray Train controller poll interval (``ray.train_poll_s``: Train V2's
-``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by Ray's default): the wall time of ``fit()``, its overhead
-over the epochs' sleep, and the time each ``checkpoint`` call blocked the loop (Train V2 hands a
-report over when the controller polls: its queue holds one). Ratios are against the first
+``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by Ray's default): the wall time of ``fit()``, its
+overhead over the epochs' sleep, and the time each ``checkpoint`` call blocked the loop (Train V2
+hands a report over when the controller polls: its queue holds one). Ratios are against the first
 interval, measured in this run; runs interleave the intervals.
 """
 
