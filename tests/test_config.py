@@ -29,6 +29,19 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.distill.w_hidden == 0.1  # untouched defaults survive a partial section
 
 
+def test_exponent_notation_is_a_number_where_a_float_is_allowed(tmp_path):
+    """PyYAML (YAML 1.1) reads ``3e-4`` as a string; a float field takes it as 0.0003."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("distill: {lr: 3e-4}\nstudent_finetune: {lr: 1E-3, weight_decay: 5e-2}\n")
+    cfg = load_config(path, ["teacher.finetune.lr=2.5e-3"])
+    assert cfg.distill.lr == 3e-4 and isinstance(cfg.distill.lr, float)
+    assert (cfg.student_finetune.lr, cfg.student_finetune.weight_decay) == (1e-3, 5e-2)
+    assert cfg.teacher.finetune.lr == 2.5e-3
+    for bad in ("distill.epochs=1e3", "distill.lr=e-4", "distill.lr=3e-"):  # ints stay ints
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+
+
 def test_parse_override_yaml_values():
     assert parse_override("a.b=3") == {"a": {"b": 3}}
     assert parse_override("students=[ts_kd, scratch]") == {"students": ["ts_kd", "scratch"]}
@@ -49,6 +62,10 @@ def test_resources_per_worker_is_a_mapping_of_numbers():
     ("distill.w_logits=abc", "distill.w_logits", "a number"),
     ("distill.epochs=1.5", "distill.epochs", "an integer"),
     ("distill.w_logits=-1", "distill.w_logits", ">= 0"),
+    ("student_finetune.lr=0", "student_finetune.lr", "'auto' or a number > 0"),
+    ("student_finetune.lr=fast", "student_finetune.lr", "'auto'"),
+    ("student_finetune.weight_decay=-1", "student_finetune.weight_decay",
+     "'auto' or a number >= 0"),
     ("teacher.arch=vit_q", "teacher.arch", "sam_demo"),
     ("teacher.arch=vit_b", "teacher.checkpoint", "official SAM checkpoint"),
     ("teacher.img_size=100", "teacher.img_size", "multiple of 16"),

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,6 +97,40 @@ def test_reference_off_and_student_arch_in_the_fingerprinted_config():
     for name in ("distill_ts_kd", "student_ts_kd", "student_scratch"):
         assert stages[name].config["student"]["arch"] == "timm_unet"
     assert stages["reference"].config["reference"]["epochs"] == 3
+
+
+@pytest.mark.parametrize("student, lr, weight_decay", [
+    (["student.arch=vit"], 1e-4, 0.05),             # the paper's ViT fine-tuning
+    (["student.arch=timm_unet"], 1e-3, 1e-4),       # CNNs: as the reference is trained
+    (["student.arch=basic_unet"], 1e-3, 1e-4),
+    (["student.arch=timm_unet", "student_finetune.lr=3e-4"], 3e-4, 1e-4),  # a number wins
+    (["student.arch=vit", "student_finetune.weight_decay=0"], 1e-4, 0.0),
+])
+def test_student_finetuning_settings_follow_the_architecture(student, lr, weight_decay):
+    cfg = load_config(None, student + ["distill.rung_every=1"])
+    stages = {s.name: s for s in pipeline.plan(cfg)}
+    for arm in ("ts_kd", "scratch"):
+        finetune = stages[f"student_{arm}"].config["finetune"]
+        assert (finetune["lr"], finetune["weight_decay"]) == (lr, weight_decay)
+    # the rungs of a distillation fine-tune as the student stage does
+    assert cfg.student_finetune.resolved(cfg.student.arch).lr == lr
+
+
+def test_auto_finetuning_keeps_the_vit_fingerprints_of_explicit_settings():
+    """``auto`` resolves before fingerprinting: a ViT student's stages keep the fingerprints
+    they had with the explicit lr 1e-4 / weight decay 0.05 (existing store entries stay valid);
+    a CNN student's differ from the same CNN with the ViT's numbers."""
+    def fingerprints(overrides):
+        cfg = load_config(None, overrides)
+        stages = {s.name: s for s in pipeline.plan(cfg)}
+        inputs = {"data": SimpleNamespace(fingerprint="d", content_hash="h"),
+                  "distill_ts_kd": SimpleNamespace(fingerprint="k", content_hash="h")}
+        return pipeline.stage_fingerprint(stages["student_ts_kd"], cfg, inputs)
+
+    explicit = ["student_finetune.lr=0.0001", "student_finetune.weight_decay=0.05"]
+    assert fingerprints([]) == fingerprints(explicit)
+    cnn = ["student.arch=timm_unet"]
+    assert fingerprints(cnn) != fingerprints(cnn + explicit)
 
 
 def test_baseline_arms_plan_their_init_stages(tmp_path):

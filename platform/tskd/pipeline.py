@@ -138,7 +138,8 @@ def plan(cfg: ExperimentConfig) -> list[Stage]:
                                      "student": student},
                                     {"model": f"distill_{arm}"}))
         stages.append(Stage(f"student_{arm}", student_finetune.run, deps,
-                            {"student": student, "finetune": to_dict(cfg.student_finetune)},
+                            {"student": student,
+                             "finetune": to_dict(cfg.student_finetune.resolved(cfg.student.arch))},
                             finetune_params))
     ref: tuple[str, ...] = ()
     if cfg.reference.arch != "none":  # the label-only reference network

@@ -46,12 +46,57 @@ def test_quiet_ray_process_drops_only_the_noise():
     from ray.train.v2._internal.execution import context  # the per-report logger
 
     assert context.logger.getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("matplotlib.font_manager").getEffectiveLevel() == logging.WARNING
     kwargs = console.ray_init_kwargs()
     assert kwargs["runtime_env"]["worker_process_setup_hook"] is console.quiet_ray_process
+
+
+def test_ray_datas_notices_about_tskds_own_settings_are_dropped():
+    """Ray Data's "progress bars disabled" warnings (tskd turns the bars off) and the deprecation
+    Ray Train's data integration triggers in Ray 2.60 are dropped; other warnings pass."""
+    import warnings
+
+    collect = _Collect()
+    progress = logging.getLogger("ray.data._internal.progress")
+    progress.addHandler(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            console.quiet_ray_process()
+            progress.warning("Progress bars disabled. To enable, set "
+                             "`ray.data.DataContext.get_current().enable_progress_bars = True`.")
+            progress.warning("Progress bars for operators disabled. To enable, set ...")
+            progress.warning("Progress bar width could not be read")
+            warnings.warn("`ExecutionOptions.exclude_resources` is deprecated and will be "
+                          "removed after January 2027.", DeprecationWarning)
+            warnings.warn("`ExecutionOptions.other` is deprecated", DeprecationWarning)
+    finally:
+        progress.removeHandler(collect)
+    assert collect.messages == ["Progress bar width could not be read"]
+    assert [str(w.message) for w in caught] == ["`ExecutionOptions.other` is deprecated"]
     from ray.data import DataContext  # bars off where datasets are created (they carry it)
 
     assert not DataContext.get_current().enable_progress_bars
     assert not DataContext.get_current().enable_operator_progress_bars
+
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_fresh_matplotlib_font_cache_stays_off_the_console(tmp_path, quiet):
+    """A Ray worker's root logger prints INFO; importing MONAI on a machine without
+    matplotlib's font cache logs "generated new fontManager" there unless quieted."""
+    code = textwrap.dedent(f"""
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(message)s")  # as Ray's workers
+        if {quiet}:
+            from tskd.stages.console import quiet_ray_process
+            quiet_ray_process()
+        import monai.losses  # imports matplotlib.pyplot
+    """)
+    env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}  # no font cache yet
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert ("generated new fontManager" in out.stderr) is not quiet, out.stderr
 
 
 PREEMPTION_LINE = (

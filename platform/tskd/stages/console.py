@@ -30,7 +30,14 @@ to Ray's session logs (``<session>/logs``: ``worker-*.err``, ``train/ray-train-*
   Dataset"); its console handler is raised to WARNING (its log file keeps INFO). Its progress
   bars are turned off in the ``DataContext``, which each dataset captures where it is created
   (the driver) and carries into the actors that run it: the ``SplitCoordinator`` that feeds
-  Train workers drew ~3,300 console lines of bars per demo run.
+  Train workers drew ~3,300 console lines of bars per demo run. Ray Data then warns once per
+  process that the bars are off, and Ray Train's data integration sets an option Ray has
+  deprecated (a Python warning on the driver): both are dropped (:data:`DROPPED_WARNINGS`,
+  :data:`IGNORED_WARNINGS`). Ray Data's actor pools (the transfer-set sampler) also make the
+  driver's C++ core log Ray's issue #53727 line once, for ``MapWorker(...)``; the C++ core
+  writes straight to the driver's stderr, so that line stays.
+- Ray's worker processes print every library's INFO records (their root logger); the
+  libraries in :data:`LIBRARY_LOGGERS` are raised to WARNING.
 
 :func:`quiet_ray_process` is Ray's ``worker_process_setup_hook`` (set by :func:`ray_init_kwargs`)
 and also runs on the driver. Imports here are lazy: importing this module has no side effects.
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, Callable
 
 #: Ray Train's console level (``ray.train.LoggingConfig``) for every TorchTrainer tskd builds.
@@ -48,11 +56,25 @@ TRAIN_LOG_LEVEL = "WARNING"
 #: Loggers whose INFO records are Ray's routine progress: raised to WARNING.
 ROUTINE_LOGGERS = ("ray.train", "ray.tune")
 
+#: Libraries whose INFO records reach the console through the root logger Ray gives its worker
+#: processes: raised to WARNING. MONAI imports ``matplotlib.pyplot`` when it is imported, and on
+#: a machine without matplotlib's font cache that logs "generated new fontManager" once.
+LIBRARY_LOGGERS = ("matplotlib",)
+
 #: (logger name, message prefix) of warnings that are noise on a dashboard-less local Ray.
 DROPPED_WARNINGS = (
     ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
      "Failed to query Ray Train Controller actor state"),
+    # tskd turns Ray Data's progress bars off itself (they flooded the console); Ray Data
+    # warns about it once per process
+    ("ray.data._internal.progress", "Progress bars disabled"),
+    ("ray.data._internal.progress", "Progress bars for operators disabled"),
 )
+
+#: Python warnings (message prefix, as a regular expression) that Ray raises from its own code
+#: and no tskd user can act on: Ray Train's data integration sets the deprecated
+#: ``ExecutionOptions.exclude_resources`` in Ray 2.60.
+IGNORED_WARNINGS = (r"`ExecutionOptions\.exclude_resources` is deprecated",)
 
 #: Lines forwarded from worker processes' stderr that are known noise: a line is dropped when it
 #: contains every substring of one entry.
@@ -135,15 +157,20 @@ def quiet_ray_process() -> None:
     """
     _pin_ray_address()
     _filter_driver_console()
-    for name in ROUTINE_LOGGERS:
+    for name in (*ROUTINE_LOGGERS, *LIBRARY_LOGGERS):
         logging.getLogger(name).setLevel(logging.WARNING)
     report = _report_logger()
     if report is not None:
         report.setLevel(logging.WARNING)
+    prefixes: dict[str, tuple[str, ...]] = {}
     for name, prefix in DROPPED_WARNINGS:
+        prefixes[name] = (*prefixes.get(name, ()), prefix)
+    for name, dropped in prefixes.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages((prefix,)))
+            logger.addFilter(_DropMessages(dropped))
+    for message in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     try:
         from ray.data import DataContext
     except ImportError:  # Ray Data not installed: nothing of it to quiet

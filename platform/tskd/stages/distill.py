@@ -373,7 +373,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
               "ray": to_dict(cfg.ray)}
     callbacks = []
     if cfg.distill.rung_every:
-        f = cfg.student_finetune
+        f = cfg.student_finetune.resolved(cfg.student.arch)
         config["rungs"] = {"info": info, "labelled": list(splits.labelled),
                            "val": list(splits.val), "image_size": cfg.data.image_size,
                            "patch": cfg.data.patch, "fg_fraction": cfg.data.fg_fraction,

@@ -62,7 +62,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # the student to start from: a distill_<arm> stage's, or a baseline's (params init_stage)
     source = ctx.params.get("init_stage", f"distill_{arm}")
     init = None if arm == "scratch" else str(ctx.inputs[source] / STUDENT_FILE)
-    return fit_student(ctx, to_dict(cfg.student), to_dict(cfg.student_finetune), init, arm)
+    finetune = cfg.student_finetune.resolved(cfg.student.arch)  # lr, weight decay: by arch
+    return fit_student(ctx, to_dict(cfg.student), to_dict(finetune), init, arm)
 
 
 def fit_student(ctx: StageContext, student: dict[str, Any], finetune: dict[str, Any],
