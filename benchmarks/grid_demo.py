@@ -27,7 +27,9 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_MIN = 45.0
@@ -93,6 +95,36 @@ def stage_use(grid: Path, out: Path, overrides: list[str]) -> tuple[dict, dict, 
     return manifests, users, all_cells
 
 
+@dataclass
+class Savings:
+    """What the store saved a grid: per stage ``{"built", "uses", "build_s"}``, and totals."""
+
+    per_stage: dict[str, dict[str, Any]]
+    uses: int
+    builds: int
+    build_s: float
+    saved_s: float
+
+
+def savings(manifests: dict[Path, dict], users: dict[Path, list[str]]) -> Savings:
+    """From the store entries the cells used (entry -> its manifest, entry -> the cells using
+    it): the builds per stage, the stage uses, and the build time saved (each use of an entry
+    after its first, at that entry's ``wall_time_s``)."""
+    per_stage: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"built": 0, "uses": 0, "build_s": 0.0})
+    saved_s = 0.0
+    for entry, m in manifests.items():
+        t = float(m.get("wall_time_s") or 0.0)
+        row = per_stage[m.get("stage", entry.parent.name)]
+        row["built"] += 1
+        row["uses"] += len(users[entry])
+        row["build_s"] += t
+        saved_s += t * (len(users[entry]) - 1)
+    return Savings(dict(per_stage), uses=sum(len(u) for u in users.values()),
+                   builds=len(manifests), build_s=sum(r["build_s"] for r in per_stage.values()),
+                   saved_s=saved_s)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, default=ROOT / "jobs" / "grid_demo.yaml")
@@ -126,27 +158,16 @@ def main() -> None:
         print(f"tskd grid exited with {rc} after {wall:.1f} s = {wall / 60:.1f} min", flush=True)
 
     manifests, users, all_cells = stage_use(grid, out, args.overrides)
-    per_stage: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    saved_s = 0.0
-    for entry, m in manifests.items():
-        t = float(m.get("wall_time_s") or 0.0)
-        row = per_stage[m.get("stage", entry.parent.name)]
-        row["built"] += 1
-        row["uses"] += len(users[entry])
-        row["build_s"] += t
-        saved_s += t * (len(users[entry]) - 1)
+    s = savings(manifests, users)
     print(f"\n{'stage':<22} {'built':>6} {'uses':>6} {'build s':>9}")
-    for stage, row in sorted(per_stage.items(), key=lambda kv: -kv[1]["build_s"]):
-        print(f"{stage:<22} {int(row['built']):>6} {int(row['uses']):>6} {row['build_s']:>9.1f}")
-    uses = sum(len(u) for u in users.values())
-    builds = len(manifests)
-    build_s = sum(r["build_s"] for r in per_stage.values())
-    print(f"{'all stages':<22} {builds:>6} {uses:>6} {build_s:>9.1f}")
-    print(f"\ncells: {len(all_cells)}; stage uses {uses}, builds {builds}, builds saved by the "
-          f"store {uses - builds} ({(uses - builds) / max(uses, 1):.0%})")
-    print(f"build time saved (each reuse at its entry's build time): {saved_s:.0f} s = "
-          f"{saved_s / 60:.1f} min; without the store the stages would sum to about "
-          f"{(build_s + saved_s) / 60:.1f} min against {build_s / 60:.1f} min")
+    for stage, row in sorted(s.per_stage.items(), key=lambda kv: -kv[1]["build_s"]):
+        print(f"{stage:<22} {row['built']:>6} {row['uses']:>6} {row['build_s']:>9.1f}")
+    print(f"{'all stages':<22} {s.builds:>6} {s.uses:>6} {s.build_s:>9.1f}")
+    print(f"\ncells: {len(all_cells)}; stage uses {s.uses}, builds {s.builds}, builds saved by "
+          f"the store {s.uses - s.builds} ({(s.uses - s.builds) / max(s.uses, 1):.0%})")
+    print(f"build time saved (each reuse at its entry's build time): {s.saved_s:.0f} s = "
+          f"{s.saved_s / 60:.1f} min; without the store the stages would sum to about "
+          f"{(s.build_s + s.saved_s) / 60:.1f} min against {s.build_s / 60:.1f} min")
     if wall is not None:
         verdict = "met" if wall / 60 <= GOAL_MIN else "not met"
         print(f"grid wall time {wall / 60:.1f} min against the <= {GOAL_MIN:.0f} min goal: "

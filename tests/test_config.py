@@ -183,6 +183,9 @@ def test_arch_names_match_the_model_registry():
     from tskd.models.sam import SAM_ARCHS as MODEL_ARCHS
 
     assert set(SAM_ARCHS) == set(MODEL_ARCHS)
+    from tskd.config import FINETUNE_AUTO, STUDENT_ARCHS
+
+    assert set(FINETUNE_AUTO) == set(STUDENT_ARCHS)  # every student has fine-tuning defaults
 
 
 def test_round_trip_through_yaml(tmp_path):

@@ -126,6 +126,19 @@ def fake_plan(cfg):
 
 
 @pytest.mark.slow
+def test_grid_whose_cells_hold_every_cpu_is_refused_before_a_trial_starts(tmp_path,
+                                                                         monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    path = _write(tmp_path, {"set": {"output_dir": str(tmp_path / "runs")},
+                             "axes": {"methods": ["scratch", "ts_kd"]},
+                             "max_concurrent": 2, "resources_per_cell": {"cpu": 1}})
+    with pytest.raises(ConfigError, match=rf"^{path}: max_concurrent=2 trials x "
+                                          r"resources_per_cell.cpu=1 CPU hold 2 of"):
+        run_grid(load_grid(path))
+
+
 def test_grid_runs_cells_shares_stages_records_failures_and_skips_finished(tmp_path, ray_local):
     path = _write(tmp_path, {"set": {"output_dir": str(tmp_path)}, "max_concurrent": 2,
                              "axes": {"methods": ["ts_kd", "ta_kd", "scratch"],

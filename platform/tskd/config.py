@@ -1120,8 +1120,9 @@ def _type_name(tp: Any) -> str:
 
 
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-"""A number in exponent notation without a dot in the mantissa or a sign in the exponent
-(``3e-4``, ``1E3``): YAML 1.2 reads it as a float, PyYAML (YAML 1.1) as a string."""
+"""A number in exponent notation (``3e-4``, ``1.5e3``, ``1E3``). YAML 1.2 reads every such
+number as a float; PyYAML (YAML 1.1) reads it as a string unless the mantissa has a dot and the
+exponent a sign (``3.0e-4``)."""
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

@@ -283,6 +283,14 @@ def run_grid(grid: Grid, *, planner: Any = None) -> list[dict[str, Any]]:
     for stale in todo:  # an old error of a cell that now runs again
         (grid.dir / "errors" / f"{stale.name}.txt").unlink(missing_ok=True)
     if todo:
+        from tskd.stages.ray_train import check_trial_room
+
+        try:
+            check_trial_room(todo[0].config.ray, trials=min(grid.max_concurrent, len(todo)),
+                             cpu_per_trial=grid.cpu,
+                             fields=("max_concurrent", "resources_per_cell.cpu"))
+        except ConfigError as exc:
+            raise ConfigError(f"{grid.path}: {exc}") from None
         trainable = tune.with_resources(
             tune.with_parameters(_cell_trial, configs={c.name: to_dict(c.config) for c in todo},
                                  errors=str(grid.dir / "errors"), planner=planner),

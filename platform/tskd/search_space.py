@@ -6,7 +6,7 @@ A space file holds values only::
     num_samples: 9                     # trials
     max_concurrent_trials: 2
     seed: 0                            # OptunaSearch (TPE) seed
-    resources_per_trial: {cpu: 1, gpu: 0}
+    resources_per_trial: {cpu: 0.25, gpu: 0}
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2, max_t: 4}
     params:                            # dotted experiment-config key -> one distribution
       teacher.lora.rank: {choice: [1, 2, 4, 8]}
@@ -49,9 +49,11 @@ class Objective:
 
 @dataclass
 class Resources:
-    """Resources of one trial's driver (its stages' Ray Train workers ask for their own)."""
+    """Resources of one trial's driver (its stages' Ray Train workers and Ray Data actors ask for
+    their own). What the trials hold at once is not free for their stages: ``tskd tune`` checks
+    that one stage still fits (:func:`tskd.stages.ray_train.check_trial_room`)."""
 
-    cpu: float = 1.0
+    cpu: float = 0.25
     gpu: float = 0.0
 
 

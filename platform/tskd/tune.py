@@ -164,6 +164,8 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from tskd.stages.ray_train import check_trial_room
+
     check_fresh(cfg, resume)
     out = search_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,9 @@ def run_tune(cfg: ExperimentConfig, space: SearchSpace, *, resume: bool = False,
     if cfg.teacher.checkpoint is not None:
         base["teacher"]["checkpoint"] = str(Path(cfg.teacher.checkpoint).expanduser().resolve())
     mode = space.objective.mode
+    check_trial_room(cfg.ray, trials=min(space.max_concurrent_trials, space.num_samples),
+                     cpu_per_trial=space.resources_per_trial.cpu,
+                     fields=(f"{space.source}: max_concurrent_trials", "resources_per_trial.cpu"))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=trial_base(base, space.objective_stage,
                                                      space.scheduler.rung_every),

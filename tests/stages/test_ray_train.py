@@ -98,3 +98,30 @@ def test_parquet_read_into_memory_is_sorted_and_equals_the_stream(tmp_path, ray_
     prepared, _ = prepare_datasets({"b": scattered}, cfg)
     assert isinstance(prepared["b"], MaterializedDataset)
     assert [r["id"] for r in prepared["b"].take_all()] == list(range(30))
+
+
+@pytest.mark.parametrize("total, trials, cpu, workers, fragment", [
+    (2.0, 1, 0.5, (1, 1.0), None),                  # the demo grid on 2 cores: room 1.5
+    (2.0, 2, 0.25, (1, 1.0), None),                 # the shipped searches on 2 cores: room 1.5
+    (2.0, 2, 1.0, (1, 1.0), "hold 2 of the cluster's 2 CPUs, leaving 0"),
+    (2.0, 1, 1.0, (1, 1.0), "leaving 1: a stage needs more than 1"),
+    (8.0, 1, 1.0, (4, 2.0), "at least 8 for its Ray Train workers"),
+])
+def test_trials_must_leave_room_for_a_stage(monkeypatch, total, trials, cpu, workers, fragment):
+    """``tskd grid`` / ``tskd tune`` refuse, before any trial starts, trials whose own CPUs
+    leave no room for a stage (every trial would wait forever for its first stage)."""
+    import ray
+
+    from tskd.config import ConfigError
+    from tskd.stages.ray_train import check_trial_room
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": total})
+    ray_cfg = RayConfig(num_workers=workers[0], cpus_per_worker=workers[1])
+    fields = ("max_concurrent", "resources_per_cell.cpu")
+    if fragment is None:
+        check_trial_room(ray_cfg, trials=trials, cpu_per_trial=cpu, fields=fields)
+        return
+    with pytest.raises(ConfigError, match=f"max_concurrent={trials} trials x "
+                                          f"resources_per_cell.cpu={cpu:g} CPU") as err:
+        check_trial_room(ray_cfg, trials=trials, cpu_per_trial=cpu, fields=fields)
+    assert fragment in str(err.value)

@@ -171,22 +171,60 @@ def test_keeping_near_copies_when_asked(built, tmp_path, monkeypatch):
     assert metrics["transfer/n_images"] == 10 and metrics["transfer/n_dropped"] == 0
 
 
-def test_actors_taking_every_cpu_is_refused(built):
-    cfg, _, out, _, train, ddpm_dir, _ = built
+def test_actor_requests_leave_a_cpu_to_ray_datas_tasks(built, monkeypatch):
+    """Actors that would take every CPU ask for less (their threads, and so the samples, stay);
+    with no CPU beside Ray Data's tasks at all the stage is refused, naming the fields."""
+    import ray
+
+    cfg, _, out, *_ = built
+    total = ray.cluster_resources()["CPU"]  # 4 (ray_local)
     greedy = _cfg(out.parent, "transfer.num_actors=4", "transfer.actor_cpus=1")
-    with pytest.raises(TransferSetError, match="deadlock"):
-        sample_transfer_set(ddpm_dir / "model", train, greedy)
+    assert transfer_set.actor_cpu_request(greedy) == pytest.approx((total - 1) / 4)
+    assert transfer_set.actor_cpu_request(cfg) == 0.5  # fits: as configured
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    with pytest.raises(TransferSetError, match="leave no room for transfer.num_actors=2"):
+        transfer_set.actor_cpu_request(cfg)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["transfer.num_actors=4", "transfer.actor_cpus=1"], "deadlock"),
-    (["ray.use_gpu=true", "transfer.num_actors=1"], "request a GPU .* has 0"),
+def test_sampling_inside_a_trial_that_holds_cpus(built):
+    """A ``tskd grid`` cell or ``tskd tune`` trial runs the stage from a Tune trial that holds
+    CPUs. The actors' request leaves one CPU to Ray Data's tasks beside what the caller holds:
+    before, an actor of ``actor_cpus=1`` next to a caller holding all but 1.5 of the CPUs waited
+    forever for its read tasks. Same samples as outside."""
+    import ray
+
+    cfg, _, out, _, train, ddpm_dir, _ = built
+    total = ray.cluster_resources()["CPU"]
+    one = _cfg(out.parent, "transfer.num_actors=1", "transfer.actor_cpus=1")
+
+    @ray.remote(num_cpus=total - 1.5)
+    def in_a_trial(config, model_dir, images):
+        request = transfer_set.actor_cpu_request(config)
+        ds = sample_transfer_set(model_dir, images, config)
+        return request, ds.select_columns(["id", "image"]).to_pandas()
+
+    request, rows = ray.get(in_a_trial.remote(one, ddpm_dir / "model", train), timeout=300)
+    assert request == pytest.approx(0.5)  # total - (total - 1.5) - 1
+    outside = sample_transfer_set(ddpm_dir / "model", train, one).select_columns(
+        ["id", "image"]).to_pandas()
+    rows, outside = rows.sort_values("id"), outside.sort_values("id")
+    assert list(rows["id"]) == list(outside["id"]) == list(range(10))
+    assert all(np.array_equal(a, b) for a, b in zip(rows["image"], outside["image"]))
+
+
+@pytest.mark.parametrize("overrides, cpus, match", [
+    (["transfer.num_actors=1"], 1.0, "leave no room"),
+    (["ray.use_gpu=true", "transfer.num_actors=1"], None, "request a GPU .* has 0"),
 ])
 def test_sampler_resources_are_checked_before_the_ddpm_trains(built, tmp_path, monkeypatch,
-                                                              overrides, match):
+                                                              overrides, cpus, match):
     """The ddpm stage checks the transfer stage's sampler actors first: a configuration that
     cannot sample fails before the DDPM trains (and nothing is written)."""
+    import ray
+
     data_dir = built[1]
+    if cpus is not None:  # a cluster with no CPU beside Ray Data's read / write tasks
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
 
     def must_not_train(*args):
         raise AssertionError("the DDPM trained before the sampler's resources were checked")

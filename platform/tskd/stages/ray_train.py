@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tskd.config import RayConfig
+from tskd.config import ConfigError, RayConfig
 from tskd.stages.console import TRAIN_LOG_LEVEL
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,37 @@ def fit_torch_trainer(train_fn: Callable[[dict[str, Any]], None], *, train_confi
         raise RuntimeError(f"Ray Train run {name!r} failed: {_first_line(result.error)}") \
             from result.error
     return result
+
+
+def check_trial_room(cfg: RayConfig, *, trials: int, cpu_per_trial: float,
+                     fields: tuple[str, str]) -> None:
+    """On the driver of ``tskd grid`` / ``tskd tune``, before any trial starts: the trials'
+    own reservations (``trials`` at once x ``cpu_per_trial``) must leave the cluster room for
+    one stage: a Ray Train worker group (``ray.num_workers`` x ``ray.cpus_per_worker``) and
+    more than one CPU (Ray Data's actors beside their read / write tasks). Otherwise every
+    trial waits forever for its first stage.
+
+    Args:
+        fields: the names of the two settings, e.g. ``("max_concurrent",
+            "resources_per_cell.cpu")``, for the message.
+
+    Raises:
+        ConfigError: naming the settings, the CPUs they hold and the cluster's.
+    """
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    held = trials * cpu_per_trial
+    train = cfg.num_workers * cfg.cpus_per_worker
+    need = max(train, 1.0)
+    if total - held < need or total - held <= 1.0:
+        raise ConfigError(
+            f"{fields[0]}={trials} trials x {fields[1]}={cpu_per_trial:g} CPU hold "
+            f"{held:g} of the cluster's {total:g} CPUs, leaving {max(total - held, 0):g}: a "
+            f"stage needs more than 1 (Ray Data's actors beside their tasks) and at least "
+            f"{train:g} for its Ray Train workers (ray.num_workers x ray.cpus_per_worker); "
+            f"the trials only coordinate their stages, so lower {fields[1]} (fractions are "
+            f"fine) or {fields[0]}")
 
 
 def fetch_then_train(train_fn: Callable[[dict[str, Any]], None], inputs: Any,

@@ -98,7 +98,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     import ray.data
 
     from tskd.stages.distill import teacher_config
-    from tskd.stages.transfer_set import read_transfer_set
+    from tskd.stages.transfer_set import actor_cpu_request, read_transfer_set
 
     cfg, arm = ctx.cfg, ctx.params["arm"]
     started = time.time()
@@ -115,7 +115,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu,
                                "inputs": ctx.input_refs},
         batch_size=cfg.distill.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
+        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=actor_cpu_request(cfg),
         num_gpus=1 if cfg.ray.use_gpu else 0)
     write_parquet(targets, Path(ctx.dir) / TARGETS_DIR, run_storage(ctx))
     shapes = _row_shapes(Path(ctx.dir) / TARGETS_DIR)

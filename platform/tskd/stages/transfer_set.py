@@ -167,34 +167,64 @@ def sample_transfer_set(model_dir: Path | str, train_images: np.ndarray, cfg: Ex
             "grayscale": use_grayscale(train_images, cfg),
             "threads": max(1, int(t.actor_cpus)), "use_gpu": cfg.ray.use_gpu},
         batch_size=t.sample_batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=t.actor_cpus,
+        compute=ray.data.ActorPoolStrategy(size=t.num_actors), num_cpus=actor_cpu_request(cfg),
         num_gpus=1 if cfg.ray.use_gpu else 0)
     return ds.materialize()
 
 
 def check_sampler_resources(cfg: ExperimentConfig) -> None:
     """Fail when the sampler actors cannot all start (the ``ddpm`` stage calls it before the
-    DDPM trains): with ``ray.use_gpu`` each actor requests a GPU; on CPU they must leave at
-    least one CPU to Ray Data's read tasks (else the pipeline deadlocks).
+    DDPM trains; :func:`actor_cpu_request` says how much CPU each actor can ask for).
 
     Raises:
         TransferSetError: naming the fields to change and the cluster's resources.
     """
     import ray
 
+    actor_cpu_request(cfg, quiet=True)
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
     t = cfg.transfer
-    resources = ray.cluster_resources()
-    total_cpus = float(resources.get("CPU", 0.0))
-    if t.num_actors * t.actor_cpus > total_cpus - 1.0 + 1e-9:
-        raise TransferSetError(
-            f"transfer.num_actors={t.num_actors} x transfer.actor_cpus={t.actor_cpus} leaves less "
-            f"than 1 of the cluster's {total_cpus:g} CPUs for Ray Data's read tasks, which would "
-            "deadlock; lower transfer.num_actors or transfer.actor_cpus (fractions are fine)")
-    gpus = float(resources.get("GPU", 0.0))
     if cfg.ray.use_gpu and t.num_actors > gpus + 1e-9:
         raise TransferSetError(
             f"transfer.num_actors={t.num_actors} sampler actors each request a GPU "
             f"(ray.use_gpu=true) but the cluster has {gpus:g}; lower transfer.num_actors")
+
+
+def actor_cpu_request(cfg: ExperimentConfig, *, quiet: bool = False) -> float:
+    """The CPUs each Ray Data actor of this stage (the transfer-set sampler, the teacher-target
+    cache) requests: ``transfer.actor_cpus``, lowered where the cluster cannot hold
+    ``transfer.num_actors`` of them plus one CPU for Ray Data's read and write tasks, which run
+    beside the actors (without it the pipeline waits forever). The CPUs the calling process
+    holds are not free: a ``tskd grid`` cell or ``tskd tune`` trial runs its stages from a Tune
+    trial that holds ``resources_per_cell`` / ``resources_per_trial``. Only the request is
+    lowered: the actors' torch threads stay ``max(1, int(actor_cpus))``, so the samples are the
+    same.
+
+    Raises:
+        TransferSetError: when not even a fraction of a CPU is left for the actors.
+    """
+    import ray
+
+    t = cfg.transfer
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    held = 0.0  # a driver holds nothing; a Ray worker (a Tune trial) what it was given
+    if ray._private.worker.global_worker.mode == ray.WORKER_MODE:  # noqa: SLF001
+        held = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    room = total - held - 1.0  # one CPU for the read / write tasks
+    if room <= 1e-3:
+        raise TransferSetError(
+            f"the cluster's {total:g} CPUs leave no room for transfer.num_actors={t.num_actors} "
+            f"Ray Data actors plus 1 CPU for Ray Data's read and write tasks"
+            + (f" (this pipeline runs in a Tune trial that holds {held:g} CPU: lower "
+               "resources_per_cell.cpu of the grid or resources_per_trial.cpu of the search "
+               "space)" if held else "")
+            + "; lower transfer.num_actors, or give Ray more CPUs")
+    request = min(t.actor_cpus, room / t.num_actors)
+    if request < t.actor_cpus - 1e-9 and not quiet:
+        log.info("Ray Data actors request %.2g CPU each instead of transfer.actor_cpus=%g: %g of "
+                 "the cluster's %g CPUs are held by this run's Tune trial and 1 is left to Ray "
+                 "Data's tasks (the samples do not change)", request, t.actor_cpus, held, total)
+    return round(request, 4)
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -426,4 +456,5 @@ def load_transfer_images(stage_dir: Path, *, with_ids: bool = False):
 
 
 __all__ = ["run", "read_transfer_set", "load_transfer_images", "check_sampler_resources",
+           "actor_cpu_request",
            "sample_transfer_set", "TransferSetError", "COLUMNS"]
