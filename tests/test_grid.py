@@ -125,7 +125,6 @@ def fake_plan(cfg):
             Stage("evaluate", _stage, ("student",), {"arm": cfg.students[0]})]
 
 
-@pytest.mark.slow
 def test_grid_whose_cells_hold_every_cpu_is_refused_before_a_trial_starts(tmp_path,
                                                                          monkeypatch):
     import ray
@@ -139,6 +138,7 @@ def test_grid_whose_cells_hold_every_cpu_is_refused_before_a_trial_starts(tmp_pa
         run_grid(load_grid(path))
 
 
+@pytest.mark.slow
 def test_grid_runs_cells_shares_stages_records_failures_and_skips_finished(tmp_path, ray_local):
     path = _write(tmp_path, {"set": {"output_dir": str(tmp_path)}, "max_concurrent": 2,
                              "axes": {"methods": ["ts_kd", "ta_kd", "scratch"],
