@@ -218,12 +218,13 @@ def actor_cpu_request(cfg: ExperimentConfig, *, quiet: bool = False) -> float:
             + (f" (this pipeline runs in a Tune trial that holds {held:g} CPU: lower "
                "resources_per_cell.cpu of the grid or resources_per_trial.cpu of the search "
                "space)" if held else "")
-            + "; lower transfer.num_actors, or give Ray more CPUs")
+            + "; give Ray more CPUs")
     request = min(t.actor_cpus, room / t.num_actors)
     if request < t.actor_cpus - 1e-9 and not quiet:
-        log.info("Ray Data actors request %.2g CPU each instead of transfer.actor_cpus=%g: %g of "
-                 "the cluster's %g CPUs are held by this run's Tune trial and 1 is left to Ray "
-                 "Data's tasks (the samples do not change)", request, t.actor_cpus, held, total)
+        log.info("Ray Data actors request %.2g CPU each instead of transfer.actor_cpus=%g: the "
+                 "cluster has %g CPUs, %g held by this run's Tune trial, 1 left to Ray Data's "
+                 "tasks, for %d actor(s) (the samples do not change)", request, t.actor_cpus,
+                 total, held, t.num_actors)
     return round(request, 4)
 
 
