@@ -252,7 +252,9 @@ def _cell_trial(params: dict[str, Any], *, configs: dict[str, dict[str, Any]],
     from ray import tune
 
     from tskd.pipeline import run_pipeline
+    from tskd.stages.ray_train import configure_worker_logging
 
+    configure_worker_logging()  # the cell's stage lines reach the console, as in tskd run
     name = params["cell"]
     cfg = config_from_dict(configs[name])
     try:

@@ -108,7 +108,10 @@ def _trial(sample: dict[str, Any], *, base: dict[str, Any], metric: str, mode: s
     from ray import tune
 
     from tskd.pipeline import run_pipeline
+    from tskd.stages.ray_train import configure_worker_logging
     from tskd.store import read_view
+
+    configure_worker_logging()  # the trial's stage lines reach the console, as in tskd run
 
     trial_id = tune.get_context().get_trial_id()
     name = f"{base['experiment']}-trial-{trial_id}"
