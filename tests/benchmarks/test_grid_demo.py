@@ -4,23 +4,19 @@ writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from bench_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "grid_demo.py"
 
 
 def _module():
-    """The script as a module (registered first: its dataclass resolves its module by name)."""
-    if "bench_grid_demo" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_grid_demo", SCRIPT)
-        module = sys.modules["bench_grid_demo"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["bench_grid_demo"]
+    return load_script("grid_demo")
 
 
 def _entry(out: Path, stage: str, fp: str, wall: float) -> dict[str, str]:

@@ -3,24 +3,19 @@ threads per worker), the config each cell's Train run gets, and the ratio arithm
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "scaling.py"
 
 
 def _module():
-    """The script as a module (registered first: its dataclass resolves its module by name)."""
-    if "bench_scaling" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
-        module = sys.modules["bench_scaling"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["bench_scaling"]
+    return load_script("scaling")
 
 
 def test_cells_fix_the_global_batch_and_split_the_cores():
