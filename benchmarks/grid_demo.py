@@ -65,20 +65,16 @@ def run_grid(grid: Path, out: Path, overrides: list[str]) -> tuple[float, int]:
     cmd = [sys.executable, "-m", "tskd.cli", "grid", str(grid), "--set", f"output_dir={out}"]
     for text in overrides:
         cmd += ["--set", text]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "platform"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     log = out / "grid-console.log"
     print(f"running: {' '.join(cmd)}\nconsole: {log}", flush=True)
     started = time.perf_counter()
     with log.open("w") as fh:
-        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                            cwd=ROOT).returncode
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     return time.perf_counter() - started, rc
 
 
 def stage_use(grid: Path, out: Path, overrides: list[str]) -> tuple[dict, dict, list]:
     """(entry -> manifest, entry -> cells using it, the grid's cells) from the run views."""
-    sys.path.insert(0, str(ROOT / "platform"))
     from tskd.grid import cells, load_grid
     from tskd.store import read_json, read_view
 

@@ -138,8 +138,7 @@ def check_trial_room(cfg: RayConfig, *, trials: int, cpu_per_trial: float,
     total = float(ray.cluster_resources().get("CPU", 0.0))
     held = trials * cpu_per_trial
     train = cfg.num_workers * cfg.cpus_per_worker
-    need = max(train, 1.0)
-    if total - held < need or total - held <= 1.0:
+    if total - held <= 1.0 or total - held < train:
         raise ConfigError(
             f"{fields[0]}={trials} trials x {fields[1]}={cpu_per_trial:g} CPU hold "
             f"{held:g} of the cluster's {total:g} CPUs, leaving {max(total - held, 0):g}: a "
